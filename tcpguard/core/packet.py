@@ -1,0 +1,348 @@
+"""Decoding of IPv4/IPv6 + TCP packets from raw bytes.
+
+This is the per-packet hot path, so it uses `struct.unpack_from` on fixed offsets and never builds an
+object per header field; scapy is roughly a hundred times slower and is kept for tests and tools.
+
+Contract: `decode(raw)` returns a `Packet` or raises `DecodeError`, and nothing else, for any input.
+Choices made here:
+
+* A buffer longer than the IP total length (Ethernet padding) is trimmed to the IP length; a shorter one
+  is truncated and rejected.
+* IPv4 fragments and IPv6 packets with a Fragment header are returned with `fragment=True` and no TCP
+  fields: the engine's fragment policy decides what to do with them (a TCP header or payload split over
+  fragments is never parsed piecemeal).
+* Packets that are not TCP are returned with `proto` set and no TCP fields (`is_tcp` is False).
+* TCP options are validated eagerly only on SYN segments (where the engine needs MSS and window scale);
+  on other segments `options()` parses them lazily and may raise `DecodeError` then.
+* Checksums are not checked by `decode`; `checksums_ok` does it, so an adapter can skip it by policy.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from tcpguard.core.errors import DecodeError
+
+# TCP flag bits.
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+URG = 0x20
+ECE = 0x40
+CWR = 0x80
+
+PROTO_TCP = 6
+
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_IPV6 = struct.Struct("!IHBB16s16s")
+_TCP = struct.Struct("!HHIIBBHHH")
+
+# IPv6 extension headers that carry a generic (next header, length) prefix.
+_V6_EXT_GENERIC = frozenset({0, 43, 60, 135, 139, 140})
+_V6_FRAGMENT = 44
+_V6_AH = 51
+_V6_MAX_EXT = 16
+
+
+@dataclass(slots=True)
+class TcpOptions:
+    """The TCP options tcpguard understands; unknown kinds are skipped (they are legal)."""
+
+    mss: int | None = None
+    wscale: int | None = None
+    sack_permitted: bool = False
+    sack: list[tuple[int, int]] = field(default_factory=list)
+    ts_val: int | None = None
+    ts_ecr: int | None = None
+
+
+class Packet:
+    """One decoded IP packet. TCP fields are meaningful only when `is_tcp` is true."""
+
+    __slots__ = (
+        "ack",
+        "dport",
+        "dst",
+        "flags",
+        "fragment",
+        "ip_hlen",
+        "is_tcp",
+        "payload",
+        "proto",
+        "raw",
+        "seq",
+        "sport",
+        "src",
+        "tcp_hlen",
+        "urgptr",
+        "version",
+        "window",
+        "_options",
+    )
+
+    def __init__(self, raw: bytes, version: int, src: bytes, dst: bytes, proto: int, ip_hlen: int) -> None:
+        self.raw = raw
+        self.version = version
+        self.src = src
+        self.dst = dst
+        self.proto = proto
+        self.ip_hlen = ip_hlen
+        self.fragment = False
+        self.is_tcp = False
+        self.sport = self.dport = self.seq = self.ack = self.flags = 0
+        self.window = self.urgptr = self.tcp_hlen = 0
+        self.payload = b""
+        self._options: TcpOptions | None = None
+
+    # -- convenience views, not used on the hot path --------------------------------------------------
+    @property
+    def syn(self) -> bool:
+        return bool(self.flags & SYN)
+
+    @property
+    def fin(self) -> bool:
+        return bool(self.flags & FIN)
+
+    @property
+    def rst(self) -> bool:
+        return bool(self.flags & RST)
+
+    @property
+    def srcport(self) -> int:
+        return self.sport
+
+    @property
+    def dstport(self) -> int:
+        return self.dport
+
+    def options(self) -> TcpOptions:
+        """Parsed TCP options (cached). Raises `DecodeError` if they are malformed."""
+        if self._options is None:
+            start = self.ip_hlen + 20
+            self._options = parse_options(self.raw[start : self.ip_hlen + self.tcp_hlen])
+        return self._options
+
+    def flag_names(self) -> str:
+        return flags_text(self.flags)
+
+    def __repr__(self) -> str:
+        if not self.is_tcp:
+            return f"<Packet v{self.version} proto={self.proto} fragment={self.fragment}>"
+        return (
+            f"<Packet {format_addr(self.src)}:{self.sport} > {format_addr(self.dst)}:{self.dport} "
+            f"[{self.flag_names()}] seq={self.seq} ack={self.ack} win={self.window} len={len(self.payload)}>"
+        )
+
+
+def flags_text(flags: int) -> str:
+    names = "FSRPAUEC"
+    return "".join(n for i, n in enumerate(names) if flags & (1 << i)) or "."
+
+
+def format_addr(addr: bytes) -> str:
+    import ipaddress
+
+    return str(ipaddress.ip_address(addr))
+
+
+def decode(raw: bytes) -> Packet:
+    """Decode one IP packet (no link-layer header). See the module docstring for the contract."""
+    n = len(raw)
+    if n < 1:
+        raise DecodeError("empty packet")
+    version = raw[0] >> 4
+    if version == 4:
+        return _decode_v4(raw, n)
+    if version == 6:
+        return _decode_v6(raw, n)
+    raise DecodeError(f"IP version {version} is not 4 or 6")
+
+
+def _decode_v4(raw: bytes, n: int) -> Packet:
+    if n < 20:
+        raise DecodeError(f"IPv4 header truncated ({n} bytes)")
+    vihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _IPV4.unpack_from(raw, 0)
+    ihl = (vihl & 0x0F) * 4
+    if ihl < 20:
+        raise DecodeError(f"IPv4 header length {ihl} below 20")
+    if total < ihl:
+        raise DecodeError(f"IPv4 total length {total} below header length {ihl}")
+    if total > n:
+        raise DecodeError(f"IPv4 packet truncated: total length {total}, have {n} bytes")
+    if total < n:
+        raw = raw[:total]
+    pkt = Packet(raw, 4, src, dst, proto, ihl)
+    if frag & 0x3FFF:  # MF set or offset non-zero
+        pkt.fragment = True
+        return pkt
+    if proto == PROTO_TCP:
+        _decode_tcp(pkt, raw, ihl, total)
+    return pkt
+
+
+def _decode_v6(raw: bytes, n: int) -> Packet:
+    if n < 40:
+        raise DecodeError(f"IPv6 header truncated ({n} bytes)")
+    _vtcfl, plen, nxt, _hlim, src, dst = _IPV6.unpack_from(raw, 0)
+    total = 40 + plen
+    if plen == 0:
+        raise DecodeError("IPv6 payload length 0 (jumbograms are not supported)")
+    if total > n:
+        raise DecodeError(f"IPv6 packet truncated: total length {total}, have {n} bytes")
+    if total < n:
+        raw = raw[:total]
+    off = 40
+    fragment = False
+    for _ in range(_V6_MAX_EXT):
+        if nxt in _V6_EXT_GENERIC:
+            if off + 8 > total:
+                raise DecodeError(f"IPv6 extension header {nxt} truncated")
+            nxt_new = raw[off]
+            off += (raw[off + 1] + 1) * 8
+            nxt = nxt_new
+        elif nxt == _V6_FRAGMENT:
+            if off + 8 > total:
+                raise DecodeError("IPv6 fragment header truncated")
+            nxt_new = raw[off]
+            fo = (raw[off + 2] << 8) | raw[off + 3]
+            # An atomic fragment (offset 0, M=0, RFC 6946) is a whole packet; anything else is a fragment.
+            if fo & 0xFFF9:
+                fragment = True
+            off += 8
+            nxt = nxt_new
+        elif nxt == _V6_AH:
+            if off + 8 > total:
+                raise DecodeError("IPv6 authentication header truncated")
+            nxt_new = raw[off]
+            off += (raw[off + 1] + 2) * 4
+            nxt = nxt_new
+        else:
+            break
+    else:
+        raise DecodeError(f"IPv6 extension header chain longer than {_V6_MAX_EXT}")
+    if off > total:
+        raise DecodeError("IPv6 extension header runs past the packet")
+    pkt = Packet(raw, 6, src, dst, nxt, off)
+    if fragment:
+        pkt.fragment = True
+        return pkt
+    if nxt == PROTO_TCP:
+        _decode_tcp(pkt, raw, off, total)
+    return pkt
+
+
+def _decode_tcp(pkt: Packet, raw: bytes, off: int, total: int) -> None:
+    if total - off < 20:
+        raise DecodeError(f"TCP header truncated ({total - off} bytes)")
+    sport, dport, seq, ack, doff, flags, window, _csum, urg = _TCP.unpack_from(raw, off)
+    hlen = (doff >> 4) * 4
+    if hlen < 20:
+        raise DecodeError(f"TCP data offset {hlen} below 20")
+    if off + hlen > total:
+        raise DecodeError(f"TCP header length {hlen} runs past the packet")
+    pkt.is_tcp = True
+    pkt.sport = sport
+    pkt.dport = dport
+    pkt.seq = seq
+    pkt.ack = ack
+    pkt.flags = flags
+    pkt.window = window
+    pkt.urgptr = urg
+    pkt.tcp_hlen = hlen
+    pkt.payload = raw[off + hlen : total]
+    if flags & SYN and hlen > 20:
+        pkt.options()
+
+
+def parse_options(opts: bytes) -> TcpOptions:
+    """Parse a TCP option block. Unknown kinds are skipped; a broken length is a `DecodeError`."""
+    out = TcpOptions()
+    i = 0
+    n = len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == 0:  # end of option list
+            break
+        if kind == 1:  # NOP
+            i += 1
+            continue
+        if i + 1 >= n:
+            raise DecodeError(f"TCP option {kind} has no length byte")
+        length = opts[i + 1]
+        if length < 2 or i + length > n:
+            raise DecodeError(f"TCP option {kind} has bad length {length}")
+        body = opts[i + 2 : i + length]
+        if kind == 2:
+            if length != 4:
+                raise DecodeError(f"TCP MSS option length {length}, want 4")
+            out.mss = (body[0] << 8) | body[1]
+        elif kind == 3:
+            if length != 3:
+                raise DecodeError(f"TCP window scale option length {length}, want 3")
+            out.wscale = min(body[0], 14)  # RFC 7323: larger shifts are treated as 14
+        elif kind == 4:
+            if length != 2:
+                raise DecodeError(f"TCP SACK-permitted option length {length}, want 2")
+            out.sack_permitted = True
+        elif kind == 5:
+            if (length - 2) % 8 or length == 2:
+                raise DecodeError(f"TCP SACK option length {length} is not 2 + 8n")
+            out.sack = [struct.unpack_from("!II", body, j) for j in range(0, length - 2, 8)]
+        elif kind == 8:
+            if length != 10:
+                raise DecodeError(f"TCP timestamp option length {length}, want 10")
+            out.ts_val, out.ts_ecr = struct.unpack_from("!II", body, 0)
+        i += length
+    return out
+
+
+# -- checksums ---------------------------------------------------------------------------------------------
+#
+# The one's-complement sum of 16-bit words equals the whole buffer read as one big-endian integer, modulo
+# 0xFFFF (because 2**16 is 1 modulo 0xFFFF). `int.from_bytes` and `%` run in C, which makes this an order
+# of magnitude faster than summing words in a Python loop.
+
+
+def ones_sum(data: bytes) -> int:
+    """One's-complement sum of `data` as 16-bit words, folded into 1..0xFFFF (0 only for all-zero input)."""
+    if len(data) & 1:
+        data = data + b"\x00"
+    r = int.from_bytes(data, "big") % 0xFFFF
+    if r == 0 and any(data):
+        return 0xFFFF
+    return r
+
+
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of `data`."""
+    return (~ones_sum(data)) & 0xFFFF
+
+
+def _pseudo_header(pkt: Packet, length: int) -> bytes:
+    if pkt.version == 4:
+        return pkt.src + pkt.dst + struct.pack("!BBH", 0, PROTO_TCP, length)
+    return pkt.src + pkt.dst + struct.pack("!IxxxB", length, PROTO_TCP)
+
+
+def checksums_ok(pkt: Packet) -> bool:
+    """True if the IPv4 header checksum (if any) and the TCP checksum verify."""
+    raw = pkt.raw
+    if pkt.version == 4 and int.from_bytes(raw[: pkt.ip_hlen], "big") % 0xFFFF != 0:
+        return False
+    seg = raw[pkt.ip_hlen :]
+    total = int.from_bytes(_pseudo_header(pkt, len(seg)), "big") + int.from_bytes(
+        seg + b"\x00" if len(seg) & 1 else seg, "big"
+    )
+    return total % 0xFFFF == 0
+
+
+def tcp_checksum(pkt_version: int, src: bytes, dst: bytes, segment: bytes) -> int:
+    """TCP checksum for `segment` (header with a zero checksum field, plus payload)."""
+    if pkt_version == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, PROTO_TCP, len(segment))
+    else:
+        pseudo = src + dst + struct.pack("!IxxxB", len(segment), PROTO_TCP)
+    return checksum(pseudo + segment)

@@ -1,0 +1,46 @@
+"""TCP sequence arithmetic modulo 2**32 (RFC 1982 serial number arithmetic).
+
+The reassembler works on 64-bit stream offsets so that the hot path compares plain integers; these
+helpers are the only place where 32-bit wrapping sequence numbers are turned into such offsets.
+"""
+
+from __future__ import annotations
+
+MOD = 1 << 32
+HALF = 1 << 31
+MASK = MOD - 1
+
+
+def seq_add(a: int, n: int) -> int:
+    return (a + n) & MASK
+
+
+def seq_diff(a: int, b: int) -> int:
+    """Signed distance a - b in sequence space, in [-2**31, 2**31)."""
+    d = (a - b) & MASK
+    return d - MOD if d >= HALF else d
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return seq_diff(a, b) < 0
+
+
+def seq_le(a: int, b: int) -> bool:
+    return seq_diff(a, b) <= 0
+
+
+def unwrap(seq: int, isn: int, near: int) -> int:
+    """Absolute stream offset of `seq`, relative to `isn`, chosen nearest to the offset `near`.
+
+    Offsets count from `isn` (offset 0 is the ISN itself, so the first data byte has offset 1). Picking
+    the candidate nearest to `near` (normally the next expected offset) is what makes wrap-around work:
+    a sequence number just past 2**32 maps to an offset just past `near`, not 4 GiB back.
+    """
+    rel = (seq - isn) & MASK
+    base = near - (near & MASK)
+    cand = base + rel
+    if cand - near > HALF:
+        cand -= MOD
+    elif near - cand > HALF:
+        cand += MOD
+    return cand

@@ -1,0 +1,76 @@
+"""Engine settings: every limit and policy the core applies, with its default.
+
+The YAML config (`tcpguard.app.config`) maps onto these dataclasses one to one, so the keys documented in
+`etc/tcpguard.yaml` are exactly the fields below. They are plain data: the engine reads them, never the
+file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FailVerdict = Literal["accept", "drop", "reset"]
+MidstreamPolicy = Literal["track", "accept", "drop"]
+TableFullPolicy = Literal["evict", "refuse"]
+FragmentPolicy = Literal["drop", "accept"]
+OutOfOrderPolicy = Literal["hold", "drop"]
+
+
+@dataclass(slots=True)
+class Timeouts:
+    """Idle timeouts in seconds, per connection state."""
+
+    syn_sent: float = 30.0
+    syn_recv: float = 30.0
+    established: float = 3600.0
+    fin_wait: float = 120.0
+    time_wait: float = 60.0
+    closed: float = 10.0
+
+
+@dataclass(slots=True)
+class Limits:
+    """Bounds on memory. Hitting one is counted, logged and answered by `Policies`, never a crash."""
+
+    max_connections: int = 65536
+    # Out-of-order bytes held per direction, waiting for the gap before them to fill.
+    max_ooo_bytes: int = 262144
+    # Held out-of-order segments per direction.
+    max_ooo_segments: int = 64
+    # Bytes kept per direction for first-copy checks, rule look-back and streamed readers.
+    max_stream_buffer: int = 1048576
+    # All buffered bytes of all connections together.
+    max_total_buffer: int = 268435456
+    # Packets held at once (NFQUEUE keeps them queued in the kernel until released).
+    max_held_packets: int = 4096
+
+
+@dataclass(slots=True)
+class Policies:
+    """What happens when something goes wrong or a bound is hit."""
+
+    # A rule raised: the flow gets this verdict (`reset` sends RSTs to both ends).
+    rule_error: FailVerdict = "reset"
+    # A per-stream or global buffer bound was hit on a connection.
+    limit: FailVerdict = "reset"
+    # A packet of a connection that tcpguard never saw open (started before tcpguard, or evicted).
+    midstream: MidstreamPolicy = "track"
+    # A new connection arrives while the table is full: evict the connection closest to its timeout,
+    # or refuse (drop) the new SYN.
+    table_full: TableFullPolicy = "evict"
+    # IP fragments carrying TCP. The kernel reassembles them first when conntrack is loaded.
+    fragments: FragmentPolicy = "drop"
+    # Out-of-order segments: hold them until the gap fills, or drop them (the sender retransmits).
+    out_of_order: OutOfOrderPolicy = "hold"
+    # Packets that do not decode as IP.
+    malformed: Literal["drop", "accept"] = "drop"
+    # Verify IPv4 and TCP checksums; a bad one is dropped (the receiver would drop it too).
+    verify_checksums: bool = True
+
+
+@dataclass(slots=True)
+class EngineSettings:
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    policies: Policies = field(default_factory=Policies)
