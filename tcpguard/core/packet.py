@@ -63,6 +63,7 @@ class Packet:
     """One decoded IP packet. TCP fields are meaningful only when `is_tcp` is true."""
 
     __slots__ = (
+        "_options",
         "ack",
         "dport",
         "dst",
@@ -80,7 +81,6 @@ class Packet:
         "urgptr",
         "version",
         "window",
-        "_options",
     )
 
     def __init__(self, raw: bytes, version: int, src: bytes, dst: bytes, proto: int, ip_hlen: int) -> None:

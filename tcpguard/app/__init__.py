@@ -1,0 +1,1 @@
+"""The application around the core: configuration, daemon loop, control socket, CLI."""

@@ -1,0 +1,256 @@
+"""The connection table: flows keyed independently of direction, their timeouts and the size bound.
+
+A `Connection` is also the `flow` object rule writers get: its public attributes and the action methods
+(`drop`, `reset`, `halfreset`, `send`, `alert`) are the rule API; attributes starting with `_` and the
+`up`/`down` streams' internals are not.
+
+Timeouts use a heap of (expiry, id) with lazy updates: a packet only moves `expires` forward, and the
+heap entry is re-pushed when it comes due, so the per-packet cost is one assignment. The same heap gives
+the eviction order when the table is full: the connection closest to its timeout goes first, which
+favours half-open and closing connections (short timeouts) over established ones.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tcpguard.core.state import UP, State
+from tcpguard.core.stream import HalfStream
+
+FlowKey = tuple[bytes, int, bytes, int]
+
+DIRECTION_NAMES = ("up", "down")
+
+
+def flow_key(src: bytes, sport: int, dst: bytes, dport: int) -> FlowKey:
+    """The same key for both directions of a connection."""
+    if src < dst or (src == dst and sport <= dport):
+        return (src, sport, dst, dport)
+    return (dst, dport, src, sport)
+
+
+class Action:
+    """What a rule asked for, strongest last: NONE < SEND < DROP < HALFRESET < RESET."""
+
+    NONE = 0
+    DROP = 1
+    HALFRESET = 2
+    RESET = 3
+    NAMES = ("none", "drop", "halfreset", "reset")
+
+
+class Connection:
+    """One TCP connection, both directions; also the rule API's `flow`."""
+
+    __slots__ = (
+        "_alert",
+        "_greenlets",
+        "_heap_at",
+        "_send",
+        "action",
+        "bytes_down",
+        "bytes_up",
+        "client",
+        "cport",
+        "down",
+        "end_reason",
+        "ended",
+        "expires",
+        "id",
+        "key",
+        "last_seen",
+        "midstream",
+        "pkts_down",
+        "pkts_up",
+        "server",
+        "sport",
+        "started",
+        "state",
+        "store",
+        "up",
+        "version",
+        "wscale_client",
+        "wscale_server",
+    )
+
+    def __init__(
+        self,
+        cid: int,
+        key: FlowKey,
+        version: int,
+        client: bytes,
+        cport: int,
+        server: bytes,
+        sport: int,
+        now: float,
+        up: HalfStream,
+        down: HalfStream,
+        state: State,
+    ) -> None:
+        self.id = cid
+        self.key = key
+        self.version = version
+        self.client = client
+        self.cport = cport
+        self.server = server
+        self.sport = sport
+        self.started = now
+        self.last_seen = now
+        self.expires = now
+        self._heap_at = -1.0
+        self.state = state
+        self.up = up
+        self.down = down
+        self.action = Action.NONE
+        self.ended = False
+        self.end_reason = ""
+        self.midstream = False
+        self.store: dict[str, Any] = {}
+        self.pkts_up = self.pkts_down = self.bytes_up = self.bytes_down = 0
+        self.wscale_client = self.wscale_server = -1
+        self._greenlets: dict[tuple[int, int], Any] | None = None
+        self._send = 0  # bit 1: release 'up' holds, bit 2: release 'down' holds
+        self._alert: Callable[..., None] | None = None
+
+    # -- the rule API ----------------------------------------------------------------------------------
+    @property
+    def srcip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The client's address (the SYN sender)."""
+        return ipaddress.ip_address(self.client)
+
+    @property
+    def dstip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The server's address."""
+        return ipaddress.ip_address(self.server)
+
+    @property
+    def srcport(self) -> int:
+        return self.cport
+
+    @property
+    def dstport(self) -> int:
+        return self.sport
+
+    @property
+    def state_name(self) -> str:
+        return self.state.name
+
+    def drop(self) -> None:
+        """Drop this packet and every later packet of the connection, silently."""
+        self.action = max(self.action, Action.DROP)
+
+    def reset(self) -> None:
+        """Send an RST to both ends, then drop like `drop()`."""
+        self.action = Action.RESET
+
+    def halfreset(self) -> None:
+        """Send an RST to the server only, then drop like `drop()`: the client just sees silence."""
+        self.action = max(self.action, Action.HALFRESET)
+
+    def send(self, direction: str | None = None) -> None:
+        """Release the packets held in `direction` ('up', 'down', or both when None)."""
+        if direction is None:
+            self._send = 3
+        else:
+            self._send |= 1 << DIRECTION_NAMES.index(direction)
+
+    def alert(
+        self, description: str, severity: str = "medium", direction: str | None = None, **fields: Any
+    ) -> None:
+        """Raise an alert about this connection (logged and written to the alerts file by the daemon)."""
+        if self._alert is not None:
+            self._alert(self, description, severity, direction, fields)
+
+    @property
+    def blocked(self) -> bool:
+        return self.action >= Action.DROP
+
+    def describe(self) -> str:
+        """`client:port > server:port`, IPv6 addresses in brackets, for logs."""
+        c, s = self.srcip, self.dstip
+        if self.version == 6:
+            return f"[{c}]:{self.cport} > [{s}]:{self.sport}"
+        return f"{c}:{self.cport} > {s}:{self.sport}"
+
+    def stream(self, direction: int) -> HalfStream:
+        return self.up if direction == UP else self.down
+
+    def __repr__(self) -> str:
+        return f"<flow #{self.id} {self.describe()} {self.state.name}>"
+
+
+class ConnTable:
+    """Connections by key, with lazy-heap timeouts. The engine decides policy; this only keeps order."""
+
+    __slots__ = ("_heap", "_next_id", "by_key")
+
+    def __init__(self) -> None:
+        self.by_key: dict[FlowKey, Connection] = {}
+        self._heap: list[tuple[float, int, Connection]] = []
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self.by_key.values()))
+
+    def new_id(self) -> int:
+        cid = self._next_id
+        self._next_id += 1
+        return cid
+
+    def add(self, conn: Connection) -> None:
+        self.by_key[conn.key] = conn
+        self._push(conn)
+
+    def remove(self, conn: Connection) -> None:
+        if self.by_key.get(conn.key) is conn:
+            del self.by_key[conn.key]
+
+    def _push(self, conn: Connection) -> None:
+        conn._heap_at = conn.expires
+        heapq.heappush(self._heap, (conn.expires, conn.id, conn))
+
+    def touch(self, conn: Connection) -> None:
+        """`conn.expires` changed. Earlier than its heap entry needs a new entry; later is lazy."""
+        if conn.expires < conn._heap_at:
+            self._push(conn)
+
+    def expired(self, now: float) -> Iterator[Connection]:
+        """Connections whose timeout passed; the caller removes each one it is given."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, _cid, conn = heapq.heappop(heap)
+            if self.by_key.get(conn.key) is not conn or at != conn._heap_at:
+                continue  # stale entry: removed, or re-pushed with another expiry
+            if conn.expires > now:
+                self._push(conn)
+                continue
+            yield conn
+
+    def nearest_expiry(self) -> Connection | None:
+        """The live connection with the earliest expiry (the eviction candidate)."""
+        heap = self._heap
+        while heap:
+            at, _cid, conn = heap[0]
+            if self.by_key.get(conn.key) is not conn or at != conn._heap_at:
+                heapq.heappop(heap)
+                continue
+            if conn.expires > at:
+                heapq.heappop(heap)
+                self._push(conn)
+                continue
+            return conn
+        return None
+
+    def compact(self) -> None:
+        """Drop stale heap entries when they outnumber live ones (bounds the heap at 2x the table)."""
+        if len(self._heap) > 2 * len(self.by_key) + 1024:
+            self._heap = [
+                e for e in self._heap if self.by_key.get(e[2].key) is e[2] and e[0] == e[2]._heap_at
+            ]
+            heapq.heapify(self._heap)

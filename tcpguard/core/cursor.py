@@ -1,0 +1,163 @@
+"""Reading a reassembled stream from a rule: the `current` argument of `receive_data`.
+
+One class serves both kinds of listener:
+
+* a plain listener gets a non-blocking cursor at the first new byte: reads return what is there now;
+* a streamed listener (`streamed=True`) runs in its own greenlet and gets a blocking cursor: a read that
+  needs bytes not yet received suspends the listener until the next segment of its direction arrives
+  (or the stream ends), so the rule reads the stream as if it were a blocking socket.
+
+Greenlets rather than generators keep rule code free of `yield`: a helper function deep in a rule module
+can block, which generator-based coroutines cannot do without every caller cooperating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import greenlet
+
+if TYPE_CHECKING:
+    from tcpguard.core.stream import HalfStream
+
+
+class Match:
+    """Where `Cursor.find` found its pattern. Always true, so `if current.find(p):` reads naturally."""
+
+    __slots__ = ("end", "start")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Match {self.start}..{self.end}>"
+
+
+class Cursor:
+    """A read position in one direction's stream. Offsets count stream bytes from 0."""
+
+    __slots__ = ("blocking", "pos", "stream")
+
+    def __init__(self, stream: HalfStream, pos: int, blocking: bool) -> None:
+        self.stream = stream
+        self.pos = pos
+        self.blocking = blocking
+
+    # -- waiting ---------------------------------------------------------------------------------------
+    def _fill(self, n: int) -> bool:
+        """Make `n` bytes from `pos` available, suspending if blocking. False if the stream ended first."""
+        s = self.stream
+        while s.next - self.pos < n:
+            if s.eof or not self.blocking:
+                return False
+            parent = greenlet.getcurrent().parent
+            if parent is None:  # not inside a streamed listener: behave as non-blocking
+                return False
+            parent.switch()
+        return True
+
+    def wait(self, n: int = 1) -> bool:
+        """Wait until `n` bytes are available after the cursor; False if the stream ends first."""
+        return self._fill(n)
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def available(self) -> int:
+        return max(self.stream.next - self.pos, 0)
+
+    @property
+    def eof(self) -> bool:
+        """True when the stream has ended and every byte has been read."""
+        return self.stream.eof and self.pos >= self.stream.next
+
+    def read(self, n: int = -1) -> bytes:
+        """`n` bytes (fewer only at the end of the stream), or with no `n` the next chunk available.
+
+        A streamed listener waits for the bytes; a plain one gets what has arrived. `b""` means the
+        stream ended (streamed) or nothing is available (plain).
+        """
+        if n < 0:
+            self._fill(1)
+            end = self.stream.next
+        else:
+            self._fill(n)
+            end = min(self.pos + n, self.stream.next)
+        out = self.stream.data(self.pos, end)
+        self.pos += len(out)
+        return out
+
+    def peek(self, n: int) -> bytes:
+        """Like `read(n)` without moving the cursor."""
+        self._fill(n)
+        return self.stream.data(self.pos, min(self.pos + n, self.stream.next))
+
+    def skip(self, n: int) -> int:
+        """Move forward `n` bytes (fewer at the end of the stream); returns how many were skipped."""
+        self._fill(n)
+        k = min(n, self.stream.next - self.pos)
+        self.pos += k
+        return k
+
+    def readline(self, delim: bytes = b"\n", limit: int = 65536) -> bytes:
+        """Bytes up to and including `delim`; at most `limit` bytes; the rest of the stream at its end."""
+        s = self.stream
+        scan = self.pos
+        while True:
+            end = min(s.next, self.pos + limit)
+            i = s.buf.find(delim, scan - s.buf_start, end - s.buf_start)
+            if i >= 0:
+                return self.read(i + s.buf_start + len(delim) - self.pos)
+            if end - self.pos >= limit:
+                return self.read(limit)
+            scan = max(self.pos, end - len(delim) + 1)
+            if not self._fill(end - self.pos + 1):
+                return self.read(s.next - self.pos)
+
+    def find(self, pattern: bytes) -> Match | None:
+        """Find `pattern` at or after the cursor, also when it spans segments.
+
+        Streamed: waits until the pattern appears (the cursor moves to its start) or the stream ends
+        (None, cursor at the end). Plain: searches what has arrived, including a short look-back before
+        the cursor so that a pattern that started in an earlier segment is found; the cursor does not
+        move.
+        """
+        s = self.stream
+        m = len(pattern)
+        if not self.blocking:
+            # Only a match that ends in the new bytes counts; one wholly before was seen last time.
+            lo = max(self.pos - m + 1, s.buf_start)
+            i = s.buf.find(pattern, lo - s.buf_start)
+            if i < 0:
+                return None
+            return Match(i + s.buf_start, i + s.buf_start + m)
+        while True:
+            i = s.buf.find(pattern, self.pos - s.buf_start)
+            if i >= 0:
+                self.pos = i + s.buf_start
+                return Match(self.pos, self.pos + m)
+            # Bytes that cannot start a match are consumed, so they need not be retained.
+            self.pos = max(self.pos, s.next - m + 1)
+            if not self._fill(s.next - self.pos + 1):
+                self.pos = s.next
+                return None
+
+    def __iter__(self) -> Iterator[bytes]:
+        """The stream in chunks as they arrive, until it ends."""
+        while True:
+            chunk = self.read()
+            if not chunk:
+                return
+            yield chunk
+
+    # -- holding ---------------------------------------------------------------------------------------
+    def mark(self) -> None:
+        """Hold every packet carrying bytes from here on until `unmark()` or `flow.send()`."""
+        self.stream.hold_from = self.pos
+
+    def unmark(self) -> None:
+        """Release the hold set by `mark()`; the held packets are forwarded after this rule returns."""
+        self.stream.hold_from = -1

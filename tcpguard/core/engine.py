@@ -1,0 +1,781 @@
+"""The engine: raw packet and a clock in, `Decision` out. Decode, track, reassemble, dispatch, decide.
+
+The NFQUEUE daemon and the pcap replay both drive this class, so every offline test exercises the
+production path. It never reads the wall clock (`now` comes with each call) and never touches a socket.
+
+Per-packet order of work (`_track`): sanity of SYN/RST against the state machine, acknowledgements
+(which move retention and window edges), the payload through the reassembler, rule dispatch on the
+bytes that became contiguous, then the state transition. Rules always run before the verdict that
+forwards their bytes, which is the inline invariant.
+
+Normalisations, each documented where it happens: data on SYN and on RST is stripped (Linux never
+delivers it to the application without TCP Fast Open, so passing it would let bytes by that the rules
+never saw); the urgent flag and pointer are cleared (a receiver would otherwise pull the urgent byte out
+of the stream the application reads); conflicting retransmissions are rewritten to the first copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import greenlet
+
+from tcpguard.core import forge
+from tcpguard.core.conntrack import DIRECTION_NAMES, Action, Connection, ConnTable, flow_key
+from tcpguard.core.cursor import Cursor
+from tcpguard.core.decision import Decision, Output, Release, Verdict
+from tcpguard.core.errors import DecodeError
+from tcpguard.core.packet import ACK, FIN, RST, SYN, URG, Packet, checksums_ok, decode
+from tcpguard.core.rules import Rule, RuleSet
+from tcpguard.core.settings import EngineSettings
+from tcpguard.core.state import (
+    DOWN,
+    FINISHED,
+    TIMEOUT_OF,
+    UP,
+    Event,
+    RstCheck,
+    State,
+    check_rst,
+    classify,
+    transition,
+)
+from tcpguard.core.state import (
+    Action as StateAction,
+)
+from tcpguard.core.stream import HalfStream, Held
+
+log = logging.getLogger("tcpguard.engine")
+
+EventSink = Callable[[dict[str, Any]], None]
+
+ACCEPT = Verdict.ACCEPT
+DROP = Verdict.DROP
+HOLD = Verdict.HOLD
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters an operator reads to see what the engine did and what it refused."""
+
+    accepted: int = 0
+    bad_checksum: int = 0
+    connections: int = 0
+    dropped: int = 0
+    evicted: int = 0
+    fragments: int = 0
+    held: int = 0
+    invalid: int = 0
+    limit_hits: int = 0
+    malformed: int = 0
+    midstream: int = 0
+    non_tcp: int = 0
+    ooo_dropped: int = 0
+    packets: int = 0
+    refused: int = 0
+    resets_sent: int = 0
+    rewritten: int = 0
+    rst_injections: int = 0
+    rule_errors: int = 0
+    timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _Done:
+    """Returned by a streamed listener's greenlet when the listener finished (normally or not)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+class Engine:
+    """The sans-IO TCP filtering engine."""
+
+    def __init__(
+        self,
+        settings: EngineSettings | None = None,
+        rules: RuleSet | None = None,
+        sink: EventSink | None = None,
+    ) -> None:
+        self.settings = settings or EngineSettings()
+        self.rules = rules or RuleSet()
+        self.sink = sink
+        self.table = ConnTable()
+        self.stats = Stats()
+        self.now = 0.0
+        self.held_packets = 0
+        self.buffered = 0  # bytes in all stream buffers, updated as connections change
+        self._out: Output | None = None  # releases/sends gathered while handling one input
+        self.alert_hook: Callable[[dict[str, Any]], None] | None = None
+
+    # ================================================================ public entry points
+    def replace_rules(self, rules: RuleSet) -> None:
+        """Swap the rule set (reload). Tracked connections keep running; streamed listeners already
+        running keep their old code until their connection ends."""
+        self.rules = rules
+
+    def handle_packet(self, raw: bytes, now: float, token: object = None) -> Decision:
+        """Judge one raw IP packet. `token` identifies it if the engine holds it."""
+        self.now = now
+        self.stats.packets += 1
+        out = self._out = Output()
+        try:
+            dec = self._handle(raw, token)
+        finally:
+            self._out = None
+        dec.releases = out.releases
+        dec.send = out.send
+        if dec.verdict == ACCEPT:
+            self.stats.accepted += 1
+        elif dec.verdict == DROP:
+            self.stats.dropped += 1
+        else:
+            self.stats.held += 1
+        if dec.packet is not None:
+            self.stats.rewritten += 1
+        if self.sink is not None:
+            self.sink(
+                {
+                    "event": "verdict",
+                    "time": now,
+                    "token": token if isinstance(token, int | str) else None,
+                    "verdict": dec.verdict.name.lower(),
+                    "flow": dec.flow_id,
+                    "reason": dec.reason,
+                    "rewritten": dec.packet is not None,
+                    "released": [
+                        [r.token if isinstance(r.token, int | str) else None, r.verdict.name.lower()]
+                        for r in out.releases
+                    ],
+                    "sent": len(out.send),
+                }
+            )
+        return dec
+
+    def handle_timer(self, now: float) -> Output:
+        """Expire idle connections. Call it periodically (every second is plenty)."""
+        self.now = now
+        out = self._out = Output()
+        try:
+            for conn in self.table.expired(now):
+                self.stats.timeouts += 1
+                self._finish(conn, "timeout")
+                self.table.remove(conn)
+            self.table.compact()
+        finally:
+            self._out = None
+        return out
+
+    def shutdown(self, now: float) -> Output:
+        """End every connection (end_connection with reason 'shutdown') and release every held packet."""
+        self.now = now
+        out = self._out = Output()
+        try:
+            for conn in self.table:
+                self._finish(conn, "shutdown")
+                self.table.remove(conn)
+        finally:
+            self._out = None
+        return out
+
+    def connection(self, cid: int) -> Connection | None:
+        for conn in self.table:
+            if conn.id == cid:
+                return conn
+        return None
+
+    def act(self, cid: int, action: int, now: float) -> Output | None:
+        """Apply `Action.DROP`/`RESET`/`HALFRESET` to a live connection from outside (control socket)."""
+        conn = self.connection(cid)
+        if conn is None:
+            return None
+        self.now = now
+        out = self._out = Output()
+        try:
+            conn.action = max(conn.action, action)
+            self._apply_block(conn, "operator")
+        finally:
+            self._out = None
+        return out
+
+    # ================================================================ per packet
+    def _handle(self, raw: bytes, token: object) -> Decision:
+        pol = self.settings.policies
+        try:
+            pkt = decode(raw)
+        except DecodeError as e:
+            self.stats.malformed += 1
+            return Decision(DROP if pol.malformed == "drop" else ACCEPT, reason=f"malformed: {e}")
+        if not pkt.is_tcp:
+            if pkt.fragment:
+                self.stats.fragments += 1
+                return Decision(DROP if pol.fragments == "drop" else ACCEPT, reason="fragment")
+            self.stats.non_tcp += 1
+            return Decision(ACCEPT, reason="not tcp")
+        if pol.verify_checksums and not checksums_ok(pkt):
+            self.stats.bad_checksum += 1
+            return Decision(DROP, reason="bad checksum")
+        key = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        conn = self.table.by_key.get(key)
+        if conn is None:
+            return self._untracked(pkt, key, token)
+        direction = UP if pkt.sport == conn.cport and pkt.src == conn.client else DOWN
+        return self._track(conn, pkt, direction, token)
+
+    def _untracked(self, pkt: Packet, key: Any, token: object) -> Decision:
+        flags = pkt.flags
+        if flags & RST:
+            # Nothing to tear down; the receiver checks the sequence number itself.
+            return Decision(ACCEPT, reason="rst without connection")
+        if flags & SYN and flags & (FIN | RST):
+            self.stats.invalid += 1
+            return Decision(DROP, reason="invalid flag combination")
+        if flags & SYN and not flags & ACK:
+            return self._open(pkt, key, token)
+        pol = self.settings.policies.midstream
+        self.stats.midstream += 1
+        if pol == "accept":
+            return Decision(ACCEPT, reason="midstream accepted untracked")
+        if pol == "drop":
+            return Decision(DROP, reason="midstream dropped")
+        return self._open(pkt, key, token, midstream=True)
+
+    def _make_room(self) -> bool:
+        """True if a new connection fits, evicting one if the policy allows."""
+        lim = self.settings.limits.max_connections
+        if len(self.table) < lim:
+            return True
+        if self.settings.policies.table_full == "refuse":
+            self.stats.refused += 1
+            return False
+        victim = self.table.nearest_expiry()
+        if victim is None:
+            return False
+        self.stats.evicted += 1
+        log.info("connection table full: evicting %s", victim.describe())
+        self._finish(victim, "evicted")
+        self.table.remove(victim)
+        return True
+
+    def _open(self, pkt: Packet, key: Any, token: object, midstream: bool = False) -> Decision:
+        if not self._make_room():
+            return Decision(DROP, reason="connection table full")
+        flags = pkt.flags
+        if midstream:
+            # Who is the client? The SYN-ACK sender is the server; otherwise the lower port is taken to
+            # be the service (ties: the sender is the client). Each stream is picked up at the first
+            # byte seen (ISN = seq - 1), the other one when its first packet arrives.
+            server_sent = bool(flags & SYN) or pkt.sport < pkt.dport
+            client, cport, server, sport = (
+                (pkt.dst, pkt.dport, pkt.src, pkt.sport)
+                if server_sent
+                else (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+            )
+            mine = HalfStream((pkt.seq - (0 if flags & SYN else 1)) & 0xFFFFFFFF)
+            other = HalfStream(-1)
+            up, down = (other, mine) if server_sent else (mine, other)
+            state = State.SYN_RECV if flags & SYN else State.ESTABLISHED
+        else:
+            client, cport, server, sport = pkt.src, pkt.sport, pkt.dst, pkt.dport
+            up, down = HalfStream(pkt.seq), HalfStream(-1)
+            state = State.SYN_SENT
+        conn = Connection(
+            self.table.new_id(), key, pkt.version, client, cport, server, sport, self.now, up, down, state
+        )
+        conn.midstream = midstream
+        conn._alert = self._alert
+        if flags & SYN and not flags & ACK:
+            wscale = pkt.options().wscale
+            conn.wscale_client = wscale if wscale is not None else -1
+        conn.expires = self.now + getattr(self.settings.timeouts, TIMEOUT_OF[state])
+        self.table.add(conn)
+        self.stats.connections += 1
+        self._emit(
+            {
+                "event": "new_connection",
+                "flow": conn.id,
+                "client": str(conn.srcip),
+                "cport": cport,
+                "server": str(conn.dstip),
+                "sport": sport,
+                "midstream": midstream,
+            }
+        )
+        for r in self.rules.new_connection:
+            self._call(conn, r, conn, pkt)
+            if conn.action:
+                break
+        if conn.action:
+            return self._block_now(conn, "rule at new_connection")
+        if midstream:
+            direction = DOWN if server_sent else UP
+            return self._track(conn, pkt, direction, token, fresh=True)
+        conn.pkts_up += 1
+        if pkt.payload or flags & URG:
+            # Data on SYN is stripped: see the module docstring.
+            return self._accept(conn, pkt, b"", "syn data stripped")
+        return Decision(ACCEPT, flow_id=conn.id)
+
+    def _track(self, conn: Connection, pkt: Packet, d: int, token: object, fresh: bool = False) -> Decision:
+        if conn.action:
+            return Decision(DROP, flow_id=conn.id, reason="connection blocked")
+        flags = pkt.flags
+        state = conn.state
+        s, o = (conn.up, conn.down) if d == UP else (conn.down, conn.up)
+        if d == UP:
+            conn.pkts_up += 1
+            conn.bytes_up += len(pkt.payload)
+        else:
+            conn.pkts_down += 1
+            conn.bytes_down += len(pkt.payload)
+        conn.last_seen = self.now
+        if s.isn < 0:
+            # First packet of a direction picked up mid-stream (or the SYN-ACK): this fixes its ISN.
+            s.isn = pkt.seq if flags & SYN else (pkt.seq - 1) & 0xFFFFFFFF
+
+        # ---- SYN and SYN-ACK
+        if flags & SYN:
+            if flags & RST or flags & FIN:
+                self.stats.invalid += 1
+                return Decision(DROP, flow_id=conn.id, reason="invalid flag combination")
+            ev = Event.SYNACK if flags & ACK else Event.SYN
+            nxt = transition(state, d, ev)
+            if nxt is StateAction.REOPEN:
+                self._finish(conn, "reopened")
+                self.table.remove(conn)
+                return self._open(pkt, conn.key, token)
+            if nxt is StateAction.INVALID or pkt.seq != s.isn:
+                self.stats.invalid += 1
+                return Decision(DROP, flow_id=conn.id, reason=f"SYN invalid in {state.name}")
+            if ev == Event.SYNACK:
+                if o.isn >= 0 and pkt.ack != (o.isn + 1) & 0xFFFFFFFF:
+                    self.stats.invalid += 1
+                    return Decision(DROP, flow_id=conn.id, reason="SYN-ACK acknowledges the wrong ISN")
+                wscale = pkt.options().wscale
+                if wscale is None or conn.wscale_client < 0:
+                    # Scaling is on only when both SYNs offered it (RFC 7323).
+                    conn.wscale_client = conn.wscale_server = 0
+                else:
+                    conn.wscale_server = wscale
+                if not conn.midstream:
+                    conn.up.wscale = conn.wscale_server
+                    conn.down.wscale = conn.wscale_client
+                    o.ack(0, pkt.window)  # the window in a SYN-ACK is never scaled
+            self._set_state(conn, nxt)
+            if pkt.payload or flags & URG:
+                return self._accept(conn, pkt, b"", "syn data stripped")
+            return Decision(ACCEPT, flow_id=conn.id)
+
+        # ---- RST
+        if flags & RST:
+            if state == State.SYN_SENT:
+                ack_ok = bool(flags & ACK) and pkt.ack == (o.isn + 1) & 0xFFFFFFFF
+                check = check_rst(state, 0, 0, 0, ack_ok)
+            else:
+                wnd = s.wnd_end - s.next if s.wnd_end >= 0 else 65535
+                check = check_rst(state, s.offset(pkt.seq), s.next, wnd, False)
+            if check == RstCheck.DROP:
+                self.stats.rst_injections += 1
+                return Decision(DROP, flow_id=conn.id, reason="RST outside the window")
+            if check == RstCheck.CLOSE and state not in FINISHED:
+                self._set_state(conn, State.CLOSED)
+                self._finish(conn, "rst")
+            elif check == RstCheck.CLOSE:
+                self._set_state(conn, State.CLOSED)
+            if pkt.payload or flags & URG:
+                return self._accept(conn, pkt, b"", "rst data stripped")
+            return Decision(ACCEPT, flow_id=conn.id)
+
+        # ---- ACK, data, FIN
+        pre = transition(state, d, Event.FIN if flags & FIN else Event.ACK)
+        if pre is StateAction.INVALID and not fresh:
+            self.stats.invalid += 1
+            return Decision(DROP, flow_id=conn.id, reason=f"segment invalid in {state.name}")
+        if flags & ACK and o.isn >= 0:
+            wscale = conn.wscale_client if d == UP else conn.wscale_server
+            o.ack(o.offset(pkt.ack), pkt.window << (wscale if wscale > 0 else 0))
+            if len(o.buf) > 2048:
+                before = len(o.buf)
+                o.trim()
+                self.buffered -= before - len(o.buf)
+        payload = pkt.payload
+        fin = bool(flags & FIN)
+        dec: Decision
+        if state in FINISHED and payload and s.offset(pkt.seq) + len(payload) > s.next:
+            return Decision(DROP, flow_id=conn.id, reason="data after the connection ended")
+        if payload or fin:
+            dec = self._data(conn, pkt, s, d, token)
+            if dec.verdict == DROP and conn.action:
+                return dec
+        elif flags & URG:
+            dec = self._accept(conn, pkt, None, "urgent pointer cleared")
+        else:
+            dec = Decision(ACCEPT, flow_id=conn.id)
+        # ---- state transition
+        fins_acked = (
+            conn.up.fin_off >= 0
+            and conn.down.fin_off >= 0
+            and conn.up.acked > conn.up.fin_off
+            and conn.down.acked > conn.down.fin_off
+        )
+        event = classify(flags, False, fins_acked)
+        if event is not None and conn.state not in FINISHED:
+            nxt = transition(conn.state, d, event)
+            if isinstance(nxt, State) and nxt != conn.state:
+                self._set_state(conn, nxt)
+                if nxt in FINISHED:
+                    self._finish(conn, "fin")
+            elif conn.state == State.SYN_RECV and d == UP and (payload or fin):
+                self._set_state(conn, State.ESTABLISHED)
+        return dec
+
+    def _data(self, conn: Connection, pkt: Packet, s: HalfStream, d: int, token: object) -> Decision:
+        """Run the payload (and FIN) through the reassembler and the rules; decide this packet."""
+        lim = self.settings.limits
+        off = s.offset(pkt.seq)
+        fin = bool(pkt.flags & FIN)
+        urg = bool(pkt.flags & URG)
+        was_eof = s.eof
+        before = s.buffered()
+        res = s.receive(
+            off,
+            pkt.payload,
+            fin,
+            token,
+            self.settings.policies.out_of_order == "hold",
+            lim.max_ooo_bytes,
+            lim.max_ooo_segments,
+        )
+        self.buffered += s.buffered() - before
+        if res.drop:
+            if res.reason in ("out of order", "out-of-order buffer full"):
+                self.stats.ooo_dropped += 1
+            return Decision(DROP, flow_id=conn.id, reason=res.reason)
+        packet = forge.rewrite(pkt, res.fix, clear_urg=urg) if res.fix is not None or urg else None
+        if res.hold:
+            held = res.held
+            assert held is not None
+            if self.held_packets >= lim.max_held_packets:
+                # Undo the hold and drop: the sender retransmits once the gap fills.
+                s.ooo.remove(held)
+                s.ooo_bytes -= held.end - held.start
+                self.buffered -= held.end - held.start
+                self.stats.limit_hits += 1
+                return Decision(DROP, flow_id=conn.id, reason="held packet limit")
+            self.held_packets += 1
+            held.packet = packet
+            return Decision(HOLD, flow_id=conn.id, reason="out of order")
+        if res.new_start >= 0:
+            self._dispatch_data(conn, s, d, res.new_start)
+        if s.eof and not was_eof:
+            self._resume_readers(conn, d)
+        # Out-of-order segments that became contiguous leave with this packet, after the rules ran.
+        pulled = s.pulled
+        if pulled:
+            s.pulled = []
+            self.held_packets -= len(pulled)
+            s.held.extend(pulled)
+            self.held_packets += len(pulled)
+        if conn.action:
+            return self._block_now(conn, "rule")
+        if s.buffered() > lim.max_stream_buffer or self.buffered > lim.max_total_buffer:
+            return self._limit(conn, s)
+        end = off + len(pkt.payload)
+        if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
+            s.held.insert(len(s.held) - len(pulled), Held(off, end, token, packet, fin))
+            self.held_packets += 1
+            self._after_rules(conn)
+            return Decision(HOLD, flow_id=conn.id, reason="held by rule")
+        s.forwarded(end, fin)
+        self._after_rules(conn)
+        return Decision(ACCEPT, packet, flow_id=conn.id, reason="normalised" if packet else "")
+
+    def _accept(self, conn: Connection, pkt: Packet, payload: bytes | None, reason: str) -> Decision:
+        """Accept a normalised copy: new payload and the urgent flag and pointer cleared."""
+        return Decision(ACCEPT, forge.rewrite(pkt, payload, clear_urg=True), flow_id=conn.id, reason=reason)
+
+    def _limit(self, conn: Connection, s: HalfStream) -> Decision:
+        """A buffer bound was hit on this connection: apply the limit policy."""
+        self.stats.limit_hits += 1
+        pol = self.settings.policies.limit
+        log.warning(
+            "buffer limit hit on %s (%d bytes buffered): policy %s", conn.describe(), s.buffered(), pol
+        )
+        self._emit({"event": "limit", "flow": conn.id, "buffered": s.buffered(), "policy": pol})
+        if pol == "accept":
+            # Fail open: stop inspecting this connection, forward what the rules saw, keep tracking.
+            self._end_readers(conn, kill=True)
+            for st in (conn.up, conn.down):
+                st.hold_from = -1
+                self._release_held(st, ACCEPT)
+                self.buffered -= len(st.buf)
+                st.buf = bytearray()
+                st.buf_start = st.next
+            return Decision(ACCEPT, flow_id=conn.id, reason="limit: fail open")
+        conn.action = Action.RESET if pol == "reset" else Action.DROP
+        return self._block_now(conn, "limit")
+
+    # ================================================================ rules
+    def _call(self, conn: Connection, r: Rule, *args: Any) -> None:
+        try:
+            r.func(*args)
+        except Exception as e:
+            self._rule_error(conn, r, e)
+
+    def _rule_error(self, conn: Connection, r: Rule, e: BaseException) -> None:
+        self.stats.rule_errors += 1
+        log.error(
+            "rule %s raised on %s: %s: %s",
+            r.name,
+            conn.describe(),
+            type(e).__name__,
+            e,
+            exc_info=(type(e), e, e.__traceback__),
+        )
+        self._emit(
+            {"event": "rule_error", "flow": conn.id, "rule": r.name, "error": f"{type(e).__name__}: {e}"}
+        )
+        pol = self.settings.policies.rule_error
+        if pol == "drop":
+            conn.action = max(conn.action, Action.DROP)
+        elif pol == "reset":
+            conn.action = Action.RESET
+
+    def _dispatch_data(self, conn: Connection, s: HalfStream, d: int, start: int) -> None:
+        dname = DIRECTION_NAMES[d]
+        if self.sink is not None:
+            self._emit(
+                {
+                    "event": "receive_data",
+                    "flow": conn.id,
+                    "direction": dname,
+                    "offset": start,
+                    "length": s.next - start,
+                }
+            )
+        for r in self.rules.receive_data:
+            self._call(conn, r, conn, s, Cursor(s, start, blocking=False), dname)
+            if conn.action:
+                return
+        streamed = self.rules.streamed
+        if not streamed:
+            return
+        if conn._greenlets is None:
+            conn._greenlets = {}
+        gls = conn._greenlets
+        for i, r in enumerate(streamed):
+            g = gls.get((d, i), False)
+            if g is None:
+                continue  # this listener already finished on this direction
+            if g is False:
+                cur = Cursor(s, start, blocking=True)
+                s.readers.append(cur)
+                g = greenlet.greenlet(_streamed_runner(r, conn, s, cur, dname))
+                gls[(d, i)] = g
+            self._switch(conn, r, g, d, i)
+            if conn.action:
+                return
+
+    def _switch(self, conn: Connection, r: Rule, g: Any, d: int, i: int) -> None:
+        """Resume a streamed listener until it blocks for more bytes or finishes."""
+        result = g.switch()
+        if isinstance(result, _Done):
+            assert conn._greenlets is not None
+            conn._greenlets[(d, i)] = None
+            if result.error is not None:
+                self._rule_error(conn, r, result.error)
+
+    def _resume_readers(self, conn: Connection, d: int) -> None:
+        """The stream of direction `d` ended: let its streamed listeners see the end and finish."""
+        gls = conn._greenlets
+        if not gls:
+            return
+        streamed = self.rules.streamed
+        for (gd, i), g in list(gls.items()):
+            if gd == d and g is not None and i < len(streamed):
+                self._switch(conn, streamed[i], g, gd, i)
+
+    def _end_readers(self, conn: Connection, kill: bool) -> None:
+        """Finish every streamed listener: at end of stream (`kill=False`) or by GreenletExit."""
+        gls = conn._greenlets
+        if not gls:
+            return
+        if not kill:
+            conn.up.eof = conn.down.eof = True
+            self._resume_readers(conn, UP)
+            self._resume_readers(conn, DOWN)
+        for key, g in gls.items():
+            if g is not None and not g.dead:
+                g.throw(greenlet.GreenletExit)
+            gls[key] = None
+        conn.up.readers = []
+        conn.down.readers = []
+
+    def _after_rules(self, conn: Connection) -> None:
+        """Apply `flow.send()` requests and marks the rules lifted: held in-order packets leave."""
+        for d, s in ((UP, conn.up), (DOWN, conn.down)):
+            if (conn._send >> d) & 1:
+                s.hold_from = -1
+            if s.held and s.hold_from < 0:
+                self._release_held(s, ACCEPT)
+        conn._send = 0
+
+    # ================================================================ verdict helpers
+    def _release_held(self, s: HalfStream, verdict: Verdict) -> None:
+        """Release the in-order held packets (the rules saw their bytes), in arrival order."""
+        out = self._out
+        assert out is not None
+        for h in s.held:
+            out.releases.append(Release(h.token, verdict, h.packet if verdict == ACCEPT else None))
+            if verdict == ACCEPT:
+                s.forwarded(h.end, h.fin)
+        self.held_packets -= len(s.held)
+        s.held = []
+
+    def _drop_ooo(self, s: HalfStream) -> None:
+        """Drop the out-of-order packets: the rules never saw their bytes, so they never pass."""
+        out = self._out
+        assert out is not None
+        for h in s.ooo:
+            out.releases.append(Release(h.token, DROP))
+        self.held_packets -= len(s.ooo)
+        self.buffered -= s.ooo_bytes
+        s.ooo = []
+        s.ooo_bytes = 0
+
+    def _block_now(self, conn: Connection, why: str) -> Decision:
+        """A rule (or a limit) blocked the connection while handling this packet."""
+        self._apply_block(conn, why)
+        return Decision(DROP, flow_id=conn.id, reason=f"{Action.NAMES[conn.action]} by {why}")
+
+    def _apply_block(self, conn: Connection, why: str) -> None:
+        act = conn.action
+        if act >= Action.HALFRESET:
+            self._forge_resets(conn, both=act == Action.RESET)
+        self._emit({"event": "action", "flow": conn.id, "action": Action.NAMES[act], "by": why})
+        self._finish(conn, Action.NAMES[act])
+
+    def _forge_resets(self, conn: Connection, both: bool) -> None:
+        """RSTs with the sequence number each receiver expects next (see tcpguard.core.forge)."""
+        out = self._out
+        assert out is not None
+        up, down = conn.up, conn.down
+        v = conn.version
+        if down.isn < 0:
+            # The server never answered: only the client has state, and its SYN-SENT accepts only an
+            # RST+ACK that acknowledges its SYN.
+            if both:
+                out.send.append(
+                    forge.build_rst(
+                        v, conn.server, conn.client, conn.sport, conn.cport, 0, (up.isn + 1) & 0xFFFFFFFF
+                    )
+                )
+                self.stats.resets_sent += 1
+            return
+        if up.isn >= 0:
+            out.send.append(
+                forge.build_rst(
+                    v, conn.client, conn.server, conn.cport, conn.sport, up.next_seq, down.next_seq
+                )
+            )
+            self.stats.resets_sent += 1
+        if both:
+            out.send.append(
+                forge.build_rst(
+                    v,
+                    conn.server,
+                    conn.client,
+                    conn.sport,
+                    conn.cport,
+                    down.next_seq,
+                    up.next_seq if up.isn >= 0 else None,
+                )
+            )
+            self.stats.resets_sent += 1
+
+    # ================================================================ lifecycle
+    def _set_state(self, conn: Connection, state: State) -> None:
+        conn.state = state
+        conn.expires = self.now + getattr(self.settings.timeouts, TIMEOUT_OF[state])
+        self.table.touch(conn)
+
+    def _finish(self, conn: Connection, reason: str) -> None:
+        """End the connection for the rules: `end_connection` exactly once, listeners finished, held
+        in-order packets released (dropped if the connection is blocked), out-of-order ones dropped."""
+        blocked = conn.action != Action.NONE
+        for s in (conn.up, conn.down):
+            s.hold_from = -1
+            self._release_held(s, DROP if blocked else ACCEPT)
+            self._drop_ooo(s)
+        if conn.ended:
+            return
+        conn.ended = True
+        conn.end_reason = reason
+        self._end_readers(conn, kill=blocked)
+        for r in self.rules.end_connection:
+            self._call(conn, r, conn)
+        self._emit(
+            {
+                "event": "end_connection",
+                "flow": conn.id,
+                "reason": reason,
+                "packets": [conn.pkts_up, conn.pkts_down],
+                "bytes": [conn.bytes_up, conn.bytes_down],
+            }
+        )
+        self.buffered -= len(conn.up.buf) + len(conn.down.buf)
+        conn.up.buf = bytearray()
+        conn.down.buf = bytearray()
+        conn.up.buf_start = conn.up.next
+        conn.down.buf_start = conn.down.next
+        if conn.state not in FINISHED:
+            # Keep the entry for a while so late packets of a blocked connection are still dropped.
+            self._set_state(conn, State.CLOSED)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.sink is not None:
+            event.setdefault("time", self.now)
+            self.sink(event)
+
+    def _alert(
+        self, conn: Connection, description: str, severity: str, direction: str | None, fields: dict[str, Any]
+    ) -> None:
+        ev = {
+            "event": "alert",
+            "time": self.now,
+            "flow": conn.id,
+            "connection": conn.describe(),
+            "description": description,
+            "severity": severity,
+            "direction": direction,
+            **fields,
+        }
+        log.warning("alert [%s] %s: %s", severity, conn.describe(), description)
+        if self.alert_hook is not None:
+            self.alert_hook(ev)
+        self._emit(ev)
+
+
+def _streamed_runner(
+    r: Rule, conn: Connection, s: HalfStream, cur: Cursor, dname: str
+) -> Callable[[], _Done]:
+    def run() -> _Done:
+        try:
+            r.func(conn, s, cur, dname)
+        except greenlet.GreenletExit:
+            raise
+        except Exception as e:
+            return _Done(e)
+        finally:
+            if cur in s.readers:
+                s.readers.remove(cur)
+        return _Done(None)
+
+    return run

@@ -1,0 +1,118 @@
+"""Rule registration: the `@rule` decorator, the event names, and the immutable `RuleSet`.
+
+Rule modules call `@rule(on=tcp_connection.events.X)`. The decorator only records metadata on the
+function and, while a loader is collecting (`collecting()`), appends it to that loader's list; it never
+touches engine state, so loading a broken module cannot leave half a rule set behind: the loader builds a
+new `RuleSet` and the engine swaps it in whole.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+
+class EventName(enum.StrEnum):
+    NEW_CONNECTION = "new_connection"
+    RECEIVE_DATA = "receive_data"
+    END_CONNECTION = "end_connection"
+
+
+class _Events:
+    """`tcp_connection.events.*`, spelled as in Haka's tcp-connection dissector."""
+
+    new_connection = EventName.NEW_CONNECTION
+    receive_data = EventName.RECEIVE_DATA
+    end_connection = EventName.END_CONNECTION
+
+
+class _TcpConnection:
+    events = _Events
+
+
+tcp_connection = _TcpConnection()
+
+RuleFunc = Callable[..., Any]
+F = TypeVar("F", bound=RuleFunc)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    event: EventName
+    func: RuleFunc
+    streamed: bool = False
+    module: str = ""
+
+
+_collector: list[Rule] | None = None
+
+
+@contextmanager
+def collecting() -> Iterator[list[Rule]]:
+    """Collect every rule registered by `@rule` inside the block, in definition order."""
+    global _collector
+    previous = _collector
+    _collector = []
+    try:
+        yield _collector
+    finally:
+        _collector = previous
+
+
+def rule(on: EventName | str, streamed: bool = False, name: str | None = None) -> Callable[[F], F]:
+    """Register the decorated function as a listener of event `on`.
+
+    `streamed=True` (receive_data only) runs the listener as a coroutine per flow and direction whose
+    reads on `current` block until the bytes arrive.
+    """
+    try:
+        event = EventName(on)
+    except ValueError:
+        raise ValueError(f"unknown event {on!r}; use tcp_connection.events.*") from None
+    if streamed and event != EventName.RECEIVE_DATA:
+        raise ValueError("streamed=True is only meaningful for receive_data")
+
+    def deco(func: F) -> F:
+        r = Rule(
+            name=name or f"{func.__module__.rsplit('.', 1)[-1]}.{func.__qualname__}",
+            event=event,
+            func=func,
+            streamed=streamed,
+            module=func.__module__,
+        )
+        func.__tcpguard_rule__ = r  # type: ignore[attr-defined]
+        if _collector is not None:
+            _collector.append(r)
+        return func
+
+    return deco
+
+
+class RuleSet:
+    """The listeners per event, in load order. Immutable once built; swapped whole on reload."""
+
+    __slots__ = ("end_connection", "new_connection", "receive_data", "rules", "streamed")
+
+    def __init__(self, rules: list[Rule] | tuple[Rule, ...] = ()) -> None:
+        self.rules = tuple(rules)
+        self.new_connection = tuple(r for r in self.rules if r.event == EventName.NEW_CONNECTION)
+        self.receive_data = tuple(
+            r for r in self.rules if r.event == EventName.RECEIVE_DATA and not r.streamed
+        )
+        self.streamed = tuple(r for r in self.rules if r.event == EventName.RECEIVE_DATA and r.streamed)
+        self.end_connection = tuple(r for r in self.rules if r.event == EventName.END_CONNECTION)
+
+    @classmethod
+    def of(cls, *funcs: RuleFunc) -> RuleSet:
+        """A rule set from functions decorated with `@rule` (handy in tests and embedding)."""
+        return cls([f.__tcpguard_rule__ for f in funcs])  # type: ignore[attr-defined]
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.rules]
+
+    def __len__(self) -> int:
+        return len(self.rules)

@@ -1,0 +1,176 @@
+"""The TCP connection state machine, as data.
+
+Following h11's rule, everything that decides a transition lives in this file: how a segment is
+classified into an `Event` (`classify`, `check_rst`) and the `TRANSITIONS` table. The tracker feeds
+events in and acts on the state that comes out; it never decides a transition itself.
+
+The machine tracks the connection as seen from the middle, not one endpoint's socket, so its states are
+about both sides at once:
+
+=============  =====================================================================================
+SYN_SENT       the client's SYN passed
+SYN_RECV       the server's SYN-ACK passed
+ESTABLISHED    the client acknowledged the SYN-ACK (or sent data)
+CLIENT_FIN     the client sent FIN, the server did not yet
+SERVER_FIN     the server sent FIN, the client did not yet
+BOTH_FIN       both sent FIN, not both acknowledged yet
+TIME_WAIT      both FINs acknowledged: the connection is over; late retransmissions still pass
+CLOSED         an acceptable RST passed: the connection is over
+=============  =====================================================================================
+
+A missing table entry means "no change"; `INVALID` entries are segments that no correct endpoint sends
+in that state and the engine drops them. `REOPEN` means a SYN reuses the addresses and ports of a
+finished connection: the tracker ends the old connection and starts a new one.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from tcpguard.core.packet import ACK, FIN, RST, SYN
+
+
+class State(enum.IntEnum):
+    SYN_SENT = 1
+    SYN_RECV = 2
+    ESTABLISHED = 3
+    CLIENT_FIN = 4
+    SERVER_FIN = 5
+    BOTH_FIN = 6
+    TIME_WAIT = 7
+    CLOSED = 8
+
+
+class Event(enum.IntEnum):
+    SYN = 1  # SYN without ACK
+    SYNACK = 2  # SYN with ACK
+    ACK = 3  # anything else without FIN or RST (pure ACK or data)
+    FIN = 4  # FIN (with or without ACK and data)
+    RST = 5  # an RST that closes (see check_rst)
+    FINS_ACKED = 6  # an ACK after which both FINs are acknowledged
+
+
+class Action(enum.Enum):
+    INVALID = 1
+    REOPEN = 2
+
+
+UP: Final = 0  # client to server
+DOWN: Final = 1  # server to client
+
+_S = State
+_E = Event
+
+# (state, direction, event) -> new state or action.
+TRANSITIONS: Final[dict[tuple[State, int, Event], State | Action]] = {
+    # Handshake.
+    (_S.SYN_SENT, UP, _E.SYN): _S.SYN_SENT,  # retransmitted SYN
+    (_S.SYN_SENT, DOWN, _E.SYNACK): _S.SYN_RECV,
+    (_S.SYN_SENT, DOWN, _E.SYN): Action.INVALID,  # simultaneous open is not supported through the gateway
+    (_S.SYN_SENT, UP, _E.ACK): Action.INVALID,  # data before the handshake
+    (_S.SYN_SENT, DOWN, _E.ACK): Action.INVALID,
+    (_S.SYN_SENT, UP, _E.FIN): Action.INVALID,
+    (_S.SYN_SENT, DOWN, _E.FIN): Action.INVALID,
+    (_S.SYN_SENT, UP, _E.RST): _S.CLOSED,
+    (_S.SYN_SENT, DOWN, _E.RST): _S.CLOSED,  # connection refused
+    (_S.SYN_RECV, UP, _E.SYN): _S.SYN_RECV,  # retransmitted SYN: SYN-ACK was lost after us
+    (_S.SYN_RECV, DOWN, _E.SYNACK): _S.SYN_RECV,
+    (_S.SYN_RECV, UP, _E.ACK): _S.ESTABLISHED,
+    (_S.SYN_RECV, UP, _E.FIN): _S.CLIENT_FIN,
+    (_S.SYN_RECV, DOWN, _E.ACK): Action.INVALID,  # the server cannot send data before the client's ACK
+    (_S.SYN_RECV, DOWN, _E.FIN): Action.INVALID,
+    (_S.SYN_RECV, UP, _E.RST): _S.CLOSED,
+    (_S.SYN_RECV, DOWN, _E.RST): _S.CLOSED,
+    # Data transfer.
+    (_S.ESTABLISHED, UP, _E.FIN): _S.CLIENT_FIN,
+    (_S.ESTABLISHED, DOWN, _E.FIN): _S.SERVER_FIN,
+    (_S.ESTABLISHED, UP, _E.RST): _S.CLOSED,
+    (_S.ESTABLISHED, DOWN, _E.RST): _S.CLOSED,
+    (_S.ESTABLISHED, DOWN, _E.SYNACK): _S.ESTABLISHED,  # SYN-ACK retransmitted after the client's ACK
+    # Closing.
+    (_S.CLIENT_FIN, DOWN, _E.FIN): _S.BOTH_FIN,
+    (_S.CLIENT_FIN, UP, _E.RST): _S.CLOSED,
+    (_S.CLIENT_FIN, DOWN, _E.RST): _S.CLOSED,
+    (_S.SERVER_FIN, UP, _E.FIN): _S.BOTH_FIN,
+    (_S.SERVER_FIN, UP, _E.RST): _S.CLOSED,
+    (_S.SERVER_FIN, DOWN, _E.RST): _S.CLOSED,
+    (_S.BOTH_FIN, UP, _E.FINS_ACKED): _S.TIME_WAIT,
+    (_S.BOTH_FIN, DOWN, _E.FINS_ACKED): _S.TIME_WAIT,
+    (_S.BOTH_FIN, UP, _E.RST): _S.CLOSED,
+    (_S.BOTH_FIN, DOWN, _E.RST): _S.CLOSED,
+    # After the end: a new SYN from either side reuses the ports for a new connection.
+    (_S.TIME_WAIT, UP, _E.SYN): Action.REOPEN,
+    (_S.TIME_WAIT, DOWN, _E.SYN): Action.REOPEN,
+    (_S.CLOSED, UP, _E.SYN): Action.REOPEN,
+    (_S.CLOSED, DOWN, _E.SYN): Action.REOPEN,
+    (_S.TIME_WAIT, UP, _E.RST): _S.CLOSED,
+    (_S.TIME_WAIT, DOWN, _E.RST): _S.CLOSED,
+}
+
+# A SYN (new ISN) in any live state is not a new connection: the endpoint answers it with a challenge
+# ACK (RFC 5961), so an injected SYN must not make us forget the connection.
+for _st in (_S.ESTABLISHED, _S.CLIENT_FIN, _S.SERVER_FIN, _S.BOTH_FIN):
+    for _d in (UP, DOWN):
+        TRANSITIONS[(_st, _d, _E.SYN)] = Action.INVALID
+
+# States in which the connection is over: `end_connection` has fired and no data is delivered.
+FINISHED: Final = frozenset({State.TIME_WAIT, State.CLOSED})
+
+# Timeout class of each state (the names of `tcpguard.core.settings.Timeouts` fields).
+TIMEOUT_OF: Final[dict[State, str]] = {
+    State.SYN_SENT: "syn_sent",
+    State.SYN_RECV: "syn_recv",
+    State.ESTABLISHED: "established",
+    State.CLIENT_FIN: "fin_wait",
+    State.SERVER_FIN: "fin_wait",
+    State.BOTH_FIN: "fin_wait",
+    State.TIME_WAIT: "time_wait",
+    State.CLOSED: "closed",
+}
+
+
+def classify(flags: int, rst_ok: bool, fins_acked: bool) -> Event | None:
+    """The event a segment stands for, or None for a segment that changes nothing (a refused RST).
+
+    `rst_ok` is `check_rst(...) == RstCheck.CLOSE` for RST segments; `fins_acked` says that once
+    this segment's ACK is taken into account, both directions' FINs are acknowledged.
+    """
+    if flags & RST:
+        return Event.RST if rst_ok else None
+    if flags & SYN:
+        return Event.SYNACK if flags & ACK else Event.SYN
+    if flags & FIN:
+        return Event.FIN
+    if fins_acked:
+        return Event.FINS_ACKED
+    return Event.ACK
+
+
+def transition(state: State, direction: int, event: Event) -> State | Action:
+    return TRANSITIONS.get((state, direction, event), state)
+
+
+class RstCheck(enum.IntEnum):
+    CLOSE = 1  # the receiver will accept it: forward it and end the connection
+    PASS = 2  # in the window but not exact: the receiver answers with a challenge ACK (RFC 5961)
+    DROP = 3  # outside the window: an injection attempt, never forwarded
+
+
+def check_rst(state: State, seq_off: int, expected_off: int, window: int, ack_ok: bool) -> RstCheck:
+    """What an RST does to the connection (RFC 793 and RFC 5961, seen from the middle).
+
+    `seq_off` is the RST's sequence number as an offset in the sender's stream and `expected_off` the
+    next offset the receiver expects (the end of what the gateway forwarded). In SYN_SENT the client only
+    accepts an RST that acknowledges its SYN (`ack_ok`). Otherwise only an exact match closes; an RST
+    elsewhere in the window passes, since the endpoint itself will challenge it and keep the connection,
+    so we keep tracking it too; an RST outside the window, including the classic blind seq=0 RST, is an
+    injection attempt and is dropped.
+    """
+    if state == State.SYN_SENT:
+        return RstCheck.CLOSE if ack_ok else RstCheck.DROP
+    if seq_off == expected_off:
+        return RstCheck.CLOSE
+    if expected_off < seq_off < expected_off + max(window, 1):
+        return RstCheck.PASS
+    return RstCheck.DROP

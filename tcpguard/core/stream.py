@@ -1,0 +1,292 @@
+"""Reassembly of one direction of a TCP connection, and the rules it enforces on the bytes.
+
+Offsets count stream bytes from 0 (the byte after the SYN); `tcpguard.core.seq.unwrap` turns wrapping
+sequence numbers into these 64-bit offsets, so nothing below compares sequence numbers.
+
+The inline invariant is enforced here: a byte reaches the receiver only after the rules saw it, and the
+bytes the rules see are the bytes the receiver gets. The rules that make that true:
+
+* **In order** (the fast path): a segment that starts at or before `next` and ends after it appends its
+  new bytes; the rules run on them before the packet is accepted.
+* **Out of order**: a segment that starts beyond `next` is held (the adapter keeps the packet) until the
+  gap before it fills; then its bytes go to the rules and the packet is released. Bounded by
+  `max_ooo_bytes` / `max_ooo_segments`; past the bound the segment is dropped (the sender retransmits).
+  With the `drop` out-of-order policy every such segment is dropped.
+* **First copy wins**: a segment carrying bytes for offsets that already passed (or are held) is
+  compared with the first copy; a conflicting one is rewritten to the first copy. Bytes below the
+  receiver's acknowledgement are not kept (the receiver discards them anyway), so they pass unchanged.
+  A retransmission of bytes that are still held is dropped: the held first copy will be forwarded.
+* **Window**: a segment starting at or beyond the receiver's advertised right window edge is dropped
+  (the receiver would drop it too, and it must not fill our buffers).
+* **After FIN**: bytes past the FIN offset are dropped; the receiver never delivers them.
+* **Holding**: a rule may `mark()` a position; packets with bytes at or after it are held until the rule
+  calls `unmark()` or `flow.send()`. Bounded by `max_stream_buffer`.
+* **Retention**: bytes are kept from the lowest of the receiver's ACK, every streamed reader's position
+  and the hold mark, plus a look-back tail of `LOOKBACK` bytes so that plain rules can find a pattern
+  split across packets. If retention exceeds `max_stream_buffer`, `over_limit` becomes true and the
+  engine applies the limit policy.
+
+Data on SYN, data on RST and the urgent pointer are normalised by the engine before bytes get here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tcpguard.core.seq import MASK, unwrap
+
+if TYPE_CHECKING:
+    from tcpguard.core.cursor import Cursor
+
+LOOKBACK = 256
+
+
+class Held:
+    """A packet held by this stream: out of order, or behind a rule's mark."""
+
+    __slots__ = ("data", "end", "fin", "packet", "start", "token")
+
+    def __init__(
+        self, start: int, end: int, token: object, packet: bytes | None, fin: bool, data: bytes = b""
+    ) -> None:
+        self.start = start
+        self.end = end
+        self.token = token
+        self.packet = packet  # rewritten packet bytes, or None to release as received
+        self.fin = fin
+        self.data = data  # an out-of-order segment's (first-copy) payload; empty for in-order holds
+
+
+class SegmentResult:
+    """What `HalfStream.receive` decided about one segment."""
+
+    __slots__ = ("drop", "fix", "held", "hold", "new_start", "reason")
+
+    def __init__(self) -> None:
+        self.drop = False
+        self.hold = False
+        # Non-None: the payload to forward instead (first copy restored where the segment conflicted).
+        self.fix: bytes | None = None
+        # Offset where bytes new to the rules start (the stream's end before this segment), or -1.
+        self.new_start = -1
+        self.reason = ""
+        self.held: Held | None = None  # the record of a held out-of-order segment
+
+
+class HalfStream:
+    """One direction's byte stream, as forwarded to its receiver."""
+
+    __slots__ = (
+        "acked",
+        "buf",
+        "buf_start",
+        "eof",
+        "fin_off",
+        "held",
+        "hold_from",
+        "isn",
+        "next",
+        "ooo",
+        "ooo_bytes",
+        "pulled",
+        "readers",
+        "sent",
+        "wnd_end",
+        "wscale",
+    )
+
+    def __init__(self, isn: int) -> None:
+        self.isn = isn  # sequence number of the SYN (offset -1)
+        self.next = 0  # first offset the rules have not seen
+        self.sent = 0  # first offset not forwarded yet (a forwarded FIN counts as one)
+        self.buf = bytearray()  # bytes [buf_start, next)
+        self.buf_start = 0
+        self.acked = 0  # highest offset acknowledged by the receiver
+        self.wnd_end = -1  # receiver's right window edge as an offset; -1 while unknown
+        self.wscale = -1  # receiver's window scale; -1 while unknown (no window check then)
+        self.ooo: list[Held] = []  # out-of-order segments, sorted by start
+        self.ooo_bytes = 0
+        self.held: list[Held] = []  # in-order packets held behind a mark, in arrival order
+        self.hold_from = -1  # offset of a rule's mark, -1 if none
+        self.fin_off = -1  # offset of the FIN, -1 until seen in order
+        self.eof = False  # all bytes up to the FIN were delivered
+        self.readers: list[Cursor] = []  # streamed readers, whose positions pin retained bytes
+        self.pulled: list[Held] = []  # out-of-order segments that became contiguous, to be released
+
+    # -- sequence numbers ------------------------------------------------------------------------------
+    def offset(self, seq: int) -> int:
+        return unwrap(seq, (self.isn + 1) & MASK, self.next)
+
+    def seq_at(self, off: int) -> int:
+        return (self.isn + 1 + off) & MASK
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the receiver expects next: the end of what was forwarded to it."""
+        return self.seq_at(self.sent)
+
+    def forwarded(self, end: int, fin: bool) -> None:
+        """A packet carrying bytes up to `end` (and a FIN at `end` if `fin`) was forwarded."""
+        e = end + 1 if fin else end
+        self.sent = max(self.sent, e)
+
+    # -- reading, for cursors and rules ----------------------------------------------------------------
+    def data(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) as far as they are retained."""
+        s = max(start, self.buf_start) - self.buf_start
+        e = min(end, self.next) - self.buf_start
+        return bytes(self.buf[s:e]) if e > s else b""
+
+    # -- receiving -------------------------------------------------------------------------------------
+    def receive(
+        self,
+        off: int,
+        payload: bytes,
+        fin: bool,
+        token: object,
+        hold_ooo: bool,
+        max_ooo_bytes: int,
+        max_ooo_segments: int,
+    ) -> SegmentResult:
+        """Take one segment's payload at offset `off`. See the module docstring for the rules."""
+        res = SegmentResult()
+        n = len(payload)
+        end = off + n
+        nxt = self.next
+        if self.fin_off >= 0 and end > self.fin_off:
+            res.drop = True
+            res.reason = "data after FIN"
+            return res
+        if self.wscale >= 0 and n and off >= self.wnd_end >= 0 and end > nxt:
+            res.drop = True
+            res.reason = "outside receive window"
+            return res
+        if off <= nxt:
+            if end <= nxt:
+                # Nothing new: a retransmission (or a pure ACK / FIN when n == 0).
+                if n:
+                    if self.hold_from >= 0 and end > self.hold_from:
+                        res.drop = True
+                        res.reason = "retransmission of held data"
+                        return res
+                    res.fix = self._first_copy(off, payload)
+                if fin and self.fin_off < 0 and end == nxt and not self.ooo:
+                    self.fin_off = end
+                    self.eof = True
+                return res
+            # New bytes at the end of the stream.
+            head = nxt - off
+            fixed = self._first_copy(off, payload[:head]) if head else None
+            new = payload[head:] if head else payload
+            if self.ooo:
+                restored = self._restore_from_ooo(nxt, new)
+                if restored != new:
+                    fixed = fixed if fixed is not None else payload[:head]
+                    new = restored
+            if fixed is not None:
+                res.fix = fixed + new
+            res.new_start = nxt
+            self.buf += new
+            self.next = end
+            if fin:
+                self.fin_off = end
+            if self.ooo:
+                self._pull_ooo()
+            if self.fin_off >= 0 and self.next == self.fin_off:
+                self.eof = True
+            return res
+        # Out of order: a gap before this segment.
+        if not hold_ooo:
+            res.drop = True
+            res.reason = "out of order"
+            return res
+        covered, fixed_payload = self._check_ooo(off, payload)
+        if covered:
+            res.drop = True
+            res.reason = "duplicate of held data"
+            return res
+        if fixed_payload is not payload:
+            res.fix = fixed_payload
+        if len(self.ooo) >= max_ooo_segments or self.ooo_bytes + n > max_ooo_bytes:
+            res.drop = True
+            res.reason = "out-of-order buffer full"
+            return res
+        held = Held(off, end, token, None, fin, fixed_payload)
+        self._insert_ooo(held)
+        res.hold = True
+        res.held = held
+        return res
+
+    def _first_copy(self, off: int, payload: bytes) -> bytes | None:
+        """None if `payload` at `off` agrees with the retained first copy, else the corrected payload."""
+        lo = max(off, self.buf_start)
+        hi = min(off + len(payload), self.next)
+        if hi <= lo:
+            return None
+        first = self.buf[lo - self.buf_start : hi - self.buf_start]
+        if payload[lo - off : hi - off] == first:
+            return None
+        return payload[: lo - off] + bytes(first) + payload[hi - off :]
+
+    def _check_ooo(self, off: int, payload: bytes) -> tuple[bool, bytes]:
+        """(fully covered by held segments, payload with held first copies restored)."""
+        end = off + len(payload)
+        out = payload
+        covered_to = off
+        for h in self.ooo:
+            if h.end <= off or h.start >= end:
+                continue
+            data = h.data
+            lo, hi = max(off, h.start), min(end, h.end)
+            if out[lo - off : hi - off] != data[lo - h.start : hi - h.start]:
+                out = out[: lo - off] + data[lo - h.start : hi - h.start] + out[hi - off :]
+            if h.start <= covered_to:
+                covered_to = max(covered_to, h.end)
+        return covered_to >= end and len(payload) > 0, out
+
+    def _restore_from_ooo(self, start: int, new: bytes) -> bytes:
+        _covered, out = self._check_ooo(start, new)
+        return out
+
+    def _insert_ooo(self, held: Held) -> None:
+        i = len(self.ooo)
+        while i and self.ooo[i - 1].start > held.start:
+            i -= 1
+        self.ooo.insert(i, held)
+        self.ooo_bytes += held.end - held.start
+
+    def _pull_ooo(self) -> None:
+        """Move held segments that became contiguous into the stream; they wait in `pulled`."""
+        while self.ooo and self.ooo[0].start <= self.next:
+            h = self.ooo.pop(0)
+            self.ooo_bytes -= h.end - h.start
+            if h.end > self.next:
+                self.buf += h.data[self.next - h.start :]
+                self.next = h.end
+            if h.fin and self.fin_off < 0:
+                self.fin_off = h.end
+            h.data = b""
+            self.pulled.append(h)
+
+    # -- acknowledgements and retention ----------------------------------------------------------------
+    def ack(self, off: int, window: int) -> None:
+        """The receiver acknowledged up to `off` and advertised `window` (already scaled)."""
+        if off > self.acked:
+            self.acked = min(off, self.next + 1)
+        edge = off + window
+        self.wnd_end = max(self.wnd_end, edge)
+
+    def trim(self) -> None:
+        """Forget bytes nobody can need any more (see Retention in the module docstring)."""
+        keep = min(self.acked, self.next)
+        for r in self.readers:
+            keep = min(keep, r.pos)
+        if 0 <= self.hold_from < keep:
+            keep = self.hold_from
+        keep = max(keep - LOOKBACK, self.buf_start)
+        if keep > self.buf_start:
+            del self.buf[: keep - self.buf_start]
+            self.buf_start = keep
+
+    def buffered(self) -> int:
+        return len(self.buf) + self.ooo_bytes
