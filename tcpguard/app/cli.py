@@ -1,0 +1,116 @@
+"""The `tcpguard` command line: check, replay (and the daemon and tools added by later modules)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tcpguard.core.errors import RuleLoadError
+
+
+def _load_settings(config: str | None, ignore_checksums: bool = False):  # type: ignore[no-untyped-def]
+    from tcpguard.app.config import load_config
+    from tcpguard.core.settings import EngineSettings
+
+    cfg = load_config(config) if config else None
+    settings = cfg.engine if cfg is not None else EngineSettings()
+    if ignore_checksums:
+        settings.policies.verify_checksums = False
+    return cfg, settings
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from tcpguard.app.config import ConfigError, load_config
+    from tcpguard.app.ruleload import load_rules
+
+    rules_dir: Path | None = Path(args.rules) if args.rules else None
+    if args.config:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            print(f"tcpguard check: {e}", file=sys.stderr)
+            return 1
+        print(f"config {args.config}: ok")
+        rules_dir = rules_dir or cfg.rules_dir
+    if rules_dir is None:
+        print("tcpguard check: give --config or --rules", file=sys.stderr)
+        return 2
+    try:
+        rs = load_rules(rules_dir)
+    except RuleLoadError as e:
+        print(f"tcpguard check: {e}", file=sys.stderr)
+        return 1
+    print(f"rules {rules_dir}: {len(rs)} rules ok")
+    for r in rs.rules:
+        print(f"  {r.name:40s} {r.event}{' (streamed)' if r.streamed else ''}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tcpguard.app.config import ConfigError
+    from tcpguard.app.replay import replay
+    from tcpguard.app.ruleload import load_rules
+    from tcpguard.io.pcap import PcapError
+
+    try:
+        cfg, settings = _load_settings(args.config, args.ignore_checksums)
+    except ConfigError as e:
+        print(f"tcpguard replay: {e}", file=sys.stderr)
+        return 1
+    rules_dir = args.rules or (cfg.rules_dir if cfg is not None else None)
+    if rules_dir is None:
+        print("tcpguard replay: give --rules DIR (or --config)", file=sys.stderr)
+        return 2
+    try:
+        rules = load_rules(rules_dir)
+    except RuleLoadError as e:
+        print(f"tcpguard replay: {e}", file=sys.stderr)
+        return 1
+    events = open(args.events, "w", encoding="utf-8") if args.events else None  # noqa: SIM115
+    try:
+        summary = replay(args.capture, rules, settings, out=args.out, events=events)
+    except (PcapError, OSError) as e:
+        print(f"tcpguard replay: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if events is not None:
+            events.close()
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tcpguard", description="Inline TCP filtering with Haka-style rules.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check", help="validate the config and the rule modules")
+    c.add_argument("--config", help="config file (YAML)")
+    c.add_argument("--rules", help="rules directory (default: the config's rules_dir)")
+    c.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("replay", help="run the rules over a pcap/pcapng capture")
+    r.add_argument("capture", help="pcap or pcapng file")
+    r.add_argument("--rules", help="rules directory (default: the config's rules_dir)")
+    r.add_argument("--config", help="config file for the engine settings")
+    r.add_argument("--out", help="write the packets that would be forwarded, and forged RSTs, to this pcap")
+    r.add_argument("--events", help="write rule events and verdicts as JSON lines to this file")
+    r.add_argument("--ignore-checksums", action="store_true",
+                   help="do not drop packets with bad checksums (captures with checksum offload)")
+    r.set_defaults(func=cmd_replay)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

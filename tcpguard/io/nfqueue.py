@@ -1,0 +1,505 @@
+"""The NFQUEUE adapter: packets from one netfilter queue into the engine, the engine's decisions back out.
+
+It only translates. For every queued packet it calls `handler.handle_packet(raw, now, token)` (the token
+is the NetfilterQueue `Packet` object itself, which is what a later `Release` names) and applies the
+`Decision` exactly as `tcpguard.core.decision` prescribes: the packet's own verdict (ACCEPT, rewritten
+with `set_payload` when `packet` is set; DROP; HOLD, keeping the object), then every `Release` in order,
+then every packet in `send` through the raw sender. A timer calls `handler.handle_timer(now)` every
+`tick` seconds even when no traffic arrives, so idle timeouts fire. `now` is always `time.monotonic()`:
+the engine needs a clock that never jumps backwards, not the wall time.
+
+How the loop reads the queue. NetfilterQueue 1.1 offers `run()` (recv until EAGAIN) and `run_socket(s)`,
+which calls `s.recv()` until it raises EAGAIN. We poll the netlink socket together with a wake-up pipe and,
+when it is readable, call `run_socket` with a small wrapper that reads at most `batch` messages before
+pretending EAGAIN. That bounds the time between timer checks under a flood (plain `run(block=False)` would
+not return while packets keep arriving), lets `stop()` wake the loop at once, and lets us count ENOBUFS
+(the kernel telling us it dropped queue messages because we were too slow).
+
+Choices documented here:
+
+* Nothing the handler does may escape into NetfilterQueue's C callback (an exception there is swallowed
+  half-way and would leave the packet without a verdict). A handler exception is logged and counted and the
+  packet gets `error_verdict`; a `KeyboardInterrupt`/`SystemExit` raised inside the callback is kept,
+  the loop stops and drains, and it is re-raised from `run()`.
+* Fail-open: NetfilterQueue does not expose `nfq_set_queue_flags`, so with `fail_open=True` we send the
+  `NFQA_CFG_F_FAIL_OPEN` config message ourselves on the queue's own netlink socket (the kernel only takes
+  queue config from the socket bound to the queue) and check the kernel's acknowledgement. With it, packets
+  that find the queue full (`max_len` packets waiting or held) are accepted by the kernel instead of dropped.
+  This complements iptables' `--queue-bypass`, which covers the time no process is bound at all.
+* Copy range: NetfilterQueue copies at most 4016 bytes of a packet whatever `copy_range` asks (its receive
+  buffer is 4096 bytes). Since we do not request `NFQA_CFG_F_GSO`, the kernel segments GSO/GRO packets and
+  completes partial checksums before queueing them, so at a normal MTU every packet arrives whole with a
+  valid checksum; on jumbo-frame links larger packets arrive truncated: they are counted in
+  `stats.truncated` and handed to the engine anyway, whose decoder rejects them as malformed.
+* `stop()` only sets a flag and writes to a pipe (safe from a signal handler or another thread). The loop
+  then drains: it asks `handler.shutdown(now)` for its final releases, gives `drain_verdict` to any packet
+  still held (an engine that forgot one must not leak it in the kernel queue) and to packets already
+  waiting in the socket, and unbinds. Packets still in flight at unbind are dropped by the kernel; TCP
+  retransmits them (and with `--queue-bypass` they pass once nobody is bound).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from tcpguard.core.decision import Decision, Output, Verdict
+
+__all__ = [
+    "NFQ_MAX_COPY",
+    "NfqueueAdapter",
+    "PacketHandler",
+    "PacketSender",
+    "QueueStats",
+    "QueuedPacket",
+    "set_fail_open",
+]
+
+log = logging.getLogger(__name__)
+
+#: The most bytes of a packet NetfilterQueue 1.1 can hand us (its 4096-byte buffer minus metadata).
+NFQ_MAX_COPY = 4016
+
+# Netlink / nfnetlink_queue constants (linux/netlink.h, linux/netfilter/nfnetlink*.h).
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_NFNL_SUBSYS_QUEUE = 3
+_NFQNL_MSG_CONFIG = 2
+_NFQA_CFG_MASK = 4
+_NFQA_CFG_FLAGS = 5
+_NFQA_CFG_F_FAIL_OPEN = 0x1
+_NLMSGHDR = struct.Struct("=IHHII")
+
+
+class QueuedPacket(Protocol):
+    """What the adapter uses of `netfilterqueue.Packet` (tests pass fakes)."""
+
+    def get_payload(self) -> bytes: ...
+    def set_payload(self, payload: bytes) -> None: ...
+    def accept(self) -> None: ...
+    def drop(self) -> None: ...
+
+
+class PacketHandler(Protocol):
+    """The engine side. `tcpguard.core.engine.Engine` satisfies it as is."""
+
+    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision: ...
+    def handle_timer(self, now: float) -> Output: ...
+    def shutdown(self, now: float) -> Output: ...
+
+
+class PacketSender(Protocol):
+    """Where forged packets go (`tcpguard.io.rawsend.RawSender`). Must not raise; returns success."""
+
+    def send(self, packet: bytes) -> bool: ...
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """Counters of one queue worker.
+
+    packets: packets read from the queue; accepted/dropped/held: verdicts of `handle_packet` on them;
+    rewritten: verdicts (direct or released) that replaced the payload; released/release_accepted/
+    release_dropped: held packets verdicted by a `Release`; release_unknown: releases naming a token that
+    is not held (an engine bug, ignored); holding: held right now; drained: packets verdicted by the
+    drain at stop (held ones plus unread ones); sent/send_errors: forged packets; handler_errors: exceptions
+    from the handler; verdict_errors: verdicts NetfilterQueue refused; timer_ticks/timer_errors: timer
+    calls; truncated: packets longer than the copy range; largest: largest packet seen; nl_enobufs: times
+    the kernel reported lost queue messages.
+    """
+
+    packets: int = 0
+    accepted: int = 0
+    dropped: int = 0
+    held: int = 0
+    rewritten: int = 0
+    released: int = 0
+    release_accepted: int = 0
+    release_dropped: int = 0
+    release_unknown: int = 0
+    holding: int = 0
+    drained: int = 0
+    sent: int = 0
+    send_errors: int = 0
+    handler_errors: int = 0
+    verdict_errors: int = 0
+    timer_ticks: int = 0
+    timer_errors: int = 0
+    truncated: int = 0
+    largest: int = 0
+    nl_enobufs: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _BatchReader:
+    """Socket stand-in for `NetfilterQueue.run_socket`: at most `limit` datagrams per call, then EAGAIN."""
+
+    def __init__(self, sock: socket.socket, stats: QueueStats) -> None:
+        self.sock = sock
+        self.stats = stats
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self.left -= 1
+        try:
+            return self.sock.recv(size)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                self.stats.nl_enobufs += 1
+            raise
+
+
+class _Replay:
+    """Socket stand-in that hands `run_socket` datagrams we already read, then EAGAIN."""
+
+    def __init__(self, datagrams: list[bytes]) -> None:
+        self.datagrams = datagrams
+
+    def recv(self, size: int) -> bytes:
+        if not self.datagrams:
+            raise BlockingIOError(errno.EAGAIN, "replayed")
+        return self.datagrams.pop(0)
+
+
+def _fail_open_message(queue_num: int, seq: int) -> bytes:
+    flags = struct.pack("!I", _NFQA_CFG_F_FAIL_OPEN)
+    attrs = struct.pack("=HH", 8, _NFQA_CFG_MASK) + flags + struct.pack("=HH", 8, _NFQA_CFG_FLAGS) + flags
+    nfgen = struct.pack("=BB", socket.AF_UNSPEC, 0) + struct.pack("!H", queue_num)
+    body = nfgen + attrs
+    msg_type = (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_CONFIG
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body
+
+
+def set_fail_open(sock: socket.socket, queue_num: int, timeout: float = 2.0) -> list[bytes]:
+    """Set NFQA_CFG_F_FAIL_OPEN on a bound queue through its own netlink socket and wait for the ack.
+
+    Returns the other datagrams read while waiting (queued packets), which the caller must still process.
+    Raises OSError with the kernel's errno if the kernel refuses, TimeoutError if no ack comes.
+    """
+    seq = int(time.monotonic() * 1000) & 0x7FFFFFFF or 1
+    sock.sendto(_fail_open_message(queue_num, seq), (0, 0))
+    others: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no netlink ack for the fail-open queue flag")
+        ready, _, _ = select.select([sock], [], [], left)
+        if not ready:
+            continue
+        data = sock.recv(65536)
+        if len(data) >= _NLMSGHDR.size + 4:
+            _, mtype, _, mseq, _ = _NLMSGHDR.unpack_from(data)
+            if mtype == _NLMSG_ERROR and mseq == seq:
+                (code,) = struct.unpack_from("=i", data, _NLMSGHDR.size)
+                if code != 0:
+                    raise OSError(-code, f"fail-open queue flag refused: {os.strerror(-code)}")
+                return others
+        others.append(data)
+
+
+def _ip_length(raw: bytes) -> int | None:
+    """The packet's length according to its IP header, to detect copy-range truncation."""
+    if len(raw) >= 20 and raw[0] >> 4 == 4:
+        return int.from_bytes(raw[2:4], "big")
+    if len(raw) >= 40 and raw[0] >> 4 == 6:
+        return 40 + int.from_bytes(raw[4:6], "big")
+    return None
+
+
+class NfqueueAdapter:
+    """Reads one NFQUEUE, feeds the handler, applies its decisions. One instance per queue and process.
+
+    Construction does no I/O (tests drive `process`/`apply_output`/`drain` with fake packets); `open()`
+    binds the queue (root or CAP_NET_ADMIN), `run()` loops until `stop()` and then drains and closes.
+    """
+
+    def __init__(
+        self,
+        handler: PacketHandler,
+        *,
+        queue_num: int = 0,
+        max_len: int = 4096,
+        copy_range: int = 65535,
+        fail_open: bool = False,
+        tick: float = 0.5,
+        batch: int = 64,
+        sender: PacketSender | None = None,
+        error_verdict: Verdict = Verdict.DROP,
+        drain_verdict: Verdict = Verdict.DROP,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if error_verdict == Verdict.HOLD or drain_verdict == Verdict.HOLD:
+            raise ValueError("error_verdict and drain_verdict must be ACCEPT or DROP")
+        if tick <= 0 or batch < 1:
+            raise ValueError("tick must be positive and batch at least 1")
+        self.handler = handler
+        self.queue_num = queue_num
+        self.max_len = max_len
+        self.copy_range = min(copy_range, NFQ_MAX_COPY)
+        self.fail_open = fail_open
+        self.tick = tick
+        self.batch = batch
+        self.sender = sender
+        self.error_verdict = error_verdict
+        self.drain_verdict = drain_verdict
+        self.clock = clock
+        self.stats = QueueStats()
+        self._held: dict[int, QueuedPacket] = {}
+        self._draining = False
+        self._stopping = False
+        self._fatal: BaseException | None = None
+        self._nfq: Any = None
+        self._sock: socket.socket | None = None
+        self._reader: _BatchReader | None = None
+        self._wake_r, self._wake_w = -1, -1
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> None:
+        """Bind the queue. Raises OSError when it cannot (not root, queue taken by another process)."""
+        from netfilterqueue import COPY_PACKET, NetfilterQueue  # noqa: PLC0415 (optional dependency)
+
+        nfq = NetfilterQueue()
+        nfq.bind(self.queue_num, self.process, max_len=self.max_len, mode=COPY_PACKET, range=self.copy_range)
+        self._nfq = nfq
+        try:
+            self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
+            if self.fail_open:
+                early = set_fail_open(self._sock, self.queue_num)
+                if early:
+                    nfq.run_socket(_Replay(early))
+            # O_NONBLOCK is shared with NetfilterQueue's own descriptor; we never call its blocking run().
+            self._sock.setblocking(False)
+            self._reader = _BatchReader(self._sock, self.stats)
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            self.close()
+            raise
+        log.info("bound NFQUEUE %d (max_len %d, copy %d, fail-open %s)", self.queue_num, self.max_len,
+                 self.copy_range, self.fail_open)
+
+    def close(self) -> None:
+        """Unbind and release descriptors. Call `drain()` first (run() does) or held packets are lost."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._nfq is not None:
+            self._nfq.unbind()
+            self._nfq = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r, self._wake_w = -1, -1
+
+    def __enter__(self) -> NfqueueAdapter:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._nfq is not None:
+            self.drain()
+        self.close()
+
+    def stop(self) -> None:
+        """Ask `run()` to finish: it drains, closes and returns. Safe from signal handlers and threads."""
+        self._stopping = True
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # pipe full: the loop is waking up anyway
+
+    def run(self) -> None:
+        """Process packets and timer ticks until `stop()`, then drain and close. Opens if needed."""
+        if self._nfq is None:
+            self.open()
+        assert self._sock is not None and self._reader is not None
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        next_tick = self.clock() + self.tick
+        try:
+            while not self._stopping:
+                timeout_ms = max(0, int((next_tick - self.clock()) * 1000) + 1)
+                for fd, _ in poller.poll(timeout_ms):
+                    if fd == self._wake_r:
+                        self._drain_pipe()
+                    else:
+                        self._read_batch()
+                if self._fatal is not None:
+                    break
+                now = self.clock()
+                if now >= next_tick:
+                    self.timer(now)
+                    next_tick = now + self.tick
+        finally:
+            try:
+                self.drain()
+            finally:
+                self.close()
+        if self._fatal is not None:
+            raise self._fatal
+
+    # ------------------------------------------------------------------ the translation
+    def process(self, pkt: QueuedPacket) -> None:
+        """NetfilterQueue callback: one packet in, its decision applied. Never raises."""
+        try:
+            self._process(pkt)
+        except BaseException as exc:  # noqa: BLE001 (nothing may reach NetfilterQueue's C callback)
+            if isinstance(exc, Exception):
+                self.stats.handler_errors += 1
+                log.exception("NFQUEUE packet processing failed")
+            else:
+                self._fatal = exc
+                self._stopping = True
+            if not self._has_verdict(pkt):
+                self._verdict(pkt, self.error_verdict, None)
+
+    def _process(self, pkt: QueuedPacket) -> None:
+        self.stats.packets += 1
+        raw = pkt.get_payload()
+        size = len(raw)
+        self.stats.largest = max(self.stats.largest, size)
+        ip_len = _ip_length(raw)
+        if ip_len is not None and ip_len > size:
+            self.stats.truncated += 1
+        if self._draining:
+            # Read during the drain: the engine has shut down, so it only gets the drain verdict.
+            self.stats.drained += 1
+            self._verdict(pkt, self.drain_verdict, None)
+            return
+        try:
+            dec = self.handler.handle_packet(raw, self.clock(), pkt)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("handler failed on a packet; verdict %s", self.error_verdict.name)
+            self._verdict(pkt, self.error_verdict, None)
+            return
+        if dec.verdict == Verdict.HOLD:
+            self.stats.held += 1
+            self._held[id(pkt)] = pkt
+            self.stats.holding = len(self._held)
+        else:
+            if dec.verdict == Verdict.ACCEPT:
+                self.stats.accepted += 1
+            else:
+                self.stats.dropped += 1
+            self._verdict(pkt, dec.verdict, dec.packet)
+        self._apply(dec.releases, dec.send)
+
+    def apply_output(self, out: Output) -> None:
+        """Apply a timer or shutdown output: releases in order, then sends."""
+        self._apply(out.releases, out.send)
+
+    def timer(self, now: float) -> None:
+        """One timer tick: the handler's idle work, applied. Never raises."""
+        self.stats.timer_ticks += 1
+        try:
+            out = self.handler.handle_timer(now)
+        except Exception:
+            self.stats.timer_errors += 1
+            log.exception("handler timer failed")
+            return
+        self.apply_output(out)
+
+    def drain(self) -> None:
+        """Give every packet we hold or have queued a verdict: the shutdown releases, then the fallback."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            out = self.handler.shutdown(self.clock())
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("handler shutdown failed")
+        else:
+            self.apply_output(out)
+        for pkt in list(self._held.values()):
+            self.stats.drained += 1
+            self._verdict(pkt, self.drain_verdict, None)
+        self._held.clear()
+        self.stats.holding = 0
+        # Packets already queued to us: read what is there now (bounded) and verdict them.
+        if self._reader is not None and self._nfq is not None:
+            for _ in range(max(1, self.max_len // self.batch + 1)):
+                before = self.stats.packets
+                self._read_batch()
+                if self.stats.packets == before:
+                    break
+
+    # ------------------------------------------------------------------ helpers
+    def _apply(self, releases: list[Any], send: list[bytes]) -> None:
+        for rel in releases:
+            pkt = self._held.pop(id(rel.token), None)
+            if pkt is None or pkt is not rel.token:
+                if pkt is not None:  # an id collision with a different object: put it back
+                    self._held[id(pkt)] = pkt
+                self.stats.release_unknown += 1
+                log.warning("release of a packet that is not held: %r", rel.token)
+                continue
+            self.stats.released += 1
+            if rel.verdict == Verdict.ACCEPT:
+                self.stats.release_accepted += 1
+                self._verdict(pkt, Verdict.ACCEPT, rel.packet)
+            else:
+                self.stats.release_dropped += 1
+                self._verdict(pkt, Verdict.DROP, None)
+        self.stats.holding = len(self._held)
+        for raw in send:
+            ok = self.sender.send(raw) if self.sender is not None else False
+            if ok:
+                self.stats.sent += 1
+            else:
+                self.stats.send_errors += 1
+
+    def _verdict(self, pkt: QueuedPacket, verdict: Verdict, payload: bytes | None) -> None:
+        try:
+            if verdict == Verdict.ACCEPT:
+                if payload is not None:
+                    self.stats.rewritten += 1
+                    pkt.set_payload(bytes(payload))
+                pkt.accept()
+            else:
+                pkt.drop()
+        except (RuntimeError, TypeError, OSError) as exc:
+            self.stats.verdict_errors += 1
+            log.warning("verdict %s failed: %s", verdict.name, exc)
+        else:
+            self._verdicted.add(id(pkt))
+
+    @property
+    def _verdicted(self) -> set[int]:
+        # Ids of packets verdicted during the current callback only (cleared per packet); see _has_verdict.
+        return self._current_verdicts
+
+    _current_verdicts: set[int] = set()  # noqa: RUF012 (replaced per instance in _read_batch)
+
+    def _has_verdict(self, pkt: QueuedPacket) -> bool:
+        return id(pkt) in self._verdicted or id(pkt) in self._held
+
+    def _read_batch(self) -> None:
+        if self._reader is None or self._nfq is None:
+            return
+        self._reader.left = self.batch
+        self._current_verdicts = set()
+        self._nfq.run_socket(self._reader)
+
+    def _drain_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
