@@ -114,6 +114,7 @@ class Engine:
         self.buffered = 0  # bytes in all stream buffers, updated as connections change
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self.alert_hook: Callable[[dict[str, Any]], None] | None = None
+        self._timeout = {st: float(getattr(self.settings.timeouts, name)) for st, name in TIMEOUT_OF.items()}
 
     # ================================================================ public entry points
     def replace_rules(self, rules: RuleSet) -> None:
@@ -294,7 +295,7 @@ class Engine:
         if flags & SYN and not flags & ACK:
             wscale = pkt.options().wscale
             conn.wscale_client = wscale if wscale is not None else -1
-        conn.expires = self.now + getattr(self.settings.timeouts, TIMEOUT_OF[state])
+        conn.expires = self.now + self._timeout[state]
         self.table.add(conn)
         self.stats.connections += 1
         self._emit(
@@ -336,6 +337,8 @@ class Engine:
             conn.pkts_down += 1
             conn.bytes_down += len(pkt.payload)
         conn.last_seen = self.now
+        # Re-arm the idle timeout; the heap entry catches up lazily (see ConnTable).
+        conn.expires = self.now + self._timeout[state]
         if s.isn < 0:
             # First packet of a direction picked up mid-stream (or the SYN-ACK): this fixes its ISN.
             s.isn = pkt.seq if flags & SYN else (pkt.seq - 1) & 0xFFFFFFFF
@@ -703,7 +706,7 @@ class Engine:
     # ================================================================ lifecycle
     def _set_state(self, conn: Connection, state: State) -> None:
         conn.state = state
-        conn.expires = self.now + getattr(self.settings.timeouts, TIMEOUT_OF[state])
+        conn.expires = self.now + self._timeout[state]
         self.table.touch(conn)
 
     def _finish(self, conn: Connection, reason: str) -> None:

@@ -35,6 +35,7 @@ be run inside a network namespace (`netns`), which is how the tests use a throwa
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import subprocess
@@ -262,7 +263,7 @@ class IptablesManager:
             return False
         # "-j CHAIN" or "-g CHAIN" anywhere in the rule.
         return any(a in ("-j", "-g", "--jump", "--goto") and b == self.spec.chain for a, b in
-                   zip(args, args[1:], strict=False))
+                   itertools.pairwise(args))
 
     def _count_jumps(self, binary: str, hook: str) -> int:
         exact = f"-A {hook} -j {self.spec.chain}"

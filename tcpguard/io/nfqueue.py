@@ -40,6 +40,7 @@ Choices documented here:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -242,7 +243,7 @@ class NfqueueAdapter:
         drain_verdict: Verdict = Verdict.DROP,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if error_verdict == Verdict.HOLD or drain_verdict == Verdict.HOLD:
+        if Verdict.HOLD in (error_verdict, drain_verdict):
             raise ValueError("error_verdict and drain_verdict must be ACCEPT or DROP")
         if tick <= 0 or batch < 1:
             raise ValueError("tick must be positive and batch at least 1")
@@ -266,11 +267,14 @@ class NfqueueAdapter:
         self._sock: socket.socket | None = None
         self._reader: _BatchReader | None = None
         self._wake_r, self._wake_w = -1, -1
+        # The packet inside `process` and whether it got its verdict, for the last-resort error path.
+        self._current: QueuedPacket | None = None
+        self._current_done = False
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
         """Bind the queue. Raises OSError when it cannot (not root, queue taken by another process)."""
-        from netfilterqueue import COPY_PACKET, NetfilterQueue  # noqa: PLC0415 (optional dependency)
+        from netfilterqueue import COPY_PACKET, NetfilterQueue  # optional dependency: import on use
 
         nfq = NetfilterQueue()
         nfq.bind(self.queue_num, self.process, max_len=self.max_len, mode=COPY_PACKET, range=self.copy_range)
@@ -280,7 +284,8 @@ class NfqueueAdapter:
             if self.fail_open:
                 early = set_fail_open(self._sock, self.queue_num)
                 if early:
-                    nfq.run_socket(_Replay(early))
+                    # _Replay only has recv(), which is all run_socket uses.
+                    self._nfq.run_socket(_Replay(early))
             # O_NONBLOCK is shared with NetfilterQueue's own descriptor; we never call its blocking run().
             self._sock.setblocking(False)
             self._reader = _BatchReader(self._sock, self.stats)
@@ -317,10 +322,9 @@ class NfqueueAdapter:
         """Ask `run()` to finish: it drains, closes and returns. Safe from signal handlers and threads."""
         self._stopping = True
         if self._wake_w >= 0:
-            try:
+            # A full pipe means the loop is being woken anyway.
+            with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
-            except OSError:
-                pass  # pipe full: the loop is waking up anyway
 
     def run(self) -> None:
         """Process packets and timer ticks until `stop()`, then drain and close. Opens if needed."""
@@ -356,17 +360,21 @@ class NfqueueAdapter:
     # ------------------------------------------------------------------ the translation
     def process(self, pkt: QueuedPacket) -> None:
         """NetfilterQueue callback: one packet in, its decision applied. Never raises."""
+        self._current = pkt
+        self._current_done = False
         try:
             self._process(pkt)
-        except BaseException as exc:  # noqa: BLE001 (nothing may reach NetfilterQueue's C callback)
+        except BaseException as exc:  # nothing may reach NetfilterQueue's C code
             if isinstance(exc, Exception):
                 self.stats.handler_errors += 1
                 log.exception("NFQUEUE packet processing failed")
             else:
                 self._fatal = exc
                 self._stopping = True
-            if not self._has_verdict(pkt):
+            if not self._current_done and id(pkt) not in self._held:
                 self._verdict(pkt, self.error_verdict, None)
+        finally:
+            self._current = None
 
     def _process(self, pkt: QueuedPacket) -> None:
         self.stats.packets += 1
@@ -477,29 +485,16 @@ class NfqueueAdapter:
         except (RuntimeError, TypeError, OSError) as exc:
             self.stats.verdict_errors += 1
             log.warning("verdict %s failed: %s", verdict.name, exc)
-        else:
-            self._verdicted.add(id(pkt))
-
-    @property
-    def _verdicted(self) -> set[int]:
-        # Ids of packets verdicted during the current callback only (cleared per packet); see _has_verdict.
-        return self._current_verdicts
-
-    _current_verdicts: set[int] = set()  # noqa: RUF012 (replaced per instance in _read_batch)
-
-    def _has_verdict(self, pkt: QueuedPacket) -> bool:
-        return id(pkt) in self._verdicted or id(pkt) in self._held
+        if pkt is self._current:
+            self._current_done = True
 
     def _read_batch(self) -> None:
         if self._reader is None or self._nfq is None:
             return
         self._reader.left = self.batch
-        self._current_verdicts = set()
         self._nfq.run_socket(self._reader)
 
     def _drain_pipe(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 512):
                 pass
-        except BlockingIOError:
-            pass

@@ -1,0 +1,674 @@
+"""Playbook tests of the engine: every state transition and every action, as packet exchanges."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tcpguard.core.conntrack import Connection
+from tcpguard.core.decision import Verdict
+from tcpguard.core.packet import RST, URG, decode
+from tcpguard.core.rules import RuleSet, rule, tcp_connection
+from tcpguard.core.settings import EngineSettings
+from tcpguard.core.state import State
+
+from .playbook import Playbook
+
+ACCEPT, DROP, HOLD = Verdict.ACCEPT, Verdict.DROP, Verdict.HOLD
+EV = tcp_connection.events
+
+
+def conn_of(pb: Playbook) -> Connection:
+    (conn,) = pb.engine.table.by_key.values()
+    return conn
+
+
+class Recorder:
+    """Rules that record every event they get, and can be told to act."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+        self.on_new: str | None = None
+        self.on_data: tuple[bytes, str] | None = None  # (pattern, action)
+
+        @rule(on=EV.new_connection)
+        def new(flow: Connection, tcp: Any) -> None:
+            self.log.append(("new", flow.id, str(flow.srcip), flow.srcport, str(flow.dstip), flow.dstport))
+            if self.on_new:
+                getattr(flow, self.on_new)()
+
+        @rule(on=EV.receive_data)
+        def data(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+            chunk = current.peek(current.available())
+            self.log.append(("data", flow.id, direction, chunk))
+            if self.on_data and current.find(self.on_data[0]):
+                getattr(flow, self.on_data[1])()
+
+        @rule(on=EV.end_connection)
+        def end(flow: Connection) -> None:
+            self.log.append(("end", flow.id, flow.end_reason))
+
+        self.rules = RuleSet.of(new, data, end)
+
+    def data(self, direction: str = "up") -> bytes:
+        return b"".join(e[3] for e in self.log if e[0] == "data" and e[2] == direction)
+
+    def ends(self) -> list[tuple[Any, ...]]:
+        return [e for e in self.log if e[0] == "end"]
+
+
+# ---------------------------------------------------------------------------- handshake and close
+
+
+def test_handshake_states() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    assert pb.client("S").verdict == ACCEPT
+    assert conn_of(pb).state == State.SYN_SENT
+    assert rec.log == [("new", 1, "10.0.0.1", 40000, "10.0.0.2", 80)]
+    assert pb.server("SA").verdict == ACCEPT
+    assert conn_of(pb).state == State.SYN_RECV
+    assert pb.client("A").verdict == ACCEPT
+    assert conn_of(pb).state == State.ESTABLISHED
+
+
+def test_client_closes_first_fin_exchange_reaches_time_wait_and_ends_once() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    assert pb.client("PA", b"hello").verdict == ACCEPT
+    assert pb.server("A").verdict == ACCEPT
+    assert pb.client("FA").verdict == ACCEPT
+    assert conn_of(pb).state == State.CLIENT_FIN
+    assert pb.server("FA").verdict == ACCEPT
+    assert conn_of(pb).state == State.BOTH_FIN
+    assert rec.ends() == []
+    assert pb.client("A").verdict == ACCEPT
+    assert conn_of(pb).state == State.TIME_WAIT
+    assert rec.ends() == [("end", 1, "fin")]
+    # A late retransmitted FIN-ACK in TIME_WAIT passes and ends nothing twice.
+    assert pb.server("FA", seq=pb.snext - 1).verdict == ACCEPT
+    assert rec.ends() == [("end", 1, "fin")]
+
+
+def test_server_closes_first() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    pb.server("FA")
+    assert conn_of(pb).state == State.SERVER_FIN
+    pb.client("FA")
+    assert conn_of(pb).state == State.BOTH_FIN
+    pb.server("A")
+    assert conn_of(pb).state == State.TIME_WAIT
+    assert rec.ends() == [("end", 1, "fin")]
+
+
+def test_port_reuse_after_time_wait_starts_a_new_flow() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    pb.client("FA")
+    pb.server("FA")
+    pb.client("A")
+    pb.cnext = 90000  # the new connection's ISN
+    pb.snext = 70000
+    assert pb.client("S").verdict == ACCEPT
+    conn = conn_of(pb)
+    assert conn.id == 2 and conn.state == State.SYN_SENT
+    assert [e[0:2] for e in rec.log if e[0] in ("new", "end")] == [("new", 1), ("end", 1), ("new", 2)]
+
+
+def test_exact_rst_closes_and_ends_with_reason_rst() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    assert pb.server("RA").verdict == ACCEPT
+    assert conn_of(pb).state == State.CLOSED
+    assert rec.ends() == [("end", 1, "rst")]
+    # Data after the RST is not delivered to anyone.
+    assert pb.client("PA", b"late").verdict == DROP
+    assert rec.data() == b""
+
+
+@pytest.mark.parametrize("seq_delta", [-1, 1 << 20, -(1 << 30)])
+def test_rst_outside_window_is_an_injection_and_is_dropped(seq_delta: int) -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    d = pb.client("R", seq=pb.cnext + seq_delta)
+    assert d.verdict == DROP
+    assert conn_of(pb).state == State.ESTABLISHED
+    assert pb.engine.stats.rst_injections == 1
+    assert rec.ends() == []
+
+
+def test_seq_zero_rst_is_dropped() -> None:
+    pb = Playbook(cisn=123456)
+    pb.handshake()
+    assert pb.client("R", seq=0).verdict == DROP
+    assert conn_of(pb).state == State.ESTABLISHED
+
+
+def test_in_window_inexact_rst_passes_but_keeps_the_connection() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    assert pb.client("R", seq=pb.cnext + 100).verdict == ACCEPT
+    assert conn_of(pb).state == State.ESTABLISHED
+    assert rec.ends() == []
+
+
+def test_connection_refused_rst_in_syn_sent() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.client("S")
+    assert pb.server("RA", seq=0, ack=pb.cisn + 7).verdict == DROP  # does not ack the SYN
+    assert conn_of(pb).state == State.SYN_SENT
+    assert pb.server("RA", seq=0, ack=pb.cisn + 1).verdict == ACCEPT
+    assert conn_of(pb).state == State.CLOSED
+    assert rec.ends() == [("end", 1, "rst")]
+
+
+def test_data_before_handshake_is_invalid() -> None:
+    pb = Playbook()
+    pb.client("S")
+    assert pb.client("PA", b"early").verdict == DROP
+    assert pb.engine.stats.invalid == 1
+
+
+def test_new_isn_syn_in_established_is_dropped() -> None:
+    pb = Playbook()
+    pb.handshake()
+    assert pb.client("S", seq=pb.cisn + 5000).verdict == DROP
+    assert conn_of(pb).state == State.ESTABLISHED
+
+
+def test_syn_ack_must_acknowledge_the_syn() -> None:
+    pb = Playbook()
+    pb.client("S")
+    assert pb.server("SA", ack=pb.cisn + 2).verdict == DROP
+    assert conn_of(pb).state == State.SYN_SENT
+
+
+def test_ipv6_flow() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules, client="fd00::1", server="fd00::2")
+    pb.handshake()
+    pb.client("PA", b"over v6")
+    assert rec.data() == b"over v6"
+    assert rec.log[0] == ("new", 1, "fd00::1", 40000, "fd00::2", 80)
+
+
+def test_sequence_wrap_around() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules, cisn=(1 << 32) - 3)
+    pb.handshake()
+    pb.client("PA", b"abcdef")  # crosses 2**32
+    pb.client("PA", b"ghi")
+    assert rec.data() == b"abcdefghi"
+    assert pb.cnext < 100
+
+
+# ---------------------------------------------------------------------------- timeouts and limits
+
+
+def test_timeouts_per_state() -> None:
+    rec = Recorder()
+    st = EngineSettings()
+    st.timeouts.syn_sent = 5
+    st.timeouts.established = 100
+    pb = Playbook(rec.rules, st)
+    pb.client("S")
+    assert len(pb.engine.handle_timer(pb.now + 4).releases) == 0
+    assert len(pb.engine.table) == 1
+    pb.engine.handle_timer(pb.now + 5.01)
+    assert len(pb.engine.table) == 0
+    assert rec.ends() == [("end", 1, "timeout")]
+    # Established connections get the long timeout, re-armed by traffic.
+    pb2 = Playbook(Recorder().rules, st)
+    pb2.handshake()
+    pb2.engine.handle_timer(pb2.now + 50)
+    pb2.client("PA", b"x", dt=60)
+    pb2.engine.handle_timer(pb2.now + 99)
+    assert len(pb2.engine.table) == 1
+    pb2.engine.handle_timer(pb2.now + 101)
+    assert len(pb2.engine.table) == 0
+
+
+def test_table_full_evicts_the_connection_nearest_its_timeout() -> None:
+    rec = Recorder()
+    st = EngineSettings()
+    st.limits.max_connections = 2
+    engine_pb = Playbook(rec.rules, st)
+    engine_pb.handshake()  # established: long timeout
+    other = Playbook(engine=engine_pb.engine, cport=40001)
+    other.client("S")  # half-open: short timeout
+    third = Playbook(engine=engine_pb.engine, cport=40002)
+    assert third.client("S").verdict == ACCEPT
+    ports = sorted(c.cport for c in engine_pb.engine.table.by_key.values())
+    assert ports == [40000, 40002]
+    assert engine_pb.engine.stats.evicted == 1
+    assert ("end", 2, "evicted") in rec.ends()
+
+
+def test_table_full_refuse_policy_drops_the_new_syn() -> None:
+    st = EngineSettings()
+    st.limits.max_connections = 1
+    st.policies.table_full = "refuse"
+    pb = Playbook(settings=st)
+    pb.handshake()
+    other = Playbook(engine=pb.engine, cport=40001)
+    assert other.client("S").verdict == DROP
+    assert pb.engine.stats.refused == 1
+
+
+@pytest.mark.parametrize("policy,verdict", [("accept", ACCEPT), ("drop", DROP), ("track", ACCEPT)])
+def test_midstream_policy(policy: str, verdict: Verdict) -> None:
+    rec = Recorder()
+    st = EngineSettings()
+    st.policies.midstream = policy  # type: ignore[assignment]
+    pb = Playbook(rec.rules, st)
+    assert pb.client("PA", b"already open").verdict == verdict
+    tracked = len(pb.engine.table)
+    assert tracked == (1 if policy == "track" else 0)
+    if policy == "track":
+        assert rec.data() == b"already open"
+        assert conn_of(pb).midstream
+        pb.server("PA", b"reply")
+        assert rec.data("down") == b"reply"
+        # The lower port is taken as the server's.
+        assert conn_of(pb).sport == 80
+
+
+def test_stream_buffer_limit_applies_the_limit_policy() -> None:
+    st = EngineSettings()
+    st.limits.max_stream_buffer = 4000
+    pb = Playbook(settings=st)
+    pb.handshake()
+    for _ in range(3):
+        assert pb.client("PA", b"x" * 1000).verdict == ACCEPT  # not acknowledged: all retained
+    d = pb.client("PA", b"x" * 2000)
+    assert d.verdict == DROP
+    assert pb.engine.stats.limit_hits == 1
+    assert len(d.send) == 2  # default limit policy: reset
+
+
+# ---------------------------------------------------------------------------- actions
+
+
+def test_drop_at_new_connection_drops_the_syn_silently() -> None:
+    rec = Recorder()
+    rec.on_new = "drop"
+    pb = Playbook(rec.rules)
+    d = pb.client("S")
+    assert d.verdict == DROP and d.send == []
+    assert rec.ends() == [("end", 1, "drop")]
+    assert pb.client("S", seq=pb.cisn).verdict == DROP  # retransmitted SYN
+    assert rec.ends() == [("end", 1, "drop")]
+
+
+def test_reset_at_new_connection_answers_the_client_only() -> None:
+    rec = Recorder()
+    rec.on_new = "reset"
+    pb = Playbook(rec.rules)
+    d = pb.client("S")
+    assert d.verdict == DROP
+    (rst,) = d.send
+    p = decode(rst)
+    assert (p.src, p.dst, p.sport, p.dport) == (pb.saddr.packed, pb.caddr.packed, 80, 40000)
+    assert p.flags == RST | 0x10 and p.ack == pb.cisn + 1  # SYN-SENT accepts only an RST acking its SYN
+
+
+def test_reset_on_data_sends_rsts_with_the_expected_sequence_numbers() -> None:
+    rec = Recorder()
+    rec.on_data = (b"EVIL", "reset")
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    assert pb.client("PA", b"fine ").verdict == ACCEPT
+    assert pb.server("PA", b"ok").verdict == ACCEPT
+    before_c, before_s = pb.cnext, pb.snext
+    d = pb.client("PA", b"EVIL")
+    assert d.verdict == DROP
+    to_server, to_client = (decode(x) for x in d.send)
+    # The server never got "EVIL": it expects the sequence number before it.
+    assert (to_server.dst, to_server.seq, to_server.ack) == (pb.saddr.packed, before_c, before_s)
+    assert (to_client.dst, to_client.seq, to_client.ack) == (pb.caddr.packed, before_s, before_c)
+    assert to_server.flags & RST and to_client.flags & RST
+    assert rec.ends() == [("end", 1, "reset")]
+    # Every later packet of the connection is dropped.
+    assert pb.server("PA", b"more").verdict == DROP
+    assert pb.client("A").verdict == DROP
+
+
+def test_halfreset_resets_the_server_only() -> None:
+    rec = Recorder()
+    rec.on_data = (b"bad", "halfreset")
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    d = pb.client("PA", b"bad")
+    assert d.verdict == DROP
+    (only,) = d.send
+    p = decode(only)
+    assert p.dst == pb.saddr.packed and p.seq == pb.cisn + 1
+    assert pb.client("PA", b"again", seq=pb.cisn + 1).verdict == DROP
+
+
+def test_rule_error_gets_the_configured_verdict_and_the_engine_continues() -> None:
+    @rule(on=EV.receive_data)
+    def broken(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        if current.read() == b"boom":
+            raise RuntimeError("rule bug")
+
+    pb = Playbook(RuleSet.of(broken))
+    pb.handshake()
+    d = pb.client("PA", b"boom")
+    assert d.verdict == DROP and len(d.send) == 2  # default rule_error policy: reset
+    assert pb.engine.stats.rule_errors == 1
+    errs = pb.names("rule_error")
+    assert errs[0]["rule"].endswith("broken") and "rule bug" in errs[0]["error"]
+    other = Playbook(engine=pb.engine, cport=40001)
+    other.handshake()
+    assert other.client("PA", b"fine").verdict == ACCEPT
+
+
+@pytest.mark.parametrize("policy", ["accept", "drop"])
+def test_rule_error_policy(policy: str) -> None:
+    @rule(on=EV.new_connection)
+    def broken(flow: Connection, tcp: Any) -> None:
+        raise ValueError("nope")
+
+    st = EngineSettings()
+    st.policies.rule_error = policy  # type: ignore[assignment]
+    pb = Playbook(RuleSet.of(broken), st)
+    assert pb.client("S").verdict == (ACCEPT if policy == "accept" else DROP)
+
+
+def test_end_connection_once_on_shutdown() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    pb.engine.shutdown(pb.now + 1)
+    pb.engine.shutdown(pb.now + 2)
+    assert rec.ends() == [("end", 1, "shutdown")]
+
+
+def test_operator_reset_of_a_live_connection() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    out = pb.engine.act(1, 3, pb.now)
+    assert out is not None and len(out.send) == 2
+    assert rec.ends() == [("end", 1, "reset")]
+
+
+# ---------------------------------------------------------------------------- reassembly rules
+
+
+def test_out_of_order_segment_is_held_until_the_gap_fills() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    base = pb.cnext
+    d2 = pb.client("PA", b"world", seq=base + 6, token="second")
+    assert d2.verdict == HOLD
+    assert rec.data() == b""
+    d1 = pb.client("PA", b"hello ", seq=base, token="first")
+    assert d1.verdict == ACCEPT
+    assert [(r.token, r.verdict) for r in d1.releases] == [("second", ACCEPT)]
+    assert rec.data() == b"hello world"
+
+
+def test_out_of_order_drop_policy() -> None:
+    st = EngineSettings()
+    st.policies.out_of_order = "drop"
+    pb = Playbook(settings=st)
+    pb.handshake()
+    assert pb.client("PA", b"later", seq=pb.cnext + 10).verdict == DROP
+    assert pb.engine.stats.ooo_dropped == 1
+
+
+def test_retransmission_of_held_data_is_dropped() -> None:
+    pb = Playbook()
+    pb.handshake()
+    base = pb.cnext
+    assert pb.client("PA", b"BBBB", seq=base + 4, token=1).verdict == HOLD
+    assert pb.client("PA", b"BBBB", seq=base + 4, token=2).verdict == DROP
+
+
+def test_blocked_connection_drops_its_held_packets() -> None:
+    rec = Recorder()
+    rec.on_data = (b"AB", "drop")
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    base = pb.cnext
+    assert pb.client("PA", b"B", seq=base + 1, token="held").verdict == HOLD
+    d = pb.client("PA", b"A", seq=base, token="filler")
+    assert d.verdict == DROP
+    assert [(r.token, r.verdict) for r in d.releases] == [("held", DROP)]
+
+
+def test_conflicting_retransmission_is_rewritten_to_the_first_copy() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    base = pb.cnext
+    pb.client("PA", b"GET /index")
+    d = pb.client("PA", b"GET /etc/passwd", seq=base)
+    assert d.verdict == ACCEPT and d.packet is not None
+    # The first 10 offsets keep the first copy; the 5 new bytes come from the retransmission.
+    assert decode(d.packet).payload == b"GET /index" + b"GET /etc/passwd"[10:]
+    assert rec.data() == b"GET /indexasswd"
+
+
+def test_conflicting_overlap_with_held_segment_keeps_the_held_copy() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    base = pb.cnext
+    assert pb.client("PA", b"CDEF", seq=base + 2, token="ooo").verdict == HOLD
+    d = pb.client("PA", b"ABXY", seq=base, token="fill")
+    assert d.verdict == ACCEPT and d.packet is not None
+    assert decode(d.packet).payload == b"ABCD"
+    assert rec.data() == b"ABCDEF"
+
+
+def test_data_on_syn_is_stripped() -> None:
+    pb = Playbook()
+    d = pb.client("S", b"sneaky")
+    assert d.verdict == ACCEPT and d.packet is not None
+    assert decode(d.packet).payload == b""
+    assert decode(d.packet).options().mss == 1460
+
+
+def test_data_on_rst_is_stripped() -> None:
+    pb = Playbook()
+    pb.handshake()
+    d = pb.client("RA", b"diagnostic")
+    assert d.verdict == ACCEPT and d.packet is not None
+    assert decode(d.packet).payload == b""
+
+
+def test_urgent_pointer_is_cleared_so_the_byte_stays_in_the_stream() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    d = pb.client("PAU", b"abc!", urgptr=4)
+    assert d.verdict == ACCEPT and d.packet is not None
+    p = decode(d.packet)
+    assert not p.flags & URG and p.urgptr == 0 and p.payload == b"abc!"
+    assert rec.data() == b"abc!"
+
+
+def test_data_after_fin_is_dropped() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    pb.client("FPA", b"last")
+    assert pb.client("PA", b"more", seq=pb.cisn + 1 + 4).verdict == DROP
+    assert rec.data() == b"last"
+
+
+def test_data_beyond_the_receive_window_is_dropped() -> None:
+    pb = Playbook()
+    pb.client("S")
+    pb.server("SA", window=1000)
+    pb.client("A")
+    assert pb.client("PA", b"x", seq=pb.cisn + 1 + 1000 * 128 + 10).verdict == DROP
+
+
+def test_bad_checksum_is_dropped_and_the_stream_unchanged() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    raw = bytearray(pb._seg(True, "PA", b"evil", None, None, 65535, b"", 0))
+    raw[-1] ^= 0xFF
+    pb.cnext -= 4
+    assert pb.feed(bytes(raw)).verdict == DROP
+    assert pb.engine.stats.bad_checksum == 1
+    pb.client("PA", b"good")
+    assert rec.data() == b"good"
+
+
+def test_fragments_follow_the_fragment_policy() -> None:
+    pb = Playbook()
+    raw = bytearray(pb._seg(True, "S", b"", None, None, 65535, b"", 0))
+    raw[6] |= 0x20  # More Fragments
+    assert pb.feed(bytes(raw)).verdict == DROP
+    assert pb.engine.stats.fragments == 1
+
+
+def test_malformed_packet_is_dropped() -> None:
+    pb = Playbook()
+    d = pb.feed(b"\x45\x00\x00")
+    assert d.verdict == DROP and pb.engine.stats.malformed == 1
+
+
+# ---------------------------------------------------------------------------- rule API
+
+
+def test_mark_holds_packets_until_send() -> None:
+    state: dict[str, Any] = {}
+
+    @rule(on=EV.receive_data)
+    def hold_until_newline(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        if direction != "up":
+            return
+        if "marked" not in state:
+            current.mark()
+            state["marked"] = True
+        if current.find(b"\n"):
+            flow.send("up")
+
+    pb = Playbook(RuleSet.of(hold_until_newline))
+    pb.handshake()
+    assert pb.client("PA", b"part1 ", token="p1").verdict == HOLD
+    assert pb.client("PA", b"part2 ", token="p2").verdict == HOLD
+    d = pb.client("PA", b"end\n", token="p3")
+    assert d.verdict == ACCEPT
+    assert [(r.token, r.verdict) for r in d.releases] == [("p1", ACCEPT), ("p2", ACCEPT)]
+    # A retransmission of released data is an ordinary retransmission again.
+    assert pb.client("PA", b"part1 ", seq=pb.cisn + 1).verdict == ACCEPT
+
+
+def test_streamed_rule_reads_lines_across_segments_and_sees_the_end() -> None:
+    lines: list[bytes] = []
+
+    @rule(on=EV.receive_data, streamed=True)
+    def read_lines(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        while True:
+            line = current.readline()
+            if not line:
+                lines.append(b"<eof>")
+                return
+            lines.append(line)
+
+    pb = Playbook(RuleSet.of(read_lines))
+    pb.handshake()
+    for chunk in (b"GE", b"T / HTTP/1.1\r", b"\nHost: x\r\n\r\n", b"tail"):
+        assert pb.client("PA", chunk).verdict == ACCEPT
+    assert lines == [b"GET / HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"]
+    pb.client("FA")
+    assert lines[-2:] == [b"tail", b"<eof>"]
+
+
+def test_streamed_rule_is_finished_when_the_connection_is_reset() -> None:
+    progress: list[str] = []
+
+    @rule(on=EV.receive_data, streamed=True)
+    def waiter(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        try:
+            current.read(1000)
+            progress.append("read")
+        finally:
+            progress.append("finally")
+
+    @rule(on=EV.receive_data)
+    def killer(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        if current.find(b"kill"):
+            flow.reset()
+
+    pb = Playbook(RuleSet.of(waiter, killer))
+    pb.handshake()
+    pb.client("PA", b"some")
+    assert progress == []
+    pb.client("PA", b"kill")
+    assert progress == ["finally"]
+
+
+def test_streamed_rule_error_is_caught() -> None:
+    @rule(on=EV.receive_data, streamed=True)
+    def crashes(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        current.read(3)
+        raise KeyError("oops")
+
+    pb = Playbook(RuleSet.of(crashes))
+    pb.handshake()
+    assert pb.client("PA", b"ab").verdict == ACCEPT
+    assert pb.client("PA", b"cd").verdict == DROP
+    assert pb.engine.stats.rule_errors == 1
+
+
+def test_flow_store_and_attributes() -> None:
+    seen: dict[str, Any] = {}
+
+    @rule(on=EV.new_connection)
+    def remember(flow: Connection, tcp: Any) -> None:
+        flow.store["syn_window"] = tcp.window
+
+    @rule(on=EV.end_connection)
+    def report(flow: Connection) -> None:
+        seen.update(flow.store, reason=flow.end_reason, up=flow.bytes_up, down=flow.bytes_down)
+
+    pb = Playbook(RuleSet.of(remember, report))
+    pb.handshake()
+    pb.client("PA", b"12345")
+    pb.server("PA", b"123")
+    pb.engine.shutdown(pb.now)
+    assert seen == {"syn_window": 65535, "reason": "shutdown", "up": 5, "down": 3}
+
+
+def test_alert_reaches_the_hook_with_flow_and_direction() -> None:
+    got: list[dict[str, Any]] = []
+
+    @rule(on=EV.receive_data)
+    def alerting(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        flow.alert("saw data", severity="high", direction=direction, size=current.available())
+
+    pb = Playbook(RuleSet.of(alerting))
+    pb.engine.alert_hook = got.append
+    pb.handshake()
+    pb.client("PA", b"abc")
+    assert got[0]["description"] == "saw data" and got[0]["severity"] == "high"
+    assert got[0]["direction"] == "up" and got[0]["size"] == 3 and got[0]["flow"] == 1
+
+
+def test_replace_rules_keeps_connections() -> None:
+    rec = Recorder()
+    pb = Playbook()
+    pb.handshake()
+    pb.engine.replace_rules(rec.rules)
+    pb.client("PA", b"after reload")
+    assert rec.data() == b"after reload"
+    assert len(pb.engine.table) == 1
