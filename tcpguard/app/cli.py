@@ -98,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="config file for the engine settings")
     r.add_argument("--out", help="write the packets that would be forwarded, and forged RSTs, to this pcap")
     r.add_argument("--events", help="write rule events and verdicts as JSON lines to this file")
-    r.add_argument("--ignore-checksums", action="store_true",
-                   help="do not drop packets with bad checksums (captures with checksum offload)")
+    r.add_argument(
+        "--ignore-checksums",
+        action="store_true",
+        help="do not drop packets with bad checksums (captures with checksum offload)",
+    )
     r.set_defaults(func=cmd_replay)
     return p
 

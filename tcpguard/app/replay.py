@@ -34,11 +34,12 @@ class ReplaySummary:
 
     def lines(self) -> list[str]:
         s = self.stats
+        g = s.get
         out = [
-            f"frames {self.frames} (not IP: {self.non_ip}), connections {s.get('connections', 0)}",
-            f"packets accepted {s.get('accepted', 0)}, dropped {s.get('dropped', 0)}, held {s.get('held', 0)}, "
-            f"rewritten {s.get('rewritten', 0)}",
-            f"resets sent {s.get('resets_sent', 0)}, alerts {self.alerts}, rule errors {s.get('rule_errors', 0)}",
+            f"frames {self.frames} (not IP: {self.non_ip}), connections {g('connections', 0)}",
+            f"packets accepted {g('accepted', 0)}, dropped {g('dropped', 0)}, held {g('held', 0)}, "
+            f"rewritten {g('rewritten', 0)}",
+            f"resets sent {g('resets_sent', 0)}, alerts {self.alerts}, rule errors {g('rule_errors', 0)}",
         ]
         refused = {k: v for k, v in s.items() if k in _REFUSALS and v}
         if refused:
@@ -51,15 +52,27 @@ class ReplaySummary:
         return out
 
 
-_REFUSALS = ("malformed", "bad_checksum", "fragments", "invalid", "rst_injections", "ooo_dropped",
-             "limit_hits", "refused", "evicted", "timeouts")
+_REFUSALS = (
+    "malformed",
+    "bad_checksum",
+    "fragments",
+    "invalid",
+    "rst_injections",
+    "ooo_dropped",
+    "limit_hits",
+    "refused",
+    "evicted",
+    "timeouts",
+)
 
 
 class _Gateway:
     """Applies decisions the way the NFQUEUE adapter does, writing what leaves to a capture."""
 
-    def __init__(self, writer: PcapWriter | None) -> None:
+    def __init__(self, writer: PcapWriter | None, forged_log: list[tuple[int, bytes]] | None) -> None:
         self.writer = writer
+        self.forged_log = forged_log
+        self.frame = 0
         self.held: dict[object, bytes] = {}
         self.forwarded = 0
         self.forged = 0
@@ -76,6 +89,8 @@ class _Gateway:
                 self.emit(r.packet if r.packet is not None else original, ts)
         for pkt in send:
             self.forged += 1
+            if self.forged_log is not None:
+                self.forged_log.append((self.frame, pkt))
             if self.writer is not None:
                 self.writer.write(pkt, ts)
 
@@ -90,7 +105,10 @@ def replay(
     out: str | Path | None = None,
     events: IO[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    forged_log: list[tuple[int, bytes]] | None = None,
 ) -> ReplaySummary:
+    """Replay `capture`; see the module docstring. `forged_log` collects (frame number, packet) for every
+    forged packet, the frame being the one whose handling produced it."""
     summary = ReplaySummary()
     sink: Callable[[dict[str, Any]], None] | None = None
     alerts = 0
@@ -108,12 +126,13 @@ def replay(
     engine = Engine(settings, rules, sink=sink)
     engine.alert_hook = count_alert
     writer = PcapWriter(out) if out is not None else None
-    gw = _Gateway(writer)
+    gw = _Gateway(writer, forged_log)
     next_timer: float | None = None
     ts = 0.0
     try:
         for frame in iter_frames(capture):
             summary.frames += 1
+            gw.frame = frame.number
             ts = frame.ts
             if next_timer is None:
                 next_timer = ts + TIMER_INTERVAL

@@ -34,8 +34,10 @@ def _check_permissions(path: Path) -> None:
         raise RuleLoadError(str(path), None, "writable by other users: refusing to load it (chmod o-w)")
     if os.geteuid() == 0 and st.st_uid != 0 and st.st_mode & stat.S_IWUSR:
         raise RuleLoadError(
-            str(path), None, f"owned by uid {st.st_uid} and writable by it while tcpguard runs as root: "
-            "refusing to load it (chown root)"
+            str(path),
+            None,
+            f"owned by uid {st.st_uid} and writable by it while tcpguard runs as root: "
+            "refusing to load it (chown root)",
         )
 
 

@@ -19,8 +19,8 @@ The chain holds, in order:
 Idempotence and crashes: `install()` rebuilds the chain's content in one atomic `iptables-restore
 --noflush` transaction (declaring a chain there creates it or flushes it), so there is no moment where the
 chain is half-built and a packet slips through unqueued, and a chain left behind by a crashed daemon is
-simply reused. Jump rules are counted in `-S` output: a missing one is inserted, duplicates are deleted,
-and jumps from hooks that are no longer configured are removed. Running `install()` twice leaves exactly
+simply reused. Jump rules are found in `-S` output: a missing one is inserted at the top, duplicates of
+it are deleted (the first one stays where it is), and jumps from hooks that are no longer configured are removed. Running `install()` twice leaves exactly
 the same tables as running it once.
 
 `remove()` deletes every rule that jumps to the chain (from any chain of the table, since a referenced
@@ -209,7 +209,7 @@ class IptablesManager:
             if not self._chain_exists(binary):
                 return False
             for hook in self.spec.hooks:
-                if self._count_jumps(binary, hook) == 0:
+                if not self._jump_positions(binary, hook):
                     return False
         return True
 
@@ -233,14 +233,18 @@ class IptablesManager:
         # One transaction fills (or refills) the chain before anything jumps to it.
         self._run([f"{binary}-restore", "-w", "--noflush"], stdin=self.spec.restore_script())
         for hook in HOOKS:
-            have = self._count_jumps(binary, hook)
-            want = 1 if hook in self.spec.hooks else 0
-            if have < want:
-                # At the top: an operator's earlier ACCEPT (e.g. for established traffic) must not let
-                # packets skip inspection.
-                self._run([binary, "-w", "-t", "filter", "-I", hook, "1", "-j", chain])
-            for _ in range(have - want):
-                self._run([binary, "-w", "-t", "filter", "-D", hook, "-j", chain])
+            positions = self._jump_positions(binary, hook)
+            if hook in self.spec.hooks:
+                if not positions:
+                    # At the top: an operator's earlier ACCEPT (e.g. for established traffic) must not let
+                    # packets skip inspection.
+                    self._run([binary, "-w", "-t", "filter", "-I", hook, "1", "-j", chain])
+                extra = positions[1:]  # keep the first jump where it is, wherever that is
+            else:
+                extra = positions
+            # Highest position first, so the remaining numbers stay valid.
+            for pos in reversed(extra):
+                self._run([binary, "-w", "-t", "filter", "-D", hook, str(pos)])
 
     def _remove_family(self, binary: str) -> None:
         if not self._chain_exists(binary):
@@ -265,9 +269,10 @@ class IptablesManager:
         return any(a in ("-j", "-g", "--jump", "--goto") and b == self.spec.chain for a, b in
                    itertools.pairwise(args))
 
-    def _count_jumps(self, binary: str, hook: str) -> int:
+    def _jump_positions(self, binary: str, hook: str) -> list[int]:
+        """1-based rule numbers of the plain `-j CHAIN` jumps in a hook."""
         exact = f"-A {hook} -j {self.spec.chain}"
-        return sum(1 for line in self._rules(binary, hook) if line.strip() == exact)
+        return [i for i, line in enumerate(self._rules(binary, hook), 1) if line.strip() == exact]
 
     def _rules(self, binary: str, chain: str | None) -> list[str]:
         """`-S` output lines (only `-A` rules) for one chain or the whole filter table."""
@@ -300,7 +305,10 @@ class IptablesManager:
         )
 
     def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
-        res = self._exec(argv, stdin)
+        try:
+            res = self._exec(argv, stdin)
+        except FileNotFoundError as exc:
+            raise IptablesError(self._argv(argv), 127, str(exc)) from exc
         if res.returncode != 0:
             raise IptablesError(self._argv(argv), res.returncode, res.stderr)
         return res.stdout

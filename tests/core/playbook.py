@@ -71,8 +71,17 @@ class Playbook:
         self.now = 0.0
         self.sent: list[bytes] = []  # everything the engine forged
 
-    def _seg(self, from_client: bool, flags: str, data: bytes, seq: int | None, ack: int | None,
-             window: int, options: bytes, urgptr: int) -> bytes:
+    def _seg(
+        self,
+        from_client: bool,
+        flags: str,
+        data: bytes,
+        seq: int | None,
+        ack: int | None,
+        window: int,
+        options: bytes,
+        urgptr: int,
+    ) -> bytes:
         f = flags_of(flags)
         if from_client:
             src, dst, sp, dp = self.caddr.packed, self.saddr.packed, self.cport, self.sport
@@ -84,8 +93,9 @@ class Playbook:
         a = their if ack is None else ack
         if f & 0x02 and options == b"" and not flags.endswith("!"):
             options = syn_options()
-        raw = forge.build_tcp(self.version, src, dst, sp, dp, s & 0xFFFFFFFF, a & 0xFFFFFFFF, f, window,
-                              data, options, urgptr)
+        raw = forge.build_tcp(
+            self.version, src, dst, sp, dp, s & 0xFFFFFFFF, a & 0xFFFFFFFF, f, window, data, options, urgptr
+        )
         if seq is None:
             adv = len(data) + (1 if f & 0x02 else 0) + (1 if f & 0x01 else 0)
             if from_client:
@@ -94,14 +104,32 @@ class Playbook:
                 self.snext = (self.snext + adv) & 0xFFFFFFFF
         return raw
 
-    def client(self, flags: str, data: bytes = b"", seq: int | None = None, ack: int | None = None,
-               window: int = 65535, options: bytes = b"", urgptr: int = 0, token: object = None,
-               dt: float = 0.001) -> Decision:
+    def client(
+        self,
+        flags: str,
+        data: bytes = b"",
+        seq: int | None = None,
+        ack: int | None = None,
+        window: int = 65535,
+        options: bytes = b"",
+        urgptr: int = 0,
+        token: object = None,
+        dt: float = 0.001,
+    ) -> Decision:
         return self.feed(self._seg(True, flags, data, seq, ack, window, options, urgptr), token, dt)
 
-    def server(self, flags: str, data: bytes = b"", seq: int | None = None, ack: int | None = None,
-               window: int = 65535, options: bytes = b"", urgptr: int = 0, token: object = None,
-               dt: float = 0.001) -> Decision:
+    def server(
+        self,
+        flags: str,
+        data: bytes = b"",
+        seq: int | None = None,
+        ack: int | None = None,
+        window: int = 65535,
+        options: bytes = b"",
+        urgptr: int = 0,
+        token: object = None,
+        dt: float = 0.001,
+    ) -> Decision:
         return self.feed(self._seg(False, flags, data, seq, ack, window, options, urgptr), token, dt)
 
     def feed(self, raw: bytes, token: object = None, dt: float = 0.001) -> Decision:
