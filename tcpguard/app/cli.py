@@ -82,6 +82,38 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from tcpguard.app.daemon import main_run
+
+    return main_run(args.config, args.verbose)
+
+
+def cmd_iptables(args: argparse.Namespace) -> int:
+    from tcpguard.app.config import ConfigError, load_config
+    from tcpguard.app.daemon import iptables_spec
+    from tcpguard.io.iptables import IptablesError, IptablesManager
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"tcpguard iptables: {e}", file=sys.stderr)
+        return 1
+    mgr = IptablesManager(iptables_spec(cfg))
+    try:
+        if args.action == "install":
+            mgr.install()
+        elif args.action == "remove":
+            mgr.remove()
+        print(mgr.show(), end="")
+    except IptablesError as e:
+        print(f"tcpguard iptables: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+DEFAULT_CONFIG = "/etc/tcpguard/tcpguard.yaml"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcpguard", description="Inline TCP filtering with Haka-style rules.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
@@ -104,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not drop packets with bad checksums (captures with checksum offload)",
     )
     r.set_defaults(func=cmd_replay)
+
+    d = sub.add_parser("run", help="run the inline daemon on the configured NFQUEUE(s) (root)")
+    d.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    d.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("iptables", help="install, remove or show tcpguard's iptables chain (root)")
+    i.add_argument("action", choices=["install", "remove", "show"])
+    i.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    i.set_defaults(func=cmd_iptables)
     return p
 
 

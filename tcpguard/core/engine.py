@@ -122,6 +122,12 @@ class Engine:
         running keep their old code until their connection ends."""
         self.rules = rules
 
+    def replace_settings(self, settings: EngineSettings) -> None:
+        """Swap limits, timeouts and policies (reload). They apply from the next packet on; a connection's
+        current timeout is re-armed with the new values at its next packet."""
+        self.settings = settings
+        self._timeout = {st: float(getattr(settings.timeouts, name)) for st, name in TIMEOUT_OF.items()}
+
     def handle_packet(self, raw: bytes, now: float, token: object = None) -> Decision:
         """Judge one raw IP packet. `token` identifies it if the engine holds it."""
         self.now = now

@@ -1,0 +1,574 @@
+"""Property tests of the core (hypothesis).
+
+* Reassembly: any segmentation, reordering, duplication and overlap of a client byte stream gives the
+  rules exactly that stream, and the packets the engine lets through give an independent receiver model
+  the same stream, never a byte the rules had not seen yet. Also across the 2**32 sequence wrap, and with
+  conflicting overlaps (first copy wins, for the rules and the receiver alike).
+* Streamed rules: `read(n)` in fixed pieces and `find(pattern)` see the same stream as a plain rule.
+* Robustness: random and mutated packets give `decode` a Packet or DecodeError and the engine a Decision.
+* Bounds: with tiny limits, random traffic never grows the table or a stream beyond its limit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP, IPOption_NOP, IPOption_RR
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+
+from tcpguard.core.conntrack import Connection
+from tcpguard.core.cursor import Cursor
+from tcpguard.core.decision import Decision, Verdict
+from tcpguard.core.engine import Engine
+from tcpguard.core.errors import DecodeError
+from tcpguard.core.packet import Packet, TcpOptions, checksums_ok, decode
+from tcpguard.core.rules import Rule, RuleSet, rule, tcp_connection
+from tcpguard.core.settings import EngineSettings, Limits, Policies
+from tcpguard.core.stream import HalfStream
+
+from .playbook import Playbook
+
+ACCEPT, DROP, HOLD = Verdict.ACCEPT, Verdict.DROP, Verdict.HOLD
+EV = tcp_connection.events
+MASK = 0xFFFFFFFF
+
+
+# ============================================================================================ harness
+class ClientStream:
+    """One connection through an Engine, driven by a Playbook: the client sends segments of a byte stream
+    at explicit sequence numbers, a plain rule records what it reads of the client's stream, and a
+    receiver model plays the server: it takes the first byte it gets at each offset and reads in order.
+
+    Every client packet gets a distinct token; `apply` maps each ACCEPT verdict and each ACCEPT release
+    back to the bytes that leave (the rewritten packet when the engine gives one) and feeds the receiver,
+    checking that the rule had already seen every byte that leaves."""
+
+    def __init__(self, cisn: int = 1000, extra_rules: tuple[Callable[..., Any], ...] = (),
+                 settings_: EngineSettings | None = None) -> None:
+        self.seen = bytearray()  # what the plain rule read from the client's stream, in order
+
+        @rule(on=EV.receive_data)
+        def record(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
+            if direction == "up":
+                assert current.pos == len(self.seen), "receive_data did not start at the new bytes"
+                self.seen += current.read()
+
+        self.pb = Playbook(RuleSet.of(record, *extra_rules), settings_, cisn=cisn)
+        self.pb.handshake()
+        self.base = (cisn + 1) & MASK  # sequence number of stream offset 0
+        self.raw: dict[int, bytes] = {}
+        self.held: set[int] = set()
+        self.final: dict[int, Verdict] = {}
+        self.rx: dict[int, int] = {}  # receiver: offset -> first byte received there
+        self.acked = 0  # the highest offset the server acknowledged
+        self.arrivals: list[tuple[int, bytes, Verdict]] = []  # (offset, payload, verdict at arrival)
+        self._token = 0
+
+    def send(self, off: int, payload: bytes, flags: str = "PA") -> Decision:
+        self._token += 1
+        token = self._token
+        seq = (self.base + off) & MASK
+        raw = self.pb._seg(True, flags, payload, seq, None, 65535, b"", 0)
+        self.raw[token] = raw
+        dec = self.pb.feed(raw, token)
+        self.arrivals.append((off, payload, dec.verdict))
+        self.apply(dec, token)
+        return dec
+
+    def server_ack(self) -> Decision:
+        """The server acknowledges what the receiver model has read in order."""
+        self.acked = len(self.delivered())
+        return self.pb.server("A", ack=(self.base + self.acked) & MASK)
+
+    def apply(self, dec: Decision, token: int) -> None:
+        """Apply a decision the way the adapter contract says: the verdict, then the releases in order."""
+        if dec.verdict == HOLD:
+            self.held.add(token)
+        else:
+            self.final[token] = dec.verdict
+            if dec.verdict == ACCEPT:
+                self.forward(dec.packet if dec.packet is not None else self.raw[token])
+        for rel in dec.releases:
+            assert rel.token in self.held, f"release of a packet that is not held: {rel.token}"
+            self.held.remove(rel.token)  # type: ignore[arg-type]
+            self.final[rel.token] = rel.verdict  # type: ignore[index]
+            if rel.verdict == ACCEPT:
+                self.forward(rel.packet if rel.packet is not None else self.raw[rel.token])  # type: ignore[index]
+
+    def forward(self, raw: bytes) -> None:
+        pkt = decode(raw)
+        assert checksums_ok(pkt)
+        assert pkt.sport == self.pb.cport
+        off = (pkt.seq - self.base) & MASK
+        for i, b in enumerate(pkt.payload):
+            o = off + i
+            assert o < len(self.seen), f"byte at offset {o} forwarded before the rules saw it"
+            # Never a second value for an offset the receiver may still take: only bytes below its
+            # acknowledgement (which it discards) may differ from what the rules saw.
+            assert o < self.acked or b == self.seen[o], f"byte at offset {o} differs from the rules' byte"
+            self.rx.setdefault(o, b)
+
+    def delivered(self) -> bytes:
+        out = bytearray()
+        while len(out) in self.rx:
+            out.append(self.rx[len(out)])
+        return bytes(out)
+
+
+@dataclass
+class Schedule:
+    data: bytes
+    segments: list[tuple[int, bytes]]  # (offset, payload), in sending order
+    acks: list[bool] = field(default_factory=list)  # server ACK after segment i?
+
+
+@st.composite
+def schedules(draw: st.DrawFn, max_len: int = 5000, conflicting: bool = False) -> Schedule:
+    """A stream cut at random points (so every byte is covered), plus duplicates of those pieces and
+    random overlapping ranges, all sent in a random order. Overlapping copies carry the same bytes
+    unless `conflicting`, where each extra range carries different bytes."""
+    # Lengths spread over the whole range (long streams make the engine trim its retained bytes), filled
+    # with seeded random bytes so that a byte out of place shows.
+    n = draw(st.one_of(st.integers(1, 64), st.integers(1, max_len)), label="length")
+    data = random.Random(draw(st.integers(0, 2**32 - 1), label="seed")).randbytes(n)
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, n - 1)), max_size=20)))) if n > 1 else []
+    bounds = [0, *cuts, n]
+    segs = [(a, data[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    dups = draw(st.lists(st.sampled_from(segs), max_size=5))
+    extra = []
+    for a, length in draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(1, 600)), max_size=10)):
+        b = min(n, a + length)
+        if conflicting:
+            mask = draw(st.integers(1, 255))
+            extra.append((a, bytes(x ^ mask for x in data[a:b])))
+        else:
+            extra.append((a, data[a:b]))
+    allsegs = segs + dups + extra
+    order = draw(st.permutations(range(len(allsegs))))
+    acks = draw(st.lists(st.booleans(), min_size=len(allsegs), max_size=len(allsegs)))
+    return Schedule(data, [allsegs[i] for i in order], acks)
+
+
+def run(sched: Schedule, cisn: int) -> ClientStream:
+    h = ClientStream(cisn)
+    for (off, payload), ack in zip(sched.segments, sched.acks, strict=True):
+        h.send(off, payload)
+        if ack:
+            h.server_ack()
+    return h
+
+
+ISNS = st.one_of(st.integers(0, MASK), st.integers(MASK - 4000, MASK))
+
+
+# ============================================================================================ reassembly
+@settings(max_examples=150, deadline=None)
+@given(sched=schedules(), cisn=ISNS)
+def test_any_segmentation_gives_the_rules_and_the_receiver_the_original_stream(
+    sched: Schedule, cisn: int
+) -> None:
+    h = run(sched, cisn)
+    assert bytes(h.seen) == sched.data
+    assert not h.held, "packets still held after every byte arrived"
+    assert h.delivered() == sched.data
+    assert max(h.rx) == len(sched.data) - 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(sched=schedules(), data=st.data())
+def test_any_segmentation_across_the_sequence_wrap(sched: Schedule, data: st.DataObject) -> None:
+    # Put the 2**32 -> 0 wrap at a chosen offset inside the stream.
+    wrap_at = data.draw(st.integers(0, len(sched.data) - 1), label="wrap_at")
+    cisn = (MASK - wrap_at) & MASK  # offset 0 has sequence number 2**32 - wrap_at
+    h = run(sched, cisn)
+    assert (h.base + wrap_at) & MASK == 0
+    assert bytes(h.seen) == sched.data
+    assert not h.held
+    assert h.delivered() == sched.data
+
+
+def first_accepted_copy(h: ClientStream, n: int) -> bytes:
+    """At each offset, the byte of the earliest-arriving segment the engine did not drop on arrival."""
+    first: dict[int, int] = {}
+    for off, payload, verdict in h.arrivals:
+        if verdict == DROP:
+            continue
+        for i, b in enumerate(payload):
+            first.setdefault(off + i, b)
+    return bytes(first[i] for i in range(n))
+
+
+@settings(max_examples=150, deadline=None)
+@given(sched=schedules(conflicting=True), cisn=ISNS)
+def test_conflicting_overlaps_first_accepted_copy_wins_for_rules_and_receiver(
+    sched: Schedule, cisn: int
+) -> None:
+    h = run(sched, cisn)
+    n = len(sched.data)
+    assert len(h.seen) == n
+    assert not h.held
+    assert h.delivered() == bytes(h.seen)
+    assert bytes(h.seen) == first_accepted_copy(h, n)
+
+
+# ============================================================================================ streamed rules
+@settings(max_examples=100, deadline=None)
+@given(sched=schedules(max_len=1500), piece=st.integers(1, 64), cisn=ISNS)
+def test_streamed_read_n_sees_the_same_stream_as_a_plain_rule(
+    sched: Schedule, piece: int, cisn: int
+) -> None:
+    pieces: list[bytes] = []
+
+    @rule(on=EV.receive_data, streamed=True)
+    def reader(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
+        if direction != "up":
+            return
+        while True:
+            chunk = current.read(piece)
+            if not chunk:
+                return
+            pieces.append(chunk)
+
+    h = ClientStream(cisn, (reader,))
+    for (off, payload), ack in zip(sched.segments, sched.acks, strict=True):
+        h.send(off, payload)
+        if ack:
+            h.server_ack()
+    h.send(len(sched.data), b"", "FA")  # the end of the stream flushes the last short piece
+    assert b"".join(pieces) == bytes(h.seen) == sched.data
+    assert all(len(p) == piece for p in pieces[:-1])
+    assert 1 <= len(pieces[-1]) <= piece
+
+
+@st.composite
+def pattern_streams(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
+    pattern = draw(st.binary(min_size=1, max_size=24), label="pattern")
+    # Long prefixes too, so that acknowledged bytes get trimmed before the pattern completes.
+    prefix = draw(st.one_of(st.binary(max_size=300), st.integers(0, 4000).map(lambda k: b"\x00" * k)))
+    suffix = draw(st.binary(max_size=100), label="suffix")
+    stream = prefix + pattern + suffix
+    return stream, pattern, stream.find(pattern)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ps=pattern_streams(), data=st.data(), shuffle=st.booleans())
+def test_streamed_find_finds_a_pattern_however_it_is_split(
+    ps: tuple[bytes, bytes, int], data: st.DataObject, shuffle: bool
+) -> None:
+    stream, pattern, where = ps
+    found: list[int | None] = []
+
+    @rule(on=EV.receive_data, streamed=True)
+    def finder(flow: Connection, s: HalfStream, current: Cursor, direction: str) -> None:
+        m = current.find(pattern)
+        found.append(None if m is None else m.start)
+        if m is not None:
+            assert current.pos == m.start
+
+    n = len(stream)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=30), label="cuts"))) if n > 1 else []
+    bounds = [0, *cuts, n]
+    segs = list(zip(bounds, bounds[1:], strict=False))
+    if shuffle:
+        segs = data.draw(st.permutations(segs), label="order")
+    h = ClientStream(1000, (finder,))
+    for a, b in segs:
+        h.send(a, stream[a:b])
+    h.send(n, b"", "FA")
+    assert found == [where]
+
+
+@settings(max_examples=150, deadline=None)
+@given(ps=pattern_streams(), data=st.data())
+def test_plain_find_finds_a_pattern_split_into_two_segments(
+    ps: tuple[bytes, bytes, int], data: st.DataObject
+) -> None:
+    stream, pattern, where = ps
+    found: list[int] = []
+
+    @rule(on=EV.receive_data)
+    def finder(flow: Connection, s: HalfStream, current: Cursor, direction: str) -> None:
+        m = current.find(pattern)
+        if m is not None:
+            found.append(m.start)
+
+    # Cut anywhere, typically inside the pattern; the server may acknowledge the first part in between.
+    cut = data.draw(st.integers(1, len(stream) - 1), label="cut") if len(stream) > 1 else 1
+    h = ClientStream(1000, (finder,))
+    h.send(0, stream[:cut])
+    if data.draw(st.booleans(), label="ack between"):
+        h.server_ack()
+    if cut < len(stream):
+        h.send(cut, stream[cut:])
+    assert found, "pattern not found"
+    assert found[0] == where
+
+
+# ============================================================================================ robustness
+def _scapy_packets() -> list[bytes]:
+    """Valid TCP packets of one flow (both directions, handshake to close), built by scapy."""
+    opts = [("MSS", 1460), ("NOP", None), ("WScale", 7), ("SAckOK", b""), ("Timestamp", (1, 0))]
+    out: list[bytes] = []
+    for ipv6 in (False, True):
+        if ipv6:
+            c2s = IPv6(src="2001:db8::1", dst="2001:db8::2")
+            s2c = IPv6(src="2001:db8::2", dst="2001:db8::1")
+        else:
+            c2s = IP(src="10.0.0.1", dst="10.0.0.2", options=[IPOption_NOP(), IPOption_RR(routers=["1.2.3.4"])])
+            s2c = IP(src="10.0.0.2", dst="10.0.0.1")
+        cisn, sisn = 100, 5000
+
+        def c(flags: str, seq: int, data: bytes = b"", tcp_opts: Any = (), c2s: Any = c2s, **kw: Any) -> bytes:
+            return bytes(c2s / TCP(sport=40000, dport=80, flags=flags, seq=seq, ack=sisn + 1,
+                                   options=list(tcp_opts), **kw) / data)
+
+        def s(flags: str, seq: int, data: bytes = b"", tcp_opts: Any = (), s2c: Any = s2c, **kw: Any) -> bytes:
+            return bytes(s2c / TCP(sport=80, dport=40000, flags=flags, seq=seq, ack=cisn + 1,
+                                   options=list(tcp_opts), **kw) / data)
+
+        out += [
+            c("S", cisn, tcp_opts=opts),
+            s("SA", sisn, tcp_opts=opts),
+            c("A", cisn + 1),
+            c("PA", cisn + 1, b"GET / HTTP/1.1\r\n"),
+            c("PA", cisn + 17, b"Host: example\r\n\r\n", tcp_opts=[("NOP", None), ("NOP", None),
+                                                                   ("Timestamp", (5, 6))]),
+            c("PA", cisn + 50, b"out of order"),
+            c("PA", cisn + 1, b"GET / HTTP/1.0\r\n"),  # conflicting retransmission
+            s("PA", sisn + 1, b"HTTP/1.1 200 OK\r\n\r\nbody"),
+            s("A", sisn + 1, tcp_opts=[("SAck", (cisn + 50, cisn + 62))]),
+            c("PAU", cisn + 34, b"urgent", urgptr=3),
+            c("FA", cisn + 40),
+            s("FA", sisn + 25),
+            c("A", sisn + 26),
+            c("R", cisn + 41),
+            s("RA", sisn + 26),
+            c("S", cisn, b"syn data", tcp_opts=opts),
+        ]
+        if ipv6:
+            out.append(bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrHopByHop()
+                             / IPv6ExtHdrDestOpt() / TCP(sport=40000, dport=80, flags="PA", seq=cisn + 1)
+                             / b"ext"))
+            out.append(bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrFragment(m=1)
+                             / TCP(sport=40000, dport=80, flags="PA") / b"frag"))
+        else:
+            out.append(bytes(IP(src="10.0.0.1", dst="10.0.0.2", flags="MF") / TCP(sport=40000, dport=80)))
+    return out
+
+
+VALID = _scapy_packets()
+
+
+@st.composite
+def mutated_packets(draw: st.DrawFn) -> bytes:
+    """A valid packet with a few bytes flipped, inserted or deleted, or truncated."""
+    raw = bytearray(draw(st.sampled_from(VALID), label="packet"))
+    for _ in range(draw(st.integers(1, 4), label="mutations")):
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "set"]))
+        if not raw:
+            break
+        i = draw(st.integers(0, len(raw) - 1))
+        if kind == "flip":
+            raw[i] ^= draw(st.integers(1, 255))
+        elif kind == "set":
+            raw[i] = draw(st.sampled_from([0x00, 0xFF, 0x01, 0x7F, 0x80, 0x45, 0x60, 0x06]))
+        elif kind == "insert":
+            raw[i:i] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "delete":
+            del raw[i : i + draw(st.integers(1, 8))]
+        else:
+            del raw[i:]
+    return bytes(raw)
+
+
+def decode_or_decode_error(raw: bytes) -> Packet | None:
+    """The decoder's contract: a Packet (whose lazy options also follow it) or DecodeError, nothing else."""
+    try:
+        pkt = decode(raw)
+    except DecodeError as e:
+        assert type(e) is DecodeError
+        return None
+    assert isinstance(pkt, Packet)
+    if pkt.is_tcp:
+        try:
+            assert isinstance(pkt.options(), TcpOptions)
+        except DecodeError as e:
+            assert type(e) is DecodeError
+        assert isinstance(checksums_ok(pkt), bool)
+    return pkt
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_random_bytes_decode_to_a_packet_or_decode_error(raw: bytes) -> None:
+    decode_or_decode_error(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(head=st.sampled_from([b"\x45", b"\x46", b"\x4f", b"\x60", b"\x6f"]), rest=st.binary(max_size=120))
+def test_random_bytes_with_an_ip_version_nibble_decode_to_a_packet_or_decode_error(
+    head: bytes, rest: bytes
+) -> None:
+    decode_or_decode_error(head + rest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=mutated_packets())
+def test_mutated_packets_decode_to_a_packet_or_decode_error(raw: bytes) -> None:
+    decode_or_decode_error(raw)
+
+
+def _fuzz_rules() -> RuleSet:
+    """Rules that exercise every cursor call, plain and streamed, and every event."""
+
+    @rule(on=EV.new_connection)
+    def new(flow: Connection, tcp: Packet) -> None:
+        flow.store["n"] = 0
+
+    @rule(on=EV.receive_data)
+    def plain(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
+        current.peek(3)
+        current.find(b"HTTP")
+        current.read()
+        if current.find(b"Host"):
+            flow.alert("host seen")
+
+    @rule(on=EV.receive_data, streamed=True)
+    def streamed(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
+        current.readline()
+        current.find(b"\r\n\r\n")
+        current.skip(2)
+        for _chunk in current:
+            pass
+
+    @rule(on=EV.end_connection)
+    def end(flow: Connection) -> None:
+        flow.store["ended"] = True
+
+    return RuleSet.of(new, plain, streamed, end)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    items=st.lists(st.one_of(st.sampled_from(VALID), mutated_packets(), st.binary(max_size=80)),
+                   min_size=1, max_size=30),
+    verify=st.booleans(),
+    midstream=st.sampled_from(["track", "accept", "drop"]),
+)
+def test_engine_gives_a_decision_for_any_mix_of_valid_and_mutated_packets(
+    items: list[bytes], verify: bool, midstream: Any
+) -> None:
+    # Without checksum verification mutated packets reach tracking, reassembly and the rules.
+    pol = Policies(verify_checksums=verify, midstream=midstream)
+    engine = Engine(EngineSettings(policies=pol), _fuzz_rules())
+    now = 0.0
+    for token, raw in enumerate(items):
+        now += 0.5
+        dec = engine.handle_packet(raw, now, token)
+        assert isinstance(dec, Decision)
+        assert isinstance(dec.verdict, Verdict)
+    engine.handle_timer(now + 10_000)
+    engine.shutdown(now + 10_001)
+
+
+# ============================================================================================ bounds
+@dataclass
+class Peer:
+    pb: Playbook
+    streamed_hog: bool = False
+
+
+OPS = st.tuples(
+    st.integers(0, 5),  # connection
+    st.sampled_from(["syn", "synack", "ack", "cdata", "sdata", "cack", "sack", "fin", "rst"]),
+    st.integers(0, 600),  # offset
+    st.integers(1, 150),  # length
+)
+
+
+def check_bounds(engine: Engine, lim: Limits) -> None:
+    assert len(engine.table) <= lim.max_connections
+    for conn in engine.table:
+        for s in (conn.up, conn.down):
+            assert len(s.ooo) <= lim.max_ooo_segments
+            assert s.ooo_bytes <= lim.max_ooo_bytes
+            assert len(s.buf) <= lim.max_stream_buffer
+            assert s.buffered() <= lim.max_stream_buffer + lim.max_ooo_bytes
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ops=st.lists(OPS, min_size=1, max_size=60),
+    max_conn=st.integers(1, 3),
+    ooo_bytes=st.integers(1, 200),
+    ooo_segs=st.integers(1, 3),
+    stream_buf=st.integers(50, 400),
+    limit=st.sampled_from(["accept", "drop", "reset"]),
+    table_full=st.sampled_from(["evict", "refuse"]),
+    hog=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_small_limits_bound_the_table_and_every_stream(
+    ops: list[tuple[int, str, int, int]],
+    max_conn: int,
+    ooo_bytes: int,
+    ooo_segs: int,
+    stream_buf: int,
+    limit: Any,
+    table_full: Any,
+    hog: bool,
+    seed: int,
+) -> None:
+    lim = Limits(max_connections=max_conn, max_ooo_bytes=ooo_bytes, max_ooo_segments=ooo_segs,
+                 max_stream_buffer=stream_buf)
+    cfg = EngineSettings(limits=lim, policies=Policies(limit=limit, table_full=table_full))
+    rules: list[Rule] = []
+
+    @rule(on=EV.receive_data)
+    def plain(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
+        current.read()
+
+    @rule(on=EV.receive_data, streamed=True)
+    def hog_rule(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
+        current.read(10**9)  # pins every byte it has not read: only the limit stops the growth
+
+    rules = [plain.__tcpguard_rule__]  # type: ignore[attr-defined]
+    if hog:
+        rules.append(hog_rule.__tcpguard_rule__)  # type: ignore[attr-defined]
+    engine = Engine(cfg, RuleSet(rules))
+    rnd = random.Random(seed)
+    peers = [Playbook(engine=engine, cport=40000 + i, cisn=rnd.randrange(2**32), sisn=rnd.randrange(2**32))
+             for i in range(6)]
+    now = 0.0
+    for i, kind, off, length in ops:
+        pb = peers[i]
+        now += 0.01
+        pb.now = now
+        payload = bytes(rnd.randrange(256) for _ in range(length))
+        c0, s0 = (pb.cisn + 1) & MASK, (pb.sisn + 1) & MASK
+        if kind == "syn":
+            pb.client("S", seq=pb.cisn, dt=0)
+        elif kind == "synack":
+            pb.server("SA", seq=pb.sisn, ack=c0, dt=0)
+        elif kind == "ack":
+            pb.client("A", seq=c0, ack=s0, dt=0)
+        elif kind == "cdata":
+            pb.client("PA", payload, seq=c0 + off, ack=s0, dt=0)
+        elif kind == "sdata":
+            pb.server("PA", payload, seq=s0 + off, ack=c0, dt=0)
+        elif kind == "cack":
+            pb.client("A", seq=c0, ack=s0 + off, dt=0)
+        elif kind == "sack":
+            pb.server("A", seq=s0, ack=c0 + off, dt=0)
+        elif kind == "fin":
+            pb.client("FA", seq=c0 + off, ack=s0, dt=0)
+        else:
+            pb.server("RA", seq=s0 + off, ack=c0, dt=0)
+        check_bounds(engine, lim)
+    engine.handle_timer(now + 100_000)
+    check_bounds(engine, lim)
