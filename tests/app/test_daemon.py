@@ -298,3 +298,19 @@ def test_traffic_while_the_daemon_is_down_follows_the_bypass_setting(lab: Lab, t
         assert res["error"] is None and res["received_len"] == 10
     else:
         assert not res["connected"]
+
+
+def test_two_workers_share_the_traffic_and_stop_cleanly(lab: Lab, tmp_path: Path) -> None:
+    g = Gateway(lab, tmp_path)
+    g.config.write_text(g.config.read_text().replace("workers: 1", "workers: 2"))
+    g.start_server(OPEN_PORT, reply=1000)
+    g.start_daemon()
+    rules = g.lab.run("gw", ["iptables", "-w", "-S", "TCPGUARD"]).stdout
+    assert "--queue-balance 0:1" in rules
+    for i in range(6):
+        assert g.client([hexs(f"conn {i}".encode())])["received_len"] == 1000
+    assert g.client([hexs(b"x /bin/sh")])["error"] == "ConnectionResetError"
+    log = g.daemon_log.read_text()
+    assert "serves queue 0" in log and "serves queue 1" in log
+    assert g.stop_daemon() == 0
+    assert not g.chain_installed()

@@ -298,12 +298,14 @@ def test_plain_find_finds_a_pattern_split_into_two_segments(
             found.append(m.start)
 
     # Cut anywhere, typically inside the pattern; the server may acknowledge the first part in between.
-    cut = data.draw(st.integers(1, len(stream) - 1), label="cut") if len(stream) > 1 else 1
+    n = len(stream)
+    inside = st.integers(where + 1, where + len(pattern) - 1) if len(pattern) > 1 else st.nothing()
+    cut = data.draw(st.one_of(inside, st.integers(1, n - 1)), label="cut") if n > 1 else 1
     h = ClientStream(1000, (finder,))
     h.send(0, stream[:cut])
     if data.draw(st.booleans(), label="ack between"):
         h.server_ack()
-    if cut < len(stream):
+    if cut < n:
         h.send(cut, stream[cut:])
     assert found, "pattern not found"
     assert found[0] == where
