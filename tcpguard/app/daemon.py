@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tcpguard.app.config import Config, ConfigError, load_config
+from tcpguard.app.notify import Notifier
 from tcpguard.app.ruleload import load_rules
 from tcpguard.core.decision import Decision, Output
 from tcpguard.core.engine import Engine
@@ -84,8 +85,12 @@ class AlertLog:
 class Worker:
     """The packet handler of one queue: the engine plus reload, between the adapter's timer ticks."""
 
-    def __init__(self, cfg: Config, config_path: Path, rules: RuleSet, queue_num: int) -> None:
+    def __init__(
+        self, cfg: Config, config_path: Path, rules: RuleSet, queue_num: int, notifier: Notifier | None = None
+    ) -> None:
         self.cfg = cfg
+        self.notifier = notifier
+        self._next_status = 0.0
         self.config_path = config_path
         self.queue_num = queue_num
         self.alerts = AlertLog(cfg.alerts.file)
@@ -99,10 +104,29 @@ class Worker:
         return self.engine.handle_packet(raw, now, token)
 
     def handle_timer(self, now: float) -> Output:
+        n = self.notifier
         if self.reload_requested:
             self.reload_requested = False
+            if n is not None:
+                n.reloading()
             self.reload()
-        return self.engine.handle_timer(now)
+            if n is not None:
+                n.ready(self.status_line())
+        out = self.engine.handle_timer(now)
+        if n is not None:
+            n.watchdog(now)
+            if now >= self._next_status:
+                self._next_status = now + 5.0
+                n.status(self.status_line())
+        return out
+
+    def status_line(self) -> str:
+        st = self.engine.stats
+        return (
+            f"queue {self.queue_num}: {len(self.engine.table)} connections, {st.packets} packets "
+            f"({st.accepted} accepted, {st.dropped} dropped), {st.resets_sent} resets, "
+            f"{st.rule_errors} rule errors"
+        )
 
     def shutdown(self, now: float) -> Output:
         out = self.engine.shutdown(now)
@@ -161,10 +185,10 @@ class _Flags:
 
 
 def _serve_queue(
-    cfg: Config, config_path: Path, rules: RuleSet, queue_num: int
+    cfg: Config, config_path: Path, rules: RuleSet, queue_num: int, notifier: Notifier | None = None
 ) -> tuple[NfqueueAdapter, Worker]:
     """Bind one queue; the caller runs the adapter."""
-    worker = Worker(cfg, config_path, rules, queue_num)
+    worker = Worker(cfg, config_path, rules, queue_num, notifier)
     adapter = NfqueueAdapter(
         worker,
         queue_num=queue_num,
@@ -201,12 +225,20 @@ class Daemon:
         self.iptables = IptablesManager(iptables_spec(cfg)) if cfg.iptables.manage else None
         self.flags = _Flags()
         self.children: dict[int, int] = {}  # pid -> queue number
+        self.notifier = Notifier()
 
     # -------------------------------------------------------------------- single process
     def run_inline(self) -> int:
-        adapter, worker = _serve_queue(self.cfg, self.config_path, self.rules, self.cfg.queue.num)
-        signal.signal(signal.SIGTERM, lambda *_: adapter.stop())
-        signal.signal(signal.SIGINT, lambda *_: adapter.stop())
+        adapter, worker = _serve_queue(
+            self.cfg, self.config_path, self.rules, self.cfg.queue.num, self.notifier
+        )
+
+        def stop(*_: object) -> None:
+            self.notifier.stopping()
+            adapter.stop()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, lambda *_: setattr(worker, "reload_requested", True))
         try:
             self._install_iptables()
@@ -215,6 +247,7 @@ class Daemon:
             adapter.close()
             raise
         log.info("running: queue %d, %d rules", self.cfg.queue.num, len(self.rules))
+        self.notifier.ready(worker.status_line())
         try:
             adapter.run()
         finally:
@@ -265,13 +298,17 @@ class Daemon:
             raise
         restarts: dict[int, int] = {}
         log.info("running: %d workers, %d rules", len(self.children), len(self.rules))
+        self.notifier.ready(f"{len(self.children)} workers")
         try:
             while not self.flags.stop:
                 time.sleep(0.2)
+                self.notifier.watchdog(time.monotonic())
                 if self.flags.reload:
                     self.flags.reload = False
+                    self.notifier.reloading()
                     self._reload_check()
                     self._signal_children(signal.SIGHUP)
+                    self.notifier.ready(f"{len(self.children)} workers")
                 with contextlib.suppress(ChildProcessError):
                     pid, status = os.waitpid(-1, os.WNOHANG)
                     if pid and pid in self.children:
@@ -283,6 +320,7 @@ class Daemon:
                         if not self.flags.stop:
                             self._spawn(q)
         finally:
+            self.notifier.stopping()
             self._signal_children(signal.SIGTERM)
             self._reap_all()
             self._remove_iptables()

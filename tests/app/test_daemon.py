@@ -314,3 +314,37 @@ def test_two_workers_share_the_traffic_and_stop_cleanly(lab: Lab, tmp_path: Path
     assert "serves queue 0" in log and "serves queue 1" in log
     assert g.stop_daemon() == 0
     assert not g.chain_installed()
+
+
+def test_daemon_speaks_the_systemd_notify_protocol(lab: Lab, tmp_path: Path) -> None:
+    import socket as so
+
+    path = str(tmp_path / "notify.sock")
+    sock = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(15)
+    g = Gateway(lab, tmp_path)
+    os.environ["NOTIFY_SOCKET"] = path
+    os.environ["WATCHDOG_USEC"] = "1000000"
+    try:
+        g.start_daemon()
+    finally:
+        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+
+    def next_msg(key: str) -> str:
+        while True:
+            m = sock.recv(4096).decode()
+            if key in m.splitlines()[0]:
+                return m
+
+    ready = next_msg("READY=1")
+    assert g.chain_installed()  # READY only once the queue is bound and the rules installed
+    assert "STATUS=" in ready
+    assert next_msg("WATCHDOG=1") == "WATCHDOG=1"
+    assert g.daemon is not None
+    g.daemon.send_signal(signal.SIGHUP)
+    assert next_msg("RELOADING=1")
+    assert next_msg("READY=1")
+    g.daemon.send_signal(signal.SIGTERM)
+    assert next_msg("STOPPING=1")
+    assert g.daemon.wait(20) == 0
