@@ -139,10 +139,12 @@ class Lab:
             self._created.append(name)
             self._ip("-n", name, "link", "set", "lo", "up")
         c, g, s = (self.ns[r] for r in ROLES)
-        self._ip("link", "add", CLIENT_IF, "netns", c, "type", "veth", "peer", "name", GW_CLIENT_IF,
-                 "netns", g)
-        self._ip("link", "add", GW_SERVER_IF, "netns", g, "type", "veth", "peer", "name", SERVER_IF,
-                 "netns", s)
+        self._ip(
+            "link", "add", CLIENT_IF, "netns", c, "type", "veth", "peer", "name", GW_CLIENT_IF, "netns", g
+        )
+        self._ip(
+            "link", "add", GW_SERVER_IF, "netns", g, "type", "veth", "peer", "name", SERVER_IF, "netns", s
+        )
         for ns, dev, v4, v6 in (
             (c, CLIENT_IF, CLIENT_V4, CLIENT_V6),
             (g, GW_CLIENT_IF, GW_CLIENT_V4, GW_CLIENT_V6),
@@ -152,8 +154,7 @@ class Lab:
             self._ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
             self._ip("-n", ns, "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
             self._ip("-n", ns, "link", "set", dev, "up")
-        self.run("gw", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
-                        "net.ipv6.conf.all.forwarding=1"])
+        self.run("gw", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
         self._ip("-n", c, "route", "add", "default", "via", GW_CLIENT_V4)
         self._ip("-n", c, "-6", "route", "add", "default", "via", GW_CLIENT_V6)
         self._ip("-n", s, "route", "add", "default", "via", GW_SERVER_V4)
@@ -168,8 +169,13 @@ class Lab:
         while pending:
             ns, dev = pending[0]
             state = Path(f"/sys/class/net/{dev}/operstate")  # read inside the namespace, see below
-            res = subprocess.run(["ip", "netns", "exec", ns, "cat", str(state)], capture_output=True,
-                                 text=True, timeout=_TIMEOUT, check=False)
+            res = subprocess.run(
+                ["ip", "netns", "exec", ns, "cat", str(state)],
+                capture_output=True,
+                text=True,
+                timeout=_TIMEOUT,
+                check=False,
+            )
             if res.stdout.strip() == "up":
                 pending.pop(0)
                 continue
@@ -179,8 +185,9 @@ class Lab:
 
     @staticmethod
     def _pids_in(name: str) -> list[int]:
-        res = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
-                             timeout=_TIMEOUT, check=False)
+        res = subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=_TIMEOUT, check=False
+        )
         return [int(tok) for tok in res.stdout.split() if tok.isdigit()]
 
 

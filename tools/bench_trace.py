@@ -43,8 +43,8 @@ from tcpguard.core.packet import checksum, tcp_checksum  # noqa: E402
 from tcpguard.io.pcap import LINKTYPE_ETHERNET, PcapWriter  # noqa: E402
 
 MSS = 1448
-_ETH_V4 = bytes.fromhex("02000000000202000000000108 00".replace(" ", ""))
-_ETH_V6 = bytes.fromhex("0200000000020200000000010" + "186dd")
+_ETH_V4 = bytes.fromhex("020000000002" "020000000001" "0800")
+_ETH_V6 = bytes.fromhex("020000000002" "020000000001" "86dd")
 _TCP = struct.Struct("!HHIIBBHHH")
 _V4 = struct.Struct("!BBHHHBBH4s4s")
 _V6 = struct.Struct("!IHBB16s16s")

@@ -20,8 +20,10 @@ Idempotence and crashes: `install()` rebuilds the chain's content in one atomic 
 --noflush` transaction (declaring a chain there creates it or flushes it), so there is no moment where the
 chain is half-built and a packet slips through unqueued, and a chain left behind by a crashed daemon is
 simply reused. Jump rules are found in `-S` output: a missing one is inserted at the top, duplicates of
-it are deleted (the first one stays where it is), and jumps from hooks that are no longer configured are removed. Running `install()` twice leaves exactly
-the same tables as running it once.
+it are deleted by rule number (the first one stays where it is), and jumps from hooks that are no longer
+configured are removed. Running `install()` twice leaves exactly the same tables as running it once.
+Deleting by number assumes nobody else edits the same hook during those few commands (iptables offers no
+transaction spanning a lookup and a delete); the operator's tooling should not race the daemon's start.
 
 `remove()` deletes every rule that jumps to the chain (from any chain of the table, since a referenced
 chain cannot be deleted), then flushes and deletes the chain. On the iptables-nft backend one difference
@@ -50,8 +52,20 @@ HOOKS = ("INPUT", "FORWARD", "OUTPUT")
 _MAX_QUEUE = 65535
 _MULTIPORT_MAX = 15
 _CHAIN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,27}")
-_RESERVED = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING", "ACCEPT", "DROP", "QUEUE",
-                       "RETURN", "NFQUEUE"})
+_RESERVED = frozenset(
+    {
+        "INPUT",
+        "OUTPUT",
+        "FORWARD",
+        "PREROUTING",
+        "POSTROUTING",
+        "ACCEPT",
+        "DROP",
+        "QUEUE",
+        "RETURN",
+        "NFQUEUE",
+    }
+)
 _IFACE_RE = re.compile(r"[^\s/:!]{1,15}")
 _TIMEOUT = 30.0
 
@@ -266,8 +280,10 @@ class IptablesManager:
         if len(args) < 4 or args[0] != "-A" or args[1] == self.spec.chain:
             return False
         # "-j CHAIN" or "-g CHAIN" anywhere in the rule.
-        return any(a in ("-j", "-g", "--jump", "--goto") and b == self.spec.chain for a, b in
-                   itertools.pairwise(args))
+        return any(
+            a in ("-j", "-g", "--jump", "--goto") and b == self.spec.chain
+            for a, b in itertools.pairwise(args)
+        )
 
     def _jump_positions(self, binary: str, hook: str) -> list[int]:
         """1-based rule numbers of the plain `-j CHAIN` jumps in a hook."""

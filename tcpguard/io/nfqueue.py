@@ -293,8 +293,13 @@ class NfqueueAdapter:
         except BaseException:
             self.close()
             raise
-        log.info("bound NFQUEUE %d (max_len %d, copy %d, fail-open %s)", self.queue_num, self.max_len,
-                 self.copy_range, self.fail_open)
+        log.info(
+            "bound NFQUEUE %d (max_len %d, copy %d, fail-open %s)",
+            self.queue_num,
+            self.max_len,
+            self.copy_range,
+            self.fail_open,
+        )
 
     def close(self) -> None:
         """Unbind and release descriptors. Call `drain()` first (run() does) or held packets are lost."""

@@ -75,6 +75,11 @@ try:
     res["received_sha256"] = h.hexdigest(); res["received_len"] = n
 except Exception as e:
     res["error"] = type(e).__name__
+    # After an RST the first call reports ECONNRESET, later ones EPIPE or ENOTCONN: if this call was not
+    # the first, the reset is still pending in SO_ERROR.
+    pending = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if res["error"] != "ConnectionResetError" and pending == 104:
+        res["error"] = "ConnectionResetError"
 print(json.dumps(res))
 """
 

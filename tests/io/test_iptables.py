@@ -27,8 +27,15 @@ def test_default_spec_rules() -> None:
 
 def test_balance_interfaces_and_port_chunks() -> None:
     ports = list(range(1000, 1020))  # 20 ports: more than multiport's 15 per rule
-    spec = IptablesSpec(queue_num=3, queue_count=4, bypass=False, in_interface="c0", out_interface="s+",
-                        ports=tuple(ports), hooks=("FORWARD",))
+    spec = IptablesSpec(
+        queue_num=3,
+        queue_count=4,
+        bypass=False,
+        in_interface="c0",
+        out_interface="s+",
+        ports=tuple(ports),
+        hooks=("FORWARD",),
+    )
     rules = spec.chain_rules()
     assert len(rules) == 3
     for rule in rules[1:]:
@@ -105,8 +112,9 @@ def gw_lab(lab: Lab) -> Iterator[Lab]:
 def test_install_remove_restores_tables_exactly(gw_lab: Lab) -> None:
     lab = gw_lab
     before = {b: _save(lab, b) for b in ("iptables", "ip6tables")}
-    mgr = IptablesManager(IptablesSpec(hooks=("FORWARD", "INPUT", "OUTPUT"), ports=(80, 443)),
-                          netns=lab.name("gw"))
+    mgr = IptablesManager(
+        IptablesSpec(hooks=("FORWARD", "INPUT", "OUTPUT"), ports=(80, 443)), netns=lab.name("gw")
+    )
     assert not mgr.is_installed()
     mgr.install()
     assert mgr.is_installed()
@@ -140,7 +148,11 @@ def test_remove_in_pristine_namespace(lab: Lab) -> None:
     empty = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT"
     assert _save(lab) in ("", empty)
     assert lab.run("gw", ["iptables", "-w", "-S"]).stdout.split("\n") == [
-        "-P INPUT ACCEPT", "-P FORWARD ACCEPT", "-P OUTPUT ACCEPT", ""]
+        "-P INPUT ACCEPT",
+        "-P FORWARD ACCEPT",
+        "-P OUTPUT ACCEPT",
+        "",
+    ]
 
 
 @pytest.mark.root
@@ -170,8 +182,9 @@ def test_changed_spec_replaces_old_rules(gw_lab: Lab) -> None:
     before = _save(lab)
     old = IptablesManager(IptablesSpec(hooks=("FORWARD", "OUTPUT"), ports=(80,)), netns=lab.name("gw"))
     old.install()
-    new = IptablesManager(IptablesSpec(hooks=("INPUT",), queue_num=7, bypass=False, ipv6=False),
-                          netns=lab.name("gw"))
+    new = IptablesManager(
+        IptablesSpec(hooks=("INPUT",), queue_num=7, bypass=False, ipv6=False), netns=lab.name("gw")
+    )
     new.install()
     rules = lab.run("gw", ["iptables", "-w", "-S"]).stdout
     assert "-A FORWARD -j TCPGUARD" not in rules

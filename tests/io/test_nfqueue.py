@@ -335,7 +335,10 @@ class Setup:
         self.driver = self.lab.popen(
             "gw",
             [sys.executable, "-m", "tests.io.test_nfqueue", "--handler", handler, *extra],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         _wait_line(self.driver, "READY", 20)
 
@@ -352,14 +355,27 @@ class Setup:
         proc = self.lab.popen(
             "server",
             [sys.executable, "-c", SERVER, self.family, self.server_addr, str(self.port), str(out), mode],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         _wait_line(proc, "LISTENING", 20)
         return out
 
     def chat(self, *msgs: str, connect_timeout: float = 5.0) -> list[str]:
-        res = self.lab.run("client", [sys.executable, "-c", CLIENT_CHAT, self.server_addr, str(self.port),
-                                      str(connect_timeout), *msgs], timeout=60)
+        res = self.lab.run(
+            "client",
+            [
+                sys.executable,
+                "-c",
+                CLIENT_CHAT,
+                self.server_addr,
+                str(self.port),
+                str(connect_timeout),
+                *msgs,
+            ],
+            timeout=60,
+        )
         result: list[str] = json.loads(res.stdout)
         return result
 
@@ -368,8 +384,11 @@ class Setup:
         src = self.tmp / "sent"
         src.write_bytes(data)
         out = self.start_server("sink")
-        res = self.lab.run("client", [sys.executable, "-c", CLIENT_SEND, self.family, self.server_addr,
-                                      str(self.port), str(src)], timeout=120)
+        res = self.lab.run(
+            "client",
+            [sys.executable, "-c", CLIENT_SEND, self.family, self.server_addr, str(self.port), str(src)],
+            timeout=120,
+        )
         assert res.stdout.strip() == f"OK {size}"
         return data, out
 
@@ -484,8 +503,12 @@ def test_stop_drains_held_packets(setup: Setup) -> None:
     setup.install(bypass=True)
     setup.start_driver("hold-forever", "--drain-verdict", "accept")
     setup.start_server("echo")
-    client = setup.lab.popen("client", [sys.executable, "-c", CLIENT_CHAT, SERVER_V4, str(PORT), "5", "hi"],
-                             stdout=subprocess.PIPE, text=True)
+    client = setup.lab.popen(
+        "client",
+        [sys.executable, "-c", CLIENT_CHAT, SERVER_V4, str(PORT), "5", "hi"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.5)  # the SYN is queued and held by now (its first retransmission is at 1 s)
     q = setup.stop_driver()["queue"]
     out, _ = client.communicate(timeout=20)
@@ -537,8 +560,13 @@ print(json.dumps([ok, ok2, mark, s.stats.as_dict()]))
 
 # ================================================================================ unit tests (fakes)
 class FakePacket:
-    def __init__(self, payload: bytes = b"\x45" + bytes(39), fail: bool = False,
-                 log: list[str] | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        payload: bytes = b"\x45" + bytes(39),
+        fail: bool = False,
+        log: list[str] | None = None,
+        name: str = "",
+    ) -> None:
         self.payload = payload
         self.verdict: str | None = None
         self.new_payload: bytes | None = None
@@ -625,8 +653,11 @@ def test_unit_hold_release_then_send_in_order() -> None:
     h = Scripted(
         Decision(Verdict.HOLD),
         Decision(Verdict.HOLD),
-        Decision(Verdict.ACCEPT, releases=[Release(p2, Verdict.ACCEPT, b"p2new"), Release(p1, Verdict.DROP)],
-                 send=[b"rst1", b"bad"]),
+        Decision(
+            Verdict.ACCEPT,
+            releases=[Release(p2, Verdict.ACCEPT, b"p2new"), Release(p1, Verdict.DROP)],
+            send=[b"rst1", b"bad"],
+        ),
     )
     a, _ = _adapter(h, log)
     for p in (p1, p2):
@@ -713,8 +744,9 @@ def test_unit_stats_dict() -> None:
 
 def test_unit_fail_open_message_layout() -> None:
     msg = _fail_open_message(7, 99)
-    length, mtype, flags, seq, pid = (int.from_bytes(msg[i:j], sys.byteorder) for i, j in
-                                      ((0, 4), (4, 6), (6, 8), (8, 12), (12, 16)))
+    length, mtype, flags, seq, pid = (
+        int.from_bytes(msg[i:j], sys.byteorder) for i, j in ((0, 4), (4, 6), (6, 8), (8, 12), (12, 16))
+    )
     assert (length, mtype, flags, seq, pid) == (len(msg), 0x0302, 0x5, 99, 0)
     assert msg[16:20] == b"\x00\x00\x00\x07"  # AF_UNSPEC, version 0, queue 7 big-endian
     assert msg[22:24] == (4).to_bytes(2, sys.byteorder) and msg[24:28] == b"\x00\x00\x00\x01"
