@@ -113,6 +113,9 @@ def cmd_iptables(args: argparse.Namespace) -> int:
 
 DEFAULT_CONFIG = "/etc/tcpguard/tcpguard.yaml"
 
+# Modules that add their own subcommands through `add_subparser(sub)`.
+PLUGGED_COMMANDS = ("tcpguard.app.trace", "tcpguard.app.lab", "tcpguard.app.control")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcpguard", description="Inline TCP filtering with Haka-style rules.")
@@ -145,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("action", choices=["install", "remove", "show"])
     i.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     i.set_defaults(func=cmd_iptables)
+
+    # Commands that live in their own modules register themselves (each module has add_subparser).
+    import importlib
+
+    for name in PLUGGED_COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.add_subparser(sub)
     return p
 
 

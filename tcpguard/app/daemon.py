@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tcpguard.app.config import Config, ConfigError, load_config
+from tcpguard.app.logsetup import setup_logging
 from tcpguard.app.notify import Notifier
 from tcpguard.app.ruleload import load_rules
 from tcpguard.core.decision import Decision, Output
@@ -155,27 +156,6 @@ class Worker:
         self.reloads += 1
         log.info("reloaded: %d rules from %s", len(rules), cfg.rules_dir)
         return True
-
-
-def setup_logging(cfg: Config, verbose: int = 0) -> None:
-    level = getattr(logging, cfg.logging.level.upper())
-    if verbose:
-        level = min(level, logging.DEBUG if verbose > 1 else logging.INFO)
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler: logging.Handler | None = None
-    target = cfg.logging.target
-    if target == "journal" or (target == "auto" and os.environ.get("JOURNAL_STREAM")):
-        with contextlib.suppress(ImportError):
-            from systemd.journal import JournalHandler
-
-            handler = JournalHandler(SYSLOG_IDENTIFIER="tcpguard")
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
 
 
 @dataclass

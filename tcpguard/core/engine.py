@@ -266,7 +266,9 @@ class Engine:
         if victim is None:
             return False
         self.stats.evicted += 1
-        log.info("connection table full: evicting %s", victim.describe())
+        log.info(
+            "connection table full: evicting %s", victim.describe(), extra=_fields(victim, VERDICT="evict")
+        )
         self._finish(victim, "evicted")
         self.table.remove(victim)
         return True
@@ -515,7 +517,11 @@ class Engine:
         self.stats.limit_hits += 1
         pol = self.settings.policies.limit
         log.warning(
-            "buffer limit hit on %s (%d bytes buffered): policy %s", conn.describe(), s.buffered(), pol
+            "buffer limit hit on %s (%d bytes buffered): policy %s",
+            conn.describe(),
+            s.buffered(),
+            pol,
+            extra=_fields(conn, VERDICT=pol),
         )
         self._emit({"event": "limit", "flow": conn.id, "buffered": s.buffered(), "policy": pol})
         if pol == "accept":
@@ -547,6 +553,7 @@ class Engine:
             type(e).__name__,
             e,
             exc_info=(type(e), e, e.__traceback__),
+            extra=_fields(conn, RULE=r.name, VERDICT=self.settings.policies.rule_error),
         )
         self._emit(
             {"event": "rule_error", "flow": conn.id, "rule": r.name, "error": f"{type(e).__name__}: {e}"}
@@ -666,6 +673,13 @@ class Engine:
 
     def _apply_block(self, conn: Connection, why: str) -> None:
         act = conn.action
+        log.info(
+            "%s: %s by %s",
+            conn.describe(),
+            Action.NAMES[act],
+            why,
+            extra=_fields(conn, VERDICT=Action.NAMES[act]),
+        )
         if act >= Action.HALFRESET:
             self._forge_resets(conn, both=act == Action.RESET)
         self._emit({"event": "action", "flow": conn.id, "action": Action.NAMES[act], "by": why})
@@ -766,10 +780,25 @@ class Engine:
             "direction": direction,
             **fields,
         }
-        log.warning("alert [%s] %s: %s", severity, conn.describe(), description)
+        log.warning(
+            "alert [%s] %s: %s",
+            severity,
+            conn.describe(),
+            description,
+            extra=_fields(conn, SEVERITY=severity, DIRECTION=direction or ""),
+        )
         if self.alert_hook is not None:
             self.alert_hook(ev)
         self._emit(ev)
+
+
+def _fields(conn: Connection, **more: str) -> dict[str, str]:
+    """Structured log fields (journald field names: upper case) naming the flow."""
+    return {
+        "TCPGUARD_FLOW": conn.describe(),
+        "TCPGUARD_FLOW_ID": str(conn.id),
+        **{f"TCPGUARD_{k}": v for k, v in more.items()},
+    }
 
 
 def _streamed_runner(

@@ -27,7 +27,7 @@ from tcpguard.core.decision import Decision, Verdict
 from tcpguard.core.engine import Engine
 from tcpguard.core.errors import DecodeError
 from tcpguard.core.packet import Packet, TcpOptions, checksums_ok, decode
-from tcpguard.core.rules import Rule, RuleSet, rule, tcp_connection
+from tcpguard.core.rules import RuleSet, rule, tcp_connection
 from tcpguard.core.settings import EngineSettings, Limits, Policies
 from tcpguard.core.stream import HalfStream
 
@@ -125,6 +125,7 @@ class Schedule:
     data: bytes
     segments: list[tuple[int, bytes]]  # (offset, payload), in sending order
     acks: list[bool] = field(default_factory=list)  # server ACK after segment i?
+    fin_at: int | None = None  # the client's FIN is sent before segment fin_at (len(segments): last)
 
 
 @st.composite
@@ -151,15 +152,27 @@ def schedules(draw: st.DrawFn, max_len: int = 5000, conflicting: bool = False) -
     allsegs = segs + dups + extra
     order = draw(st.permutations(range(len(allsegs))))
     acks = draw(st.lists(st.booleans(), min_size=len(allsegs), max_size=len(allsegs)))
-    return Schedule(data, [allsegs[i] for i in order], acks)
+    fin_at = draw(st.none() | st.integers(0, len(allsegs)), label="fin_at")
+    return Schedule(data, [allsegs[i] for i in order], acks, fin_at)
+
+
+def play(h: ClientStream, sched: Schedule, fin: bool = False) -> None:
+    """Send the schedule; the FIN (a bare FIN at the end of the stream, possibly out of order) where the
+    schedule puts it, or last if `fin` asks for one the schedule has not got."""
+    n = len(sched.data)
+    for i, ((off, payload), ack) in enumerate(zip(sched.segments, sched.acks, strict=True)):
+        if sched.fin_at == i:
+            h.send(n, b"", "FA")
+        h.send(off, payload)
+        if ack:
+            h.server_ack()
+    if sched.fin_at == len(sched.segments) or (fin and sched.fin_at is None):
+        h.send(n, b"", "FA")
 
 
 def run(sched: Schedule, cisn: int) -> ClientStream:
     h = ClientStream(cisn)
-    for (off, payload), ack in zip(sched.segments, sched.acks, strict=True):
-        h.send(off, payload)
-        if ack:
-            h.server_ack()
+    play(h, sched)
     return h
 
 
@@ -235,11 +248,8 @@ def test_streamed_read_n_sees_the_same_stream_as_a_plain_rule(
             pieces.append(chunk)
 
     h = ClientStream(cisn, (reader,))
-    for (off, payload), ack in zip(sched.segments, sched.acks, strict=True):
-        h.send(off, payload)
-        if ack:
-            h.server_ack()
-    h.send(len(sched.data), b"", "FA")  # the end of the stream flushes the last short piece
+    play(h, sched, fin=True)  # the end of the stream flushes the last short piece
+    assert not h.held
     assert b"".join(pieces) == bytes(h.seen) == sched.data
     assert all(len(p) == piece for p in pieces[:-1])
     assert 1 <= len(pieces[-1]) <= piece
@@ -479,17 +489,13 @@ def test_engine_gives_a_decision_for_any_mix_of_valid_and_mutated_packets(
 
 
 # ============================================================================================ bounds
-@dataclass
-class Peer:
-    pb: Playbook
-    streamed_hog: bool = False
-
-
 OPS = st.tuples(
     st.integers(0, 5),  # connection
-    st.sampled_from(["syn", "synack", "ack", "cdata", "sdata", "cack", "sack", "fin", "rst"]),
-    st.integers(0, 600),  # offset
-    st.integers(1, 150),  # length
+    st.sampled_from(
+        ["cappend", "cappend", "sappend", "cdata", "sdata", "cack", "sack", "fin", "rst", "syn", "midstream"]
+    ),
+    st.integers(0, 600),  # offset (for cdata/sdata/cack/sack/fin/rst)
+    st.integers(1, 120),  # length
 )
 
 
@@ -500,14 +506,76 @@ def check_bounds(engine: Engine, lim: Limits) -> None:
             assert len(s.ooo) <= lim.max_ooo_segments
             assert s.ooo_bytes <= lim.max_ooo_bytes
             assert len(s.buf) <= lim.max_stream_buffer
+            # Retained in-order bytes and held out-of-order bytes have a bound each.
             assert s.buffered() <= lim.max_stream_buffer + lim.max_ooo_bytes
+
+
+class Traffic:
+    """Clients 0..5 talking to one server through one engine: handshakes, in-order and out-of-order
+    data both ways, acknowledgements, FIN, RST, reopened and mid-stream connections."""
+
+    def __init__(self, engine: Engine, lim: Limits, seed: int) -> None:
+        self.engine = engine
+        self.lim = lim
+        self.rnd = random.Random(seed)
+        self.peers = [
+            Playbook(engine=engine, cport=40000 + i, cisn=self.rnd.randrange(2**32),
+                     sisn=self.rnd.randrange(2**32))
+            for i in range(6)
+        ]
+        self.sent = [[0, 0] for _ in range(6)]  # bytes each client / server sent in order so far
+        self.opened = [False] * 6
+        self.now = 0.0
+
+    def feed(self, pb: Playbook, from_client: bool, flags: str, data: bytes, seq: int, ack: int) -> None:
+        self.now += 0.01
+        pb.now = self.now
+        if from_client:
+            pb.client(flags, data, seq=seq & MASK, ack=ack & MASK, dt=0)
+        else:
+            pb.server(flags, data, seq=seq & MASK, ack=ack & MASK, dt=0)
+        check_bounds(self.engine, self.lim)
+
+    def op(self, i: int, kind: str, off: int, length: int) -> None:
+        pb = self.peers[i]
+        c0, s0 = pb.cisn + 1, pb.sisn + 1
+        sent = self.sent[i]
+        if kind == "syn" or (not self.opened[i] and kind != "midstream"):
+            pb.cisn, pb.sisn = self.rnd.randrange(2**32), self.rnd.randrange(2**32)
+            c0, s0 = pb.cisn + 1, pb.sisn + 1
+            self.feed(pb, True, "S", b"", pb.cisn, 0)
+            self.feed(pb, False, "SA", b"", pb.sisn, c0)
+            self.feed(pb, True, "A", b"", c0, s0)
+            self.sent[i] = sent = [0, 0]
+            self.opened[i] = True
+            if kind == "syn":
+                return
+        payload = self.rnd.randbytes(length)
+        if kind == "cappend" or kind == "midstream":
+            self.feed(pb, True, "PA", payload, c0 + sent[0], s0 + sent[1])
+            sent[0] += length
+        elif kind == "sappend":
+            self.feed(pb, False, "PA", payload, s0 + sent[1], c0 + sent[0])
+            sent[1] += length
+        elif kind == "cdata":
+            self.feed(pb, True, "PA", payload, c0 + off, s0 + sent[1])
+        elif kind == "sdata":
+            self.feed(pb, False, "PA", payload, s0 + off, c0 + sent[0])
+        elif kind == "cack":
+            self.feed(pb, True, "A", b"", c0 + sent[0], s0 + min(off, sent[1]))
+        elif kind == "sack":
+            self.feed(pb, False, "A", b"", s0 + sent[1], c0 + min(off, sent[0]))
+        elif kind == "fin":
+            self.feed(pb, True, "FA", b"", c0 + sent[0], s0 + sent[1])
+        else:
+            self.feed(pb, False, "RA", b"", s0 + sent[1], c0 + sent[0])
 
 
 @settings(max_examples=100, deadline=None)
 @given(
     ops=st.lists(OPS, min_size=1, max_size=60),
     max_conn=st.integers(1, 3),
-    ooo_bytes=st.integers(1, 200),
+    ooo_bytes=st.integers(1, 400),
     ooo_segs=st.integers(1, 3),
     stream_buf=st.integers(50, 400),
     limit=st.sampled_from(["accept", "drop", "reset"]),
@@ -529,7 +597,6 @@ def test_small_limits_bound_the_table_and_every_stream(
     lim = Limits(max_connections=max_conn, max_ooo_bytes=ooo_bytes, max_ooo_segments=ooo_segs,
                  max_stream_buffer=stream_buf)
     cfg = EngineSettings(limits=lim, policies=Policies(limit=limit, table_full=table_full))
-    rules: list[Rule] = []
 
     @rule(on=EV.receive_data)
     def plain(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
@@ -539,38 +606,9 @@ def test_small_limits_bound_the_table_and_every_stream(
     def hog_rule(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
         current.read(10**9)  # pins every byte it has not read: only the limit stops the growth
 
-    rules = [plain.__tcpguard_rule__]  # type: ignore[attr-defined]
-    if hog:
-        rules.append(hog_rule.__tcpguard_rule__)  # type: ignore[attr-defined]
-    engine = Engine(cfg, RuleSet(rules))
-    rnd = random.Random(seed)
-    peers = [Playbook(engine=engine, cport=40000 + i, cisn=rnd.randrange(2**32), sisn=rnd.randrange(2**32))
-             for i in range(6)]
-    now = 0.0
-    for i, kind, off, length in ops:
-        pb = peers[i]
-        now += 0.01
-        pb.now = now
-        payload = bytes(rnd.randrange(256) for _ in range(length))
-        c0, s0 = (pb.cisn + 1) & MASK, (pb.sisn + 1) & MASK
-        if kind == "syn":
-            pb.client("S", seq=pb.cisn, dt=0)
-        elif kind == "synack":
-            pb.server("SA", seq=pb.sisn, ack=c0, dt=0)
-        elif kind == "ack":
-            pb.client("A", seq=c0, ack=s0, dt=0)
-        elif kind == "cdata":
-            pb.client("PA", payload, seq=c0 + off, ack=s0, dt=0)
-        elif kind == "sdata":
-            pb.server("PA", payload, seq=s0 + off, ack=c0, dt=0)
-        elif kind == "cack":
-            pb.client("A", seq=c0, ack=s0 + off, dt=0)
-        elif kind == "sack":
-            pb.server("A", seq=s0, ack=c0 + off, dt=0)
-        elif kind == "fin":
-            pb.client("FA", seq=c0 + off, ack=s0, dt=0)
-        else:
-            pb.server("RA", seq=s0 + off, ack=c0, dt=0)
-        check_bounds(engine, lim)
-    engine.handle_timer(now + 100_000)
+    engine = Engine(cfg, RuleSet.of(plain, hog_rule) if hog else RuleSet.of(plain))
+    traffic = Traffic(engine, lim, seed)
+    for op in ops:
+        traffic.op(*op)
+    engine.handle_timer(traffic.now + 100_000)
     check_bounds(engine, lim)
