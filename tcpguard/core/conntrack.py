@@ -50,6 +50,7 @@ class Connection:
         "_greenlets",
         "_heap_at",
         "_send",
+        "_store",
         "action",
         "bytes_down",
         "bytes_up",
@@ -69,7 +70,6 @@ class Connection:
         "sport",
         "started",
         "state",
-        "store",
         "up",
         "version",
         "wscale_client",
@@ -108,7 +108,7 @@ class Connection:
         self.ended = False
         self.end_reason = ""
         self.midstream = False
-        self.store: dict[str, Any] = {}
+        self._store: dict[str, Any] | None = None
         self.pkts_up = self.pkts_down = self.bytes_up = self.bytes_down = 0
         self.wscale_client = self.wscale_server = -1
         self._greenlets: dict[tuple[int, int], Any] | None = None
@@ -133,6 +133,13 @@ class Connection:
     @property
     def dstport(self) -> int:
         return self.sport
+
+    @property
+    def store(self) -> dict[str, Any]:
+        """Per-flow storage for rules: a dict that lives as long as the connection (made on first use)."""
+        if self._store is None:
+            self._store = {}
+        return self._store
 
     @property
     def state_name(self) -> str:

@@ -46,7 +46,7 @@ from tcpguard.core.state import (
 from tcpguard.core.state import (
     Action as StateAction,
 )
-from tcpguard.core.stream import HalfStream, Held
+from tcpguard.core.stream import LOOKBACK, HalfStream, Held
 
 log = logging.getLogger("tcpguard.engine")
 
@@ -412,7 +412,7 @@ class Engine:
         if flags & ACK and o.isn >= 0:
             wscale = conn.wscale_client if d == UP else conn.wscale_server
             o.ack(o.offset(pkt.ack), pkt.window << (wscale if wscale > 0 else 0))
-            if len(o.buf) > 2048:
+            if len(o.buf) > 2 * LOOKBACK:
                 before = len(o.buf)
                 o.trim()
                 self.buffered -= before - len(o.buf)
@@ -475,6 +475,7 @@ class Engine:
             assert held is not None
             if self.held_packets >= lim.max_held_packets:
                 # Undo the hold and drop: the sender retransmits once the gap fills.
+                assert isinstance(s.ooo, list)
                 s.ooo.remove(held)
                 s.ooo_bytes -= held.end - held.start
                 self.buffered -= held.end - held.start
@@ -490,17 +491,17 @@ class Engine:
         # Out-of-order segments that became contiguous leave with this packet, after the rules ran.
         pulled = s.pulled
         if pulled:
-            s.pulled = []
-            self.held_packets -= len(pulled)
-            s.held.extend(pulled)
-            self.held_packets += len(pulled)
+            s.pulled = ()
+            s.held = [*s.held, *pulled]
         if conn.action:
             return self._block_now(conn, "rule")
         if s.buffered() > lim.max_stream_buffer or self.buffered > lim.max_total_buffer:
             return self._limit(conn, s)
         end = off + len(pkt.payload)
         if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
-            s.held.insert(len(s.held) - len(pulled), Held(off, end, token, packet, fin))
+            held_list = list(s.held)
+            held_list.insert(len(held_list) - len(pulled), Held(off, end, token, packet, fin))
+            s.held = held_list
             self.held_packets += 1
             self._after_rules(conn)
             return Decision(HOLD, flow_id=conn.id, reason="held by rule")
@@ -592,7 +593,7 @@ class Engine:
                 continue  # this listener already finished on this direction
             if g is False:
                 cur = Cursor(s, start, blocking=True)
-                s.readers.append(cur)
+                s.readers = [*s.readers, cur]
                 g = greenlet.greenlet(_streamed_runner(r, conn, s, cur, dname))
                 gls[(d, i)] = g
             self._switch(conn, r, g, d, i)
@@ -631,8 +632,8 @@ class Engine:
             if g is not None and not g.dead:
                 g.throw(greenlet.GreenletExit)
             gls[key] = None
-        conn.up.readers = []
-        conn.down.readers = []
+        conn.up.readers = ()
+        conn.down.readers = ()
 
     def _after_rules(self, conn: Connection) -> None:
         """Apply `flow.send()` requests and marks the rules lifted: held in-order packets leave."""
@@ -653,7 +654,7 @@ class Engine:
             if verdict == ACCEPT:
                 s.forwarded(h.end, h.fin)
         self.held_packets -= len(s.held)
-        s.held = []
+        s.held = ()
 
     def _drop_ooo(self, s: HalfStream) -> None:
         """Drop the out-of-order packets: the rules never saw their bytes, so they never pass."""
@@ -663,7 +664,7 @@ class Engine:
             out.releases.append(Release(h.token, DROP))
         self.held_packets -= len(s.ooo)
         self.buffered -= s.ooo_bytes
-        s.ooo = []
+        s.ooo = ()
         s.ooo_bytes = 0
 
     def _block_now(self, conn: Connection, why: str) -> Decision:
@@ -813,7 +814,7 @@ def _streamed_runner(
             return _Done(e)
         finally:
             if cur in s.readers:
-                s.readers.remove(cur)
+                s.readers = [r for r in s.readers if r is not cur]
         return _Done(None)
 
     return run

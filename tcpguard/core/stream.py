@@ -104,14 +104,16 @@ class HalfStream:
         self.acked = 0  # highest offset acknowledged by the receiver
         self.wnd_end = -1  # receiver's right window edge as an offset; -1 while unknown
         self.wscale = -1  # receiver's window scale; -1 while unknown (no window check then)
-        self.ooo: list[Held] = []  # out-of-order segments, sorted by start
+        # The four collections below are rarely non-empty; they start as the shared empty tuple and become
+        # lists on first use, which saves four list objects per direction on every idle connection.
+        self.ooo: list[Held] | tuple[()] = ()  # out-of-order segments, sorted by start
         self.ooo_bytes = 0
-        self.held: list[Held] = []  # in-order packets held behind a mark, in arrival order
+        self.held: list[Held] | tuple[()] = ()  # in-order packets held behind a mark, in arrival order
         self.hold_from = -1  # offset of a rule's mark, -1 if none
         self.fin_off = -1  # offset of the FIN, -1 until seen in order
         self.eof = False  # all bytes up to the FIN were delivered
-        self.readers: list[Cursor] = []  # streamed readers, whose positions pin retained bytes
-        self.pulled: list[Held] = []  # out-of-order segments that became contiguous, to be released
+        self.readers: list[Cursor] | tuple[()] = ()  # streamed readers; their positions pin retained bytes
+        self.pulled: list[Held] | tuple[()] = ()  # out-of-order segments that became contiguous
 
     # -- sequence numbers ------------------------------------------------------------------------------
     def offset(self, seq: int) -> int:
@@ -249,16 +251,23 @@ class HalfStream:
         return out
 
     def _insert_ooo(self, held: Held) -> None:
-        i = len(self.ooo)
-        while i and self.ooo[i - 1].start > held.start:
+        ooo = self.ooo if isinstance(self.ooo, list) else []
+        self.ooo = ooo
+        i = len(ooo)
+        while i and ooo[i - 1].start > held.start:
             i -= 1
-        self.ooo.insert(i, held)
+        ooo.insert(i, held)
         self.ooo_bytes += held.end - held.start
 
     def _pull_ooo(self) -> None:
         """Move held segments that became contiguous into the stream; they wait in `pulled`."""
-        while self.ooo and self.ooo[0].start <= self.next:
-            h = self.ooo.pop(0)
+        ooo = self.ooo
+        if not isinstance(ooo, list):
+            return
+        pulled = self.pulled if isinstance(self.pulled, list) else []
+        self.pulled = pulled
+        while ooo and ooo[0].start <= self.next:
+            h = ooo.pop(0)
             self.ooo_bytes -= h.end - h.start
             if h.end > self.next:
                 self.buf += h.data[self.next - h.start :]
@@ -266,7 +275,7 @@ class HalfStream:
             if h.fin and self.fin_off < 0:
                 self.fin_off = h.end
             h.data = b""
-            self.pulled.append(h)
+            pulled.append(h)
 
     # -- acknowledgements and retention ----------------------------------------------------------------
     def ack(self, off: int, window: int) -> None:
