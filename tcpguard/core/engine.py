@@ -27,7 +27,7 @@ from tcpguard.core import forge
 from tcpguard.core.conntrack import DIRECTION_NAMES, Action, Connection, ConnTable, flow_key
 from tcpguard.core.cursor import Cursor
 from tcpguard.core.decision import Decision, Output, Release, Verdict
-from tcpguard.core.errors import DecodeError
+from tcpguard.core.errors import DecodeError, RuleTimeout
 from tcpguard.core.packet import ACK, FIN, RST, SYN, URG, Packet, checksums_ok, decode
 from tcpguard.core.rules import Rule, RuleSet
 from tcpguard.core.settings import EngineSettings
@@ -115,6 +115,10 @@ class Engine:
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self.alert_hook: Callable[[dict[str, Any]], None] | None = None
         self._timeout = {st: float(getattr(self.settings.timeouts, name)) for st, name in TIMEOUT_OF.items()}
+        # For a rule-time watchdog outside the core: the rule running now (None between calls) and a
+        # counter of calls, so the watchdog can tell one long call from many short ones.
+        self.in_rule: Rule | None = None
+        self.rule_calls = 0
 
     # ================================================================ public entry points
     def replace_rules(self, rules: RuleSet) -> None:
@@ -541,9 +545,14 @@ class Engine:
     # ================================================================ rules
     def _call(self, conn: Connection, r: Rule, *args: Any) -> None:
         try:
+            self.rule_calls += 1
+            self.in_rule = r
             r.func(*args)
-        except Exception as e:
+        except (Exception, RuleTimeout) as e:
+            self.in_rule = None
             self._rule_error(conn, r, e)
+        finally:
+            self.in_rule = None
 
     def _rule_error(self, conn: Connection, r: Rule, e: BaseException) -> None:
         self.stats.rule_errors += 1
@@ -602,7 +611,12 @@ class Engine:
 
     def _switch(self, conn: Connection, r: Rule, g: Any, d: int, i: int) -> None:
         """Resume a streamed listener until it blocks for more bytes or finishes."""
-        result = g.switch()
+        self.rule_calls += 1
+        self.in_rule = r
+        try:
+            result = g.switch()
+        finally:
+            self.in_rule = None
         if isinstance(result, _Done):
             assert conn._greenlets is not None
             conn._greenlets[(d, i)] = None
@@ -810,7 +824,7 @@ def _streamed_runner(
             r.func(conn, s, cur, dname)
         except greenlet.GreenletExit:
             raise
-        except Exception as e:
+        except (Exception, RuleTimeout) as e:
             return _Done(e)
         finally:
             if cur in s.readers:

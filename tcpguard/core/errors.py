@@ -25,3 +25,11 @@ class RuleLoadError(Exception):
         self.message = message
         where = f"{path}:{line}" if line else path
         super().__init__(f"{where}: {message}")
+
+
+class RuleTimeout(BaseException):
+    """Raised inside a rule call that ran past its time budget (see `tcpguard.app.budget`).
+
+    A BaseException, not an Exception, so that a rule's own `except Exception:` cannot swallow it; the
+    engine catches it around every rule call and applies the rule-error policy.
+    """
