@@ -82,5 +82,5 @@ def rewrite(pkt: Packet, payload: bytes | None = None, clear_urg: bool = False) 
         # The payload length covers the extension headers too.
         struct.pack_into("!H", iph, 4, len(iph) - 40 + seg_len)
     seg = bytes(tcph) + body
-    struct.pack_into("!H", tcph, 16, tcp_checksum(pkt.version, pkt.src, pkt.dst, seg))
+    struct.pack_into("!H", tcph, 16, tcp_checksum(pkt.version, pkt.src, pkt.pdst, seg))
     return bytes(iph) + bytes(tcph) + body

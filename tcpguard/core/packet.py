@@ -43,6 +43,7 @@ _TCP = struct.Struct("!HHIIBBHHH")
 # IPv6 extension headers that carry a generic (next header, length) prefix.
 _V6_EXT_GENERIC = frozenset({0, 43, 60, 135, 139, 140})
 _V6_FRAGMENT = 44
+_V6_ROUTING = 43
 _V6_AH = 51
 _V6_MAX_EXT = 16
 
@@ -72,6 +73,7 @@ class Packet:
         "ip_hlen",
         "is_tcp",
         "payload",
+        "pdst",
         "proto",
         "raw",
         "seq",
@@ -96,6 +98,8 @@ class Packet:
         self.window = self.urgptr = self.tcp_hlen = 0
         self.payload = b""
         self._options: TcpOptions | None = None
+        # Destination for the TCP pseudo-header: the final one of a source-routed packet, else dst.
+        self.pdst = dst
 
     # -- convenience views, not used on the hot path --------------------------------------------------
     @property
@@ -175,6 +179,8 @@ def _decode_v4(raw: bytes, n: int) -> Packet:
     if total < n:
         raw = raw[:total]
     pkt = Packet(raw, 4, src, dst, proto, ihl)
+    if ihl > 20:
+        pkt.pdst = _v4_route_final(raw, ihl, dst)
     if frag & 0x3FFF:  # MF set or offset non-zero
         pkt.fragment = True
         return pkt
@@ -196,12 +202,17 @@ def _decode_v6(raw: bytes, n: int) -> Packet:
         raw = raw[:total]
     off = 40
     fragment = False
-    for _ in range(_V6_MAX_EXT):
+    final_dst = dst
+    # One pass per extension header, plus one to read the header that ends the chain.
+    for _ in range(_V6_MAX_EXT + 1):
         if nxt in _V6_EXT_GENERIC:
             if off + 8 > total:
                 raise DecodeError(f"IPv6 extension header {nxt} truncated")
             nxt_new = raw[off]
-            off += (raw[off + 1] + 1) * 8
+            hlen = (raw[off + 1] + 1) * 8
+            if nxt == _V6_ROUTING and raw[off + 3] and off + hlen <= total:
+                final_dst = _v6_route_final(raw, off, hlen, final_dst)
+            off += hlen
             nxt = nxt_new
         elif nxt == _V6_FRAGMENT:
             if off + 8 > total:
@@ -226,12 +237,44 @@ def _decode_v6(raw: bytes, n: int) -> Packet:
     if off > total:
         raise DecodeError("IPv6 extension header runs past the packet")
     pkt = Packet(raw, 6, src, dst, nxt, off)
+    pkt.pdst = final_dst
     if fragment:
         pkt.fragment = True
         return pkt
     if nxt == PROTO_TCP:
         _decode_tcp(pkt, raw, off, total)
     return pkt
+
+
+def _v4_route_final(raw: bytes, ihl: int, dst: bytes) -> bytes:
+    """The final destination of a source-routed IPv4 packet (LSRR/SSRR), which the TCP pseudo-header
+    uses (RFC 1122 4.2.3.1); `dst` for any other packet. Malformed options raise DecodeError."""
+    i = 20
+    final = dst
+    while i < ihl:
+        kind = raw[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= ihl or raw[i + 1] < 2 or i + raw[i + 1] > ihl:
+            raise DecodeError(f"IPv4 option {kind} has a bad length")
+        length = raw[i + 1]
+        if kind in (131, 137) and length >= 7 and (length - 3) % 4 == 0:
+            final = raw[i + length - 4 : i + length]
+        i += length
+    return final
+
+
+def _v6_route_final(raw: bytes, off: int, hlen: int, dst: bytes) -> bytes:
+    """The final destination named by a Routing header with segments left (RFC 8200 8.1)."""
+    rtype = raw[off + 2]
+    if rtype in (0, 2) and hlen >= 24:  # type 0 (deprecated) and 2: the last address listed
+        return raw[off + hlen - 16 : off + hlen]
+    if rtype == 4 and hlen >= 24:  # segment routing: segment list [0] is the final segment
+        return raw[off + 8 : off + 24]
+    return dst
 
 
 def _decode_tcp(pkt: Packet, raw: bytes, off: int, total: int) -> None:
@@ -323,8 +366,8 @@ def checksum(data: bytes) -> int:
 
 def _pseudo_header(pkt: Packet, length: int) -> bytes:
     if pkt.version == 4:
-        return pkt.src + pkt.dst + struct.pack("!BBH", 0, PROTO_TCP, length)
-    return pkt.src + pkt.dst + struct.pack("!IxxxB", length, PROTO_TCP)
+        return pkt.src + pkt.pdst + struct.pack("!BBH", 0, PROTO_TCP, length)
+    return pkt.src + pkt.pdst + struct.pack("!IxxxB", length, PROTO_TCP)
 
 
 def checksums_ok(pkt: Packet) -> bool:

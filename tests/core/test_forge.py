@@ -78,8 +78,9 @@ def test_build_tcp_parses_with_correct_checksums(
 ) -> None:
     options = b"\x01" * (4 * nopts)
     src, dst = V6 if ipv6 else V4
-    raw = forge.build_tcp(6 if ipv6 else 4, src, dst, sport, dport, seq, ack, flags, window, payload,
-                          options, urgptr)
+    raw = forge.build_tcp(
+        6 if ipv6 else 4, src, dst, sport, dport, seq, ack, flags, window, payload, options, urgptr
+    )
     sc = assert_scapy_checksums(raw)
     tcp = sc[TCP]
     assert addresses(sc) == (src, dst)
@@ -98,8 +99,14 @@ def test_build_tcp_with_real_options() -> None:
     options = b"\x02\x04\x05\xb4\x01\x03\x03\x07\x04\x02\x01\x01"
     raw = forge.build_tcp(4, *V4, 1, 2, 3, 4, 0x02, 1000, b"", options)
     sc = assert_scapy_checksums(raw)
-    assert sc[TCP].options == [("MSS", 1460), ("NOP", None), ("WScale", 7), ("SAckOK", b""),
-                               ("NOP", None), ("NOP", None)]
+    assert sc[TCP].options == [
+        ("MSS", 1460),
+        ("NOP", None),
+        ("WScale", 7),
+        ("SAckOK", b""),
+        ("NOP", None),
+        ("NOP", None),
+    ]
 
 
 def test_build_tcp_rejects_unpadded_options() -> None:
@@ -133,10 +140,19 @@ TCP_OPTS = [("MSS", 1200), ("NOP", None), ("WScale", 5), ("SAckOK", b""), ("Time
 
 
 def original_v4(payload: bytes, flags: str = "PA", urgptr: int = 0) -> bytes:
-    ip = IP(src="192.0.2.10", dst="203.0.113.20", ttl=33, id=777, tos=0x28,
-            options=[IPOption_NOP(), IPOption_RR(routers=["10.0.0.1"]), IPOption_Router_Alert()])
-    return bytes(ip / TCP(sport=1111, dport=2222, seq=5, ack=9, flags=flags, window=999,
-                          urgptr=urgptr, options=TCP_OPTS) / payload)
+    ip = IP(
+        src="192.0.2.10",
+        dst="203.0.113.20",
+        ttl=33,
+        id=777,
+        tos=0x28,
+        options=[IPOption_NOP(), IPOption_RR(routers=["10.0.0.1"]), IPOption_Router_Alert()],
+    )
+    return bytes(
+        ip
+        / TCP(sport=1111, dport=2222, seq=5, ack=9, flags=flags, window=999, urgptr=urgptr, options=TCP_OPTS)
+        / payload
+    )
 
 
 def original_v6(payload: bytes, flags: str = "PA", urgptr: int = 0) -> bytes:
@@ -147,8 +163,12 @@ def original_v6(payload: bytes, flags: str = "PA", urgptr: int = 0) -> bytes:
         / IPv6ExtHdrRouting(addresses=["2001:db8::77"], segleft=0)
         / IPv6ExtHdrFragment(offset=0, m=0, id=42)  # atomic: a whole packet
     )
-    return bytes(ip / ext / TCP(sport=1111, dport=2222, seq=5, ack=9, flags=flags, window=999,
-                                urgptr=urgptr, options=TCP_OPTS) / payload)
+    return bytes(
+        ip
+        / ext
+        / TCP(sport=1111, dport=2222, seq=5, ack=9, flags=flags, window=999, urgptr=urgptr, options=TCP_OPTS)
+        / payload
+    )
 
 
 def headers_except_lengths(sc: Any) -> Any:
@@ -214,11 +234,6 @@ def test_rewrite_to_empty_payload() -> None:
     assert sc.len == sc.ihl * 4 + sc[TCP].dataofs * 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: forge.rewrite computes the TCP checksum with pkt.dst; with an IPv6 Routing header with "
-    "segments left the pseudo-header must use the final destination (RFC 8200 8.1)",
-)
 def test_rewrite_ipv6_routing_header_with_segments_left() -> None:
     raw = bytes(
         IPv6(src="2001:db8::a", dst="2001:db8:1::b")

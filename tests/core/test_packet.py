@@ -265,7 +265,7 @@ def test_non_tcp_is_not_tcp() -> None:
     assert pkt.ip_hlen == 48
 
 
-# ---------------------------------------------------------------------------------------------- IPv4 fragments
+# ------------------------------------------------------------------------------------- IPv4 fragments
 @pytest.mark.parametrize(
     ("flags", "frag", "fragment"),
     [
@@ -352,11 +352,6 @@ def test_ipv6_too_long_extension_chain_rejected() -> None:
     assert_decode_error(v6(b"x", ext=ext, flags="A"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: packet.py _decode_v6 loops range(_V6_MAX_EXT) and raises when the loop ends without a "
-    "non-extension header, so a chain of exactly 16 headers is rejected as 'longer than 16'",
-)
 def test_ipv6_sixteen_extension_headers_decode() -> None:
     ext: Any = IPv6ExtHdrDestOpt()
     for _ in range(15):
@@ -433,9 +428,7 @@ def test_ipv6_flipped_address_or_segment_byte_fails_checksum(
     pkt = decode(raw)
     assert checksums_ok(pkt)
     # Addresses (covered by the pseudo-header) and the whole TCP segment.
-    index = data.draw(
-        st.one_of(st.integers(8, 39), st.integers(pkt.ip_hlen, len(raw) - 1)), label="index"
-    )
+    index = data.draw(st.one_of(st.integers(8, 39), st.integers(pkt.ip_hlen, len(raw) - 1)), label="index")
     assert _flipped_rejected(raw, index, mask)
 
 
@@ -447,11 +440,6 @@ def test_every_single_byte_flip_detected_exhaustively() -> None:
                 assert _flipped_rejected(raw, index, mask), (raw.hex(), index, mask)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: packet.py checksums_ok/_pseudo_header use the IPv6 header's dst; with a Routing header "
-    "with segments left the TCP pseudo-header must use the final destination (RFC 8200 8.1)",
-)
 def test_ipv6_checksum_with_routing_header_uses_final_destination() -> None:
     ext = IPv6ExtHdrRouting(addresses=["2001:db8::99", "2001:db8::100"])  # segleft = 2
     raw = v6(b"routed", ext=ext, flags="PA")
@@ -459,11 +447,6 @@ def test_ipv6_checksum_with_routing_header_uses_final_destination() -> None:
     assert checksums_ok(decode(raw))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: packet.py checksums_ok/_pseudo_header use the IPv4 header's dst; with a loose/strict "
-    "source route option the TCP pseudo-header uses the final destination (RFC 791/1122)",
-)
 def test_ipv4_checksum_with_source_route_uses_final_destination() -> None:
     raw = v4(b"routed", ip_options=[IPOption_LSRR(routers=["10.0.0.9", "10.0.0.10"])], flags="PA")
     assert checksums_ok(decode(raw))
