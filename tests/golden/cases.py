@@ -8,4 +8,6 @@ from tcpguard.core.settings import EngineSettings
 
 CASES: dict[str, tuple[str, str, Callable[[], EngineSettings]]] = {
     "demo": ("samples/demo.pcap", "rules", EngineSettings),
+    # Crafted by tools/make_evasion_capture.py: segment tricks against rules/shellcode.py.
+    "evasion": ("samples/evasion.pcap", "rules", EngineSettings),
 }
