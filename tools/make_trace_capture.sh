@@ -4,9 +4,13 @@
 #
 #   * offloads off on both ends (tx/rx checksums, TSO, GSO, GRO), so every frame in the capture is one
 #     wire-sized segment with a real checksum, as a gateway would see it;
-#   * netem on both ends (10 ms delay, 25% of packets reordered, 5% lost), so the capture holds
-#     out-of-order segments and retransmissions. tcpdump runs in the client namespace: it sees the client's
-#     own packets after its netem (taps sit after the qdisc) and the server's as they arrive, holes and all;
+#   * loss and reordering on both ends, so the capture holds out-of-order segments and retransmissions:
+#     an iptables `statistic` rule drops 4% of the data segments each side sends, and a small NFQUEUE
+#     program (the project's NetfilterQueue binding, in .venv) holds one data segment in four until the
+#     next one has left (or 30 ms passed). netem would be the usual tool, but this kernel has none (`tc qdisc
+#     add ... netem` answers "Specified qdisc kind is unknown"), so it is done in OUTPUT instead. tcpdump
+#     runs in the client namespace: it sees the client's own packets after OUTPUT (reordered, a dropped one
+#     missing until it is retransmitted) and the server's as they arrive, holes and all;
 #   * several connections at once over IPv4 and IPv6 (Python sockets, see the inline programs below):
 #     request/response with a FIN exchange, bulk transfers, a half-close, a reset by the client and one by
 #     the server (SO_LINGER 0), a refused connection, and the same client port used twice for the same
@@ -40,7 +44,42 @@ ip -n "$cns" link set trc0 up; ip -n "$sns" link set trs0 up
 for pair in "$cns trc0" "$sns trs0"; do
     set -- $pair
     ip netns exec "$1" ethtool -K "$2" tx off rx off tso off gso off gro off >/dev/null
-    ip netns exec "$1" tc qdisc add dev "$2" root netem delay 10ms reorder 25% 50% loss 5%
+done
+
+py="$(pwd)/.venv/bin/python"
+cat > "$tmp/reorder.py" <<'EOF'
+# Holds about one queued segment in four and lets the next one overtake it; a held segment leaves after
+# 30 ms at the latest. Bounded by the `timeout` it runs under.
+import random, select, sys, time
+from netfilterqueue import NetfilterQueue
+random.seed(int(sys.argv[1]))
+held = []
+def on_packet(pkt):
+    if not held and random.random() < 0.25:
+        held.append((time.monotonic() + 0.03, pkt))
+        return
+    pkt.accept()
+    while held:
+        held.pop()[1].accept()
+nfq = NetfilterQueue()
+nfq.bind(int(sys.argv[1]), on_packet)
+fd = nfq.get_fd()
+while True:
+    select.select([fd], [], [], 0.005)
+    nfq.run(block=False)
+    while held and held[0][0] <= time.monotonic():
+        held.pop()[1].accept()
+EOF
+# Data segments only (IP length >= 200): a lost SYN or FIN would only add seconds of back-off.
+for spec in "$cns --dport 7" "$sns --sport 8"; do
+    set -- $spec
+    for ipt in iptables ip6tables; do
+        ip netns exec "$1" "$ipt" -A OUTPUT -p tcp "$2" 8080 -m length --length 200:65535 \
+            -m statistic --mode random --probability 0.04 -j DROP
+        ip netns exec "$1" "$ipt" -A OUTPUT -p tcp "$2" 8080 -m length --length 200:65535 \
+            -j NFQUEUE --queue-num "$3" --queue-bypass
+    done
+    ip netns exec "$1" timeout 90 "$py" "$tmp/reorder.py" "$3" & pids+=($!)
 done
 
 cat > "$tmp/server.py" <<'EOF'
@@ -66,8 +105,11 @@ def handle(c):
         if how == b"rst":
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:
-            c.shutdown(socket.SHUT_WR)
-            c.recv(1)  # wait for the client's FIN
+            try:
+                c.shutdown(socket.SHUT_WR)
+                c.recv(1)  # wait for the client's FIN (or its RST, when it resets)
+            except OSError:
+                pass
 
 def serve(family, addr):
     s = socket.socket(family, socket.SOCK_STREAM)

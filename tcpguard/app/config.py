@@ -51,13 +51,16 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "ControlConfig",
+    "DumpsConfig",
     "Hook",
     "IptablesConfig",
     "LogLevel",
     "LogTarget",
     "LoggingConfig",
+    "MetricsConfig",
     "QueueConfig",
     "load_config",
+    "parse_address",
     "parse_config",
     "schema_keys",
 ]
@@ -132,6 +135,28 @@ class ControlConfig:
 
 
 @dataclass(slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint. Off unless an address is given: it tells whoever reaches it how much
+    traffic the gateway carries and blocks, so the operator chooses where it listens."""
+
+    address: str | None = None
+
+
+@dataclass(slots=True)
+class DumpsConfig:
+    """Packet captures written by the daemon, each rotated by size so a busy gateway cannot fill its disk:
+    at most `max_files` files of at most `max_file_size` bytes per dump and queue."""
+
+    directory: Path = Path("/var/log/tcpguard/dumps")
+    dropped: bool = False
+    resets: bool = False
+    input: bool = False
+    # A file must hold the 24-byte pcap header and a record of a useful size.
+    max_file_size: int = field(default=64 * 1024 * 1024, metadata={"min": 1024, "max": 2**40})
+    max_files: int = field(default=8, metadata={"min": 1, "max": 100000})
+
+
+@dataclass(slots=True)
 class Config:
     """The whole file. Every path in it is absolute once loaded."""
 
@@ -141,6 +166,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dumps: DumpsConfig = field(default_factory=DumpsConfig)
     engine: EngineSettings = field(default_factory=EngineSettings)
 
 
@@ -235,10 +262,39 @@ def _check_control(control: ControlConfig) -> Iterator[tuple[str, str]]:
         yield "socket", f"longer than {_MAX_SOCKET_PATH} bytes, too long for a Unix socket path"
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 in brackets, `[::]:9464`) into (host, port). Raises ValueError.
+
+    One string rather than two keys, because that is how operators write listen addresses everywhere
+    else (Prometheus targets, systemd sockets), and the brackets keep IPv6 unambiguous.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ValueError("expected HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9464 or [::1]:9464")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError("brackets are for IPv6 addresses only")
+    elif ":" in host:
+        raise ValueError("write an IPv6 address in brackets, e.g. [::1]:9464")
+    if not host or any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError("expected HOST:PORT with a host name or address, e.g. 127.0.0.1:9464")
+    return host, int(port_text)
+
+
+def _check_metrics(metrics: MetricsConfig) -> Iterator[tuple[str, str]]:
+    if metrics.address is not None:
+        try:
+            parse_address(metrics.address)
+        except ValueError as exc:
+            yield "address", str(exc)
+
+
 _CROSS_CHECKS: dict[type[Any], Callable[[Any], Iterator[tuple[str, str]]]] = {
     QueueConfig: _check_queue,
     IptablesConfig: _check_iptables,
     ControlConfig: _check_control,
+    MetricsConfig: _check_metrics,
 }
 
 

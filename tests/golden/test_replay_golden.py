@@ -119,7 +119,7 @@ def _follow_client_streams(capture: Path) -> dict[int, bytes]:
             text=True,
         ).stdout
         lines = text.splitlines()
-        body = lines[[i for i, line in enumerate(lines) if line.startswith("Node 1:")][0] + 1 :]
+        body = lines[next(i for i, line in enumerate(lines) if line.startswith("Node 1:")) + 1 :]
         # In raw follow output the server's bytes are indented by a tab; the client's are not.
         out[n] = b"".join(bytes.fromhex(line) for line in body if line and not line.startswith(("\t", "=")))
     return out
