@@ -64,6 +64,7 @@ class Connection:
         "key",
         "last_seen",
         "midstream",
+        "passthrough",
         "pkts_down",
         "pkts_up",
         "server",
@@ -108,6 +109,7 @@ class Connection:
         self.ended = False
         self.end_reason = ""
         self.midstream = False
+        self.passthrough = False  # no longer inspected (fail-open after a limit): every packet passes
         self._store: dict[str, Any] | None = None
         self.pkts_up = self.pkts_down = self.bytes_up = self.bytes_down = 0
         self.wscale_client = self.wscale_server = -1

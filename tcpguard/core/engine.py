@@ -339,6 +339,8 @@ class Engine:
     def _track(self, conn: Connection, pkt: Packet, d: int, token: object, fresh: bool = False) -> Decision:
         if conn.action:
             return Decision(DROP, flow_id=conn.id, reason="connection blocked")
+        if conn.passthrough:
+            return Decision(ACCEPT, flow_id=conn.id, reason="uninspected after a limit (fail open)")
         flags = pkt.flags
         state = conn.state
         s, o = (conn.up, conn.down) if d == UP else (conn.down, conn.up)
@@ -399,13 +401,24 @@ class Engine:
             if check == RstCheck.DROP:
                 self.stats.rst_injections += 1
                 return Decision(DROP, flow_id=conn.id, reason="RST outside the window")
-            if check == RstCheck.CLOSE and state not in FINISHED:
+            packet = forge.rewrite(pkt, b"", clear_urg=True) if pkt.payload or flags & URG else None
+            held = bool(s.held)
+            if held:
+                # A rule holds data this sender sent before its RST. The rules saw that data, so it goes
+                # first and the RST after it, in one ordered release; otherwise the receiver would get
+                # the RST ahead of the data it expects and answer it with a challenge ACK.
+                off = s.offset(pkt.seq)
+                s.held = [*s.held, Held(off, off, token, packet, False)]
+                self.held_packets += 1
+                s.hold_from = -1
+            if check == RstCheck.CLOSE:
                 self._set_state(conn, State.CLOSED)
-                self._finish(conn, "rst")
-            elif check == RstCheck.CLOSE:
-                self._set_state(conn, State.CLOSED)
-            if pkt.payload or flags & URG:
-                return self._accept(conn, pkt, b"", "rst data stripped")
+                self._finish(conn, "rst")  # releases what is held, in order, unless blocked
+            if held:
+                self._release_held(s, ACCEPT)
+                return Decision(HOLD, flow_id=conn.id, reason="rst after held data")
+            if packet is not None:
+                return Decision(ACCEPT, packet, flow_id=conn.id, reason="rst data stripped")
             return Decision(ACCEPT, flow_id=conn.id)
 
         # ---- ACK, data, FIN
@@ -499,7 +512,8 @@ class Engine:
             s.held = [*s.held, *pulled]
         if conn.action:
             return self._block_now(conn, "rule")
-        if s.buffered() > lim.max_stream_buffer or self.buffered > lim.max_total_buffer:
+        # Out-of-order bytes have their own bound (checked when they are held).
+        if len(s.buf) > lim.max_stream_buffer or self.buffered > lim.max_total_buffer:
             return self._limit(conn, s)
         end = off + len(pkt.payload)
         if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
@@ -530,14 +544,12 @@ class Engine:
         )
         self._emit({"event": "limit", "flow": conn.id, "buffered": s.buffered(), "policy": pol})
         if pol == "accept":
-            # Fail open: stop inspecting this connection, forward what the rules saw, keep tracking.
-            self._end_readers(conn, kill=True)
-            for st in (conn.up, conn.down):
-                st.hold_from = -1
-                self._release_held(st, ACCEPT)
-                self.buffered -= len(st.buf)
-                st.buf = bytearray()
-                st.buf_start = st.next
+            # Fail open: this connection is no longer inspected. The rules get end_connection (reason
+            # 'uninspected'), held packets leave, and every later packet passes until the entry times out.
+            self._finish(conn, "uninspected")
+            conn.passthrough = True
+            conn.up.forwarded(conn.up.next, False)
+            conn.down.forwarded(conn.down.next, False)
             return Decision(ACCEPT, flow_id=conn.id, reason="limit: fail open")
         conn.action = Action.RESET if pol == "reset" else Action.DROP
         return self._block_now(conn, "limit")

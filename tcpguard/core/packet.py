@@ -261,7 +261,9 @@ def _v4_route_final(raw: bytes, ihl: int, dst: bytes) -> bytes:
         if i + 1 >= ihl or raw[i + 1] < 2 or i + raw[i + 1] > ihl:
             raise DecodeError(f"IPv4 option {kind} has a bad length")
         length = raw[i + 1]
-        if kind in (131, 137) and length >= 7 and (length - 3) % 4 == 0:
+        # The last address is still ahead while the pointer is within the option; once the route is
+        # used up (pointer past the end, RFC 791) the header's destination is the final one.
+        if kind in (131, 137) and length >= 7 and (length - 3) % 4 == 0 and raw[i + 2] <= length:
             final = raw[i + length - 4 : i + length]
         i += length
     return final

@@ -9,13 +9,22 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, IPOption_NOP, IPOption_Router_Alert, IPOption_RR
+from scapy.layers.inet import (
+    IP,
+    TCP,
+    IPOption_LSRR,
+    IPOption_NOP,
+    IPOption_Router_Alert,
+    IPOption_RR,
+    IPOption_SSRR,
+)
 from scapy.layers.inet6 import (
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
+    IPv6ExtHdrSegmentRouting,
 )
 
 from tcpguard.core import forge
@@ -242,3 +251,25 @@ def test_rewrite_ipv6_routing_header_with_segments_left() -> None:
         / b"data"
     )
     assert_scapy_checksums(forge.rewrite(decode(raw), b"other data"))
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        IP(src="192.0.2.10", dst="203.0.113.20", options=[IPOption_LSRR(routers=["10.0.0.1", "10.0.0.2"])]),
+        IP(
+            src="192.0.2.10",
+            dst="203.0.113.20",
+            options=[IPOption_NOP(), IPOption_SSRR(routers=["10.0.0.3"])],
+        ),
+        IPv6(src="2001:db8::a", dst="2001:db8:1::b")
+        / IPv6ExtHdrSegmentRouting(addresses=["2001:db8::78", "2001:db8::77"], segleft=1),
+    ],
+    ids=["lsrr", "ssrr", "srh"],
+)
+def test_rewrite_source_routed_packets(ip: Any) -> None:
+    raw = bytes(ip / TCP(flags="PA", options=TCP_OPTS) / b"data")
+    out = forge.rewrite(decode(raw), b"rewritten payload")
+    sc = assert_scapy_checksums(out)
+    assert bytes(sc[TCP].payload) == b"rewritten payload"
+    assert sc[TCP].options == parse(raw)[TCP].options

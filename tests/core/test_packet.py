@@ -22,6 +22,7 @@ from scapy.layers.inet import (
     IPOption_NOP,
     IPOption_Router_Alert,
     IPOption_RR,
+    IPOption_SSRR,
     TCPOptions,
 )
 from scapy.layers.inet6 import (
@@ -30,6 +31,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
+    IPv6ExtHdrSegmentRouting,
 )
 from scapy.layers.ipsec import AH
 
@@ -447,9 +449,53 @@ def test_ipv6_checksum_with_routing_header_uses_final_destination() -> None:
     assert checksums_ok(decode(raw))
 
 
-def test_ipv4_checksum_with_source_route_uses_final_destination() -> None:
-    raw = v4(b"routed", ip_options=[IPOption_LSRR(routers=["10.0.0.9", "10.0.0.10"])], flags="PA")
+@pytest.mark.parametrize("option", [IPOption_LSRR, IPOption_SSRR])
+@pytest.mark.parametrize("pointer", [4, 8])  # route not started; one hop done: the last entry is final
+def test_ipv4_checksum_with_source_route_uses_final_destination(option: Any, pointer: int) -> None:
+    opt = option(routers=["10.0.0.9", "10.0.0.10"], pointer=pointer)
+    raw = v4(b"routed", ip_options=[IPOption_NOP(), opt], flags="PA")
+    pkt = decode(raw)
+    assert pkt.pdst == bytes([10, 0, 0, 10])
+    assert checksums_ok(pkt)
+
+
+def tcp_checksum_for(dst: str, payload: bytes, **tcp: Any) -> int:
+    """The TCP checksum scapy computes with `dst` in the pseudo-header."""
+    return int(IP(bytes(IP(src=V4_SRC, dst=dst) / TCP(**tcp) / payload))[TCP].chksum)
+
+
+@pytest.mark.parametrize("option", [IPOption_LSRR, IPOption_SSRR])
+def test_ipv4_checksum_with_exhausted_source_route_uses_header_destination(option: Any) -> None:
+    # The last listed router swapped the final destination into dst and recorded its own address.
+    tcp: dict[str, Any] = {"sport": 40000, "dport": 80, "flags": "PA"}
+    opt = option(routers=["10.0.0.9", "10.0.0.10"], pointer=12)  # length 11: nothing left to route
+    chk = tcp_checksum_for(V4_DST, b"routed", **tcp)
+    raw = bytes(IP(src=V4_SRC, dst=V4_DST, options=[opt]) / TCP(chksum=chk, **tcp) / b"routed")
     assert checksums_ok(decode(raw))
+
+
+@pytest.mark.parametrize("rtype", [0, 2])
+def test_ipv6_routing_header_types_0_and_2_use_the_last_address(rtype: int) -> None:
+    addrs = ["2001:db8::99"] if rtype == 2 else ["2001:db8::99", "2001:db8::100"]
+    raw = v6(b"routed", ext=IPv6ExtHdrRouting(type=rtype, addresses=addrs), flags="PA")
+    pkt = assert_matches_scapy(raw)
+    assert checksums_ok(pkt)
+
+
+def test_ipv6_segment_routing_header_uses_the_final_segment() -> None:
+    # SRH (type 4): segment list [0] is the final segment; scapy computes the checksum with it.
+    srh = IPv6ExtHdrSegmentRouting(addresses=["2001:db8::100", "2001:db8::99"], segleft=1)
+    raw = v6(b"segment routed", ext=srh, flags="PA")
+    pkt = assert_matches_scapy(raw)
+    assert pkt.pdst == bytes.fromhex("20010db8000000000000000000000100")
+    assert checksums_ok(pkt)
+
+
+def test_ipv6_routing_header_without_segments_left_uses_the_header_destination() -> None:
+    raw = v6(b"arrived", ext=IPv6ExtHdrRouting(addresses=["2001:db8::99"], segleft=0), flags="PA")
+    pkt = decode(raw)
+    assert pkt.pdst == pkt.dst
+    assert checksums_ok(pkt)
 
 
 # ---------------------------------------------------------------------------------------------- malformed
@@ -498,6 +544,11 @@ MALFORMED: dict[str, bytes] = {
     "ipv4 buffer cut short": build_v4_tcp(payload=b"abcdef")[:-1],
     "ipv4 tcp header truncated": build_v4_tcp(total=30),
     "ipv4 tcp header absent": build_v4_tcp(total=20),
+    "ipv4 option length 0": build_v4_tcp(ip_opts=b"\x83\x00\x00\x00", ihl=6),
+    "ipv4 option length 1": build_v4_tcp(ip_opts=b"\x07\x01\x00\x00", ihl=6),
+    "ipv4 option length past header": build_v4_tcp(ip_opts=b"\x07\x09\x04\x00", ihl=6),
+    "ipv4 option without length byte": build_v4_tcp(ip_opts=b"\x01\x01\x01\x89", ihl=6),
+    "ipv4 source route past header": build_v4_tcp(ip_opts=b"\x01\x83\x0b\x04" + b"\x0a" * 4, ihl=7),
     "ipv4 tcp header truncated after options": build_v4_tcp(ip_opts=b"\x01" * 8, ihl=7, total=28 + 19),
     "tcp data offset 4": build_v4_tcp(doff=4),
     "tcp data offset 0": build_v4_tcp(doff=0),

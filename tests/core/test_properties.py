@@ -17,10 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, IPOption_NOP, IPOption_RR
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet import IP, TCP, IPOption_LSRR, IPOption_NOP, IPOption_RR
+from scapy.layers.inet6 import (
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 
 from tcpguard.core.conntrack import Connection
 from tcpguard.core.cursor import Cursor
@@ -70,6 +77,7 @@ class ClientStream:
         self.held: set[int] = set()
         self.final: dict[int, Verdict] = {}
         self.rx: dict[int, int] = {}  # receiver: offset -> first byte received there
+        self.wire: list[bytes] = []  # every client packet that left the engine, in the adapter's order
         self.acked = 0  # the highest offset the server acknowledged
         self.fin_token: int | None = None
         self.arrivals: list[tuple[int, bytes, Verdict]] = []  # (offset, payload, verdict at arrival)
@@ -116,6 +124,7 @@ class ClientStream:
                 self.forward(rel.packet if rel.packet is not None else self.raw[token])
 
     def forward(self, raw: bytes) -> None:
+        self.wire.append(raw)
         pkt = decode(raw)
         assert checksums_ok(pkt)
         assert pkt.sport == self.pb.cport
@@ -347,6 +356,56 @@ def test_plain_find_finds_a_pattern_split_into_two_segments(
     assert found[0] == where
 
 
+# ======================================================================================== forwarding order
+class TcpReceiver:
+    """The server's TCP receive side, as far as order matters: in-order bytes are read, an RST closes
+    only at exactly the next expected sequence number (RFC 5961; anything else gets a challenge ACK)."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.data = bytearray()
+        self.closed = False
+
+    def receive(self, raw: bytes) -> None:
+        pkt = decode(raw)
+        off = (pkt.seq - self.base) & MASK
+        if self.closed:
+            return
+        if pkt.rst:
+            self.closed = off == len(self.data)
+            return
+        if off <= len(self.data) < off + len(pkt.payload):
+            self.data += pkt.payload[len(self.data) - off :]
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=5))
+def test_a_closing_rst_reaches_the_receiver_after_the_data_the_rules_saw(sizes: list[int]) -> None:
+    """A rule holds the client's data (mark); the client then aborts with an RST at its next sequence
+    number. Applying the decisions in the adapter's order, the server must read every byte the rules saw
+    and then accept the RST, as the engine (which ends the connection) assumes."""
+
+    @rule(on=EV.receive_data)
+    def hold(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
+        if direction == "up" and stream.hold_from < 0:
+            current.mark()
+
+    h = ClientStream(1000, (hold,))
+    off = 0
+    for n in sizes:
+        dec = h.send(off, random.Random(n).randbytes(n))
+        assert dec.verdict == HOLD, dec.reason
+        off += n
+    h.send(off, b"", "R")
+    (conn,) = h.pb.engine.table
+    assert conn.ended  # the engine took the RST as closing the connection
+    server = TcpReceiver(h.base)
+    for raw in h.wire:
+        server.receive(raw)
+    assert bytes(server.data) == bytes(h.seen)
+    assert server.closed
+
+
 # ============================================================================================ robustness
 CISN, SISN = 100, 5000
 SYN_OPTS = [("MSS", 1460), ("NOP", None), ("WScale", 7), ("SAckOK", b""), ("Timestamp", (1, 0))]
@@ -399,8 +458,12 @@ def _scapy_packets() -> list[bytes]:
             ext = IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()
             out.append(_tcp(c2s / ext, True, "PA", CISN + 1, b"ext"))
             out.append(_tcp(c2s / IPv6ExtHdrFragment(m=1), True, "PA", CISN + 1, b"frag"))
+            routed = IPv6ExtHdrRouting(addresses=["2001:db8::9", "2001:db8::2"])
+            out.append(_tcp(IPv6(src="2001:db8::1", dst="2001:db8::9") / routed, True, "PA", CISN + 1, b"rh"))
         else:
             out.append(_tcp(IP(src="10.0.0.1", dst="10.0.0.2", flags="MF"), True, "A", CISN + 1))
+            lsrr = [IPOption_LSRR(routers=["10.0.0.9", "10.0.0.2"])]
+            out.append(_tcp(IP(src="10.0.0.1", dst="10.0.0.9", options=lsrr), True, "PA", CISN + 1, b"lsrr"))
     return out
 
 
