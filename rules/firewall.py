@@ -1,20 +1,83 @@
-"""Allow-list firewall on new connections.
+"""Allow-list firewall on new connections: only listed client networks may reach listed servers and ports.
 
-A connection is let through only if its server address is in one of ALLOWED_NETWORKS and its server
-port is in ALLOWED_PORTS; any other connection attempt is refused with a reset (the client's connect()
-fails at once with "connection refused" instead of timing out). Edit the two lists for your network.
+Event: `new_connection` (the client's SYN, before it is forwarded).
+
+A connection is let through only if one entry of `ALLOW` matches it: the client's address is in one of the
+entry's `clients` networks, the server's address in one of its `servers` networks, and the server port in
+its `ports`. Anything else is refused with `flow.reset()`: the client's connect() fails at once with
+"connection refused" instead of hanging until it times out, and the server never sees the SYN. Each
+refusal raises a low-severity alert.
+
+Configure: edit `ALLOW`. Networks are CIDR strings (IPv4 and IPv6 mixed freely; "any" means every
+address of both families); ports are numbers or "first-last" ranges. Entries are tried in order and the
+first match allows; there is no deny entry, whatever no entry allows is refused.
+
+Notes:
+
+* Connections already open when tcpguard starts are picked up mid-stream and also go through this rule
+  (`flow.midstream` is true for them); a disallowed one is reset on its first packet.
+* Rule modules load in file-name order and the first `new_connection` rule that acts stops the others, so
+  `badflags.py` (scan probes are dropped silently, never answered with a reset) runs before this module,
+  and `ratelimit.py` only counts the connections this module lets through.
 """
 
 import ipaddress
 
 from tcpguard import rule, tcp_connection
 
-ALLOWED_NETWORKS = [ipaddress.ip_network(n) for n in ("0.0.0.0/0", "::/0")]
-ALLOWED_PORTS = {22, 25, 53, 80, 443, 8080}
+PRIVATE = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+
+ALLOW = [
+    # Anyone may reach the private ranges on the usual service ports.
+    {"clients": "any", "servers": PRIVATE, "ports": [22, 25, 53, 80, 443, 8080]},
+    # Example: only the admin network may reach the management ports.
+    # {"clients": ["10.1.0.0/16"], "servers": PRIVATE, "ports": ["8443", "9000-9099"]},
+]
+
+
+def _networks(spec):
+    if spec == "any":
+        spec = ["0.0.0.0/0", "::/0"]
+    return tuple(ipaddress.ip_network(n) for n in spec)
+
+
+def _ports(spec):
+    out = []
+    for p in spec:
+        if isinstance(p, str) and "-" in p:
+            lo, hi = (int(x) for x in p.split("-", 1))
+        else:
+            lo = hi = int(p)
+        if not 0 < lo <= hi <= 65535:
+            raise ValueError(f"bad port or range {p!r}")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+# Compiled once at load: a typo in ALLOW is a load error (`tcpguard check` reports it), not a runtime one.
+_ENTRIES = [(_networks(e["clients"]), _networks(e["servers"]), _ports(e["ports"])) for e in ALLOW]
+
+
+def _inside(addr, networks):
+    return any(addr.version == n.version and addr in n for n in networks)
+
+
+def allowed(client, server, port):
+    """(allowed, reason): whether some ALLOW entry admits client -> server:port, and why not if not."""
+    addresses_ok = False
+    for clients, servers, ports in _ENTRIES:
+        if _inside(client, clients) and _inside(server, servers):
+            addresses_ok = True
+            if any(lo <= port <= hi for lo, hi in ports):
+                return True, ""
+    if addresses_ok:
+        return False, f"connection to port {port} not allowed"
+    return False, f"connection from {client} to {server} not allowed"
 
 
 @rule(on=tcp_connection.events.new_connection)
 def allow_list(flow, tcp):
-    if flow.dstport not in ALLOWED_PORTS or not any(flow.dstip in n for n in ALLOWED_NETWORKS):
-        flow.alert(f"connection to port {flow.dstport} not allowed", severity="low")
+    ok, why = allowed(flow.srcip, flow.dstip, flow.dstport)
+    if not ok:
+        flow.alert(why, severity="low")
         flow.reset()

@@ -15,6 +15,14 @@ connections survive a reload. Settings that need new sockets or processes (queue
 iptables) are not changed by a reload: the log says a restart is needed.
 
 Signals only set flags; the work happens in the packet loop's timer tick, never inside a packet callback.
+
+Observability (see docs/observability.md). Each `Worker` wraps the engine: it counts every packet's final
+fate in packets and bytes (`Traffic`), writes the configured pcap dumps (`tcpguard.io.dumps`), and in its
+timer tick executes the control requests waiting in its `Inbox` (status, connection list, operator drop
+and reset through `engine.act`, reload), so the engine is only ever touched by the packet-loop thread.
+The control socket and the Prometheus endpoint are served by the process that owns the public address:
+the worker itself in single-process mode, the supervisor with several workers, which reaches each worker
+over a socket pair made at fork (`tcpguard.app.control`).
 """
 
 from __future__ import annotations
@@ -24,22 +32,43 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tcpguard.app.config import Config, ConfigError, load_config
+from tcpguard.app.config import Config, ConfigError, DumpsConfig, load_config, parse_address
+from tcpguard.app.control import (
+    ChannelLinks,
+    ChannelServer,
+    ConnFilter,
+    ControlError,
+    ControlServer,
+    Dispatcher,
+    Inbox,
+    InboxLinks,
+    Request,
+    Response,
+    WorkerLinks,
+    connection_row,
+    error,
+    ok,
+)
 from tcpguard.app.logsetup import setup_logging
+from tcpguard.app.metrics import MetricsServer, Traffic, kernel_queue_stats, rss_bytes, start_metrics_server
 from tcpguard.app.notify import Notifier
 from tcpguard.app.ruleload import load_rules
-from tcpguard.core.decision import Decision, Output
+from tcpguard.core.conntrack import Action
+from tcpguard.core.decision import Decision, Output, Release, Verdict
 from tcpguard.core.engine import Engine
 from tcpguard.core.errors import RuleLoadError
 from tcpguard.core.rules import RuleSet
+from tcpguard.io.dumps import DUMP_KINDS, PacketDumps
 from tcpguard.io.iptables import IptablesError, IptablesManager, IptablesSpec
-from tcpguard.io.nfqueue import NfqueueAdapter
+from tcpguard.io.nfqueue import NfqueueAdapter, QueueStats
 from tcpguard.io.rawsend import RawSender
 
 log = logging.getLogger("tcpguard.daemon")
@@ -83,8 +112,20 @@ class AlertLog:
             self._file = None
 
 
+def open_dumps(cfg: DumpsConfig, queue_num: int) -> PacketDumps | None:
+    """The configured dumps of one queue, None when none is enabled. Raises OSError if it cannot write."""
+    kinds = [k for k in DUMP_KINDS if getattr(cfg, k)]
+    if not kinds:
+        return None
+    return PacketDumps(cfg.directory, queue_num, kinds, cfg.max_file_size, cfg.max_files)
+
+
 class Worker:
-    """The packet handler of one queue: the engine plus reload, between the adapter's timer ticks."""
+    """The packet handler of one queue: the engine plus reload, between the adapter's timer ticks.
+
+    It also sees every packet and every verdict on the way (`handle_packet` wraps the engine's), which is
+    where the traffic counters and the pcap dumps are fed, and it answers control requests in its tick.
+    """
 
     def __init__(
         self, cfg: Config, config_path: Path, rules: RuleSet, queue_num: int, notifier: Notifier | None = None
@@ -100,26 +141,102 @@ class Worker:
         self.reload_requested = False
         self.reloads = 0
         self.reload_failures = 0
+        self.last_reload_error: str | None = None
+        self.traffic = Traffic()
+        self.inbox = Inbox()
+        self.adapter_stats: QueueStats | None = None
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.dumps = open_dumps(cfg.dumps, queue_num)
+        # Held packets by id(token): (token, size, raw bytes if the dropped dump may need them later).
+        self._held: dict[int, tuple[object, int, bytes | None]] = {}
+        self._tick_out: Output | None = None
 
+    # ------------------------------------------------------------------ the packet path
     def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
-        return self.engine.handle_packet(raw, now, token)
+        t = self.traffic
+        size = len(raw)
+        t.packets_received += 1
+        t.bytes_received += size
+        dumps = self.dumps
+        if dumps is not None:
+            dumps.input(raw)
+        dec = self.engine.handle_packet(raw, now, token)
+        verdict = dec.verdict
+        if verdict == Verdict.ACCEPT:
+            t.packets_accepted += 1
+            t.bytes_accepted += size
+        elif verdict == Verdict.DROP:
+            t.packets_dropped += 1
+            t.bytes_dropped += size
+            if dumps is not None:
+                dumps.dropped(raw)
+        else:
+            keep = raw if dumps is not None and dumps.wants_dropped else None
+            self._held[id(token)] = (token, size, keep)
+        if dec.releases:
+            self._account_releases(dec.releases)
+        if dec.send and dumps is not None:
+            dumps.reset(raw, dec.send)
+        return dec
 
+    def _account_releases(self, releases: list[Release]) -> None:
+        """Count the final verdict of held packets (and dump the dropped ones)."""
+        t = self.traffic
+        dumps = self.dumps
+        for rel in releases:
+            entry = self._held.pop(id(rel.token), None)
+            if entry is None or entry[0] is not rel.token:
+                if entry is not None:
+                    self._held[id(entry[0])] = entry
+                continue
+            _, size, raw = entry
+            if rel.verdict == Verdict.ACCEPT:
+                t.packets_accepted += 1
+                t.bytes_accepted += size
+            else:
+                t.packets_dropped += 1
+                t.bytes_dropped += size
+                if dumps is not None and raw is not None:
+                    dumps.dropped(raw)
+
+    def _account_output(self, out: Output) -> None:
+        if out.releases:
+            self._account_releases(out.releases)
+        if out.send and self.dumps is not None:
+            self.dumps.reset(None, out.send)
+
+    # ------------------------------------------------------------------ the timer tick
     def handle_timer(self, now: float) -> Output:
         n = self.notifier
         if self.reload_requested:
             self.reload_requested = False
-            if n is not None:
-                n.reloading()
-            self.reload()
-            if n is not None:
-                n.ready(self.status_line())
+            self._reload_notified()
         out = self.engine.handle_timer(now)
+        # Control requests run here, in the packet-loop thread; operator resets add to this output.
+        self._tick_out = out
+        try:
+            self.inbox.serve(lambda req: self.control(req, now))
+        finally:
+            self._tick_out = None
+        self._account_output(out)
+        if self.dumps is not None:
+            self.dumps.flush()
         if n is not None:
             n.watchdog(now)
             if now >= self._next_status:
                 self._next_status = now + 5.0
                 n.status(self.status_line())
         return out
+
+    def _reload_notified(self) -> bool:
+        n = self.notifier
+        if n is not None:
+            n.reloading()
+        done = self.reload()
+        if n is not None:
+            n.ready(self.status_line())
+        return done
 
     def status_line(self) -> str:
         st = self.engine.stats
@@ -130,10 +247,108 @@ class Worker:
         )
 
     def shutdown(self, now: float) -> Output:
+        self.inbox.close()
         out = self.engine.shutdown(now)
+        self._account_output(out)
+        if self.dumps is not None:
+            self.dumps.close()
         self.alerts.close()
         return out
 
+    # ------------------------------------------------------------------ control requests (in the tick)
+    def control(self, req: Request, now: float) -> Response:
+        """Execute one control request. Runs in the packet-loop thread, between packets."""
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return ok(self.status(now))
+        if cmd == "connections":
+            try:
+                flt = ConnFilter.parse(req.get("filter"))
+            except ValueError as exc:
+                return error(str(exc))
+            limit = req.get("limit")
+            rows: list[dict[str, Any]] = []
+            truncated = False
+            for conn in self.engine.table.by_key.values():
+                if flt.matches(conn, self.queue_num):
+                    if limit is not None and len(rows) >= limit:
+                        truncated = True
+                        break
+                    rows.append(connection_row(conn, self.queue_num, now))
+            return ok({"connections": rows, "truncated": truncated})
+        if cmd in ("drop", "reset"):
+            return self._act(str(cmd), req.get("flow"), now)
+        if cmd == "reload":
+            if not self._reload_notified():
+                return error(f"reload failed, the running config and rules stay: {self.last_reload_error}")
+            return ok({"rules": len(self.engine.rules)})
+        return error(f"unknown command {cmd!r}")
+
+    def _act(self, cmd: str, flow: Any, now: float) -> Response:
+        cid = f"{self.queue_num}:{flow}"
+        if not isinstance(flow, int) or isinstance(flow, bool):
+            return error("flow must be an integer")
+        conn = self.engine.connection(flow)
+        if conn is None:
+            return error(f"no connection {cid}")
+        if conn.ended:
+            return error(f"connection {cid} has already ended ({conn.end_reason})")
+        out = self.engine.act(flow, Action.RESET if cmd == "reset" else Action.DROP, now)
+        forged = 0
+        if out is not None:
+            forged = len(out.send)
+            tick = self._tick_out
+            if tick is not None:
+                tick.releases.extend(out.releases)
+                tick.send.extend(out.send)
+        log.info("%s %s by the operator (%s)", cmd, cid, conn.describe())
+        return ok({"id": cid, "action": cmd, "forged": forged})
+
+    def status(self, now: float) -> dict[str, Any]:
+        """This worker's status document (see docs/observability.md)."""
+        eng = self.engine
+        est = eng.stats
+        t = self.traffic
+        by_state = Counter(c.state.name for c in eng.table.by_key.values())
+        kq = kernel_queue_stats(self.queue_num)
+        ad = self.adapter_stats
+        return {
+            "queue": self.queue_num,
+            "pid": os.getpid(),
+            "started": self.started_wall,
+            "uptime": round(now - self.started, 3),
+            "packets": {
+                "received": t.packets_received,
+                "accepted": t.packets_accepted,
+                "dropped": t.packets_dropped,
+                "held": len(self._held),
+            },
+            "bytes": {"received": t.bytes_received, "accepted": t.bytes_accepted, "dropped": t.bytes_dropped},
+            "resets_sent": est.resets_sent,
+            "rule_errors": est.rule_errors,
+            "connections": {
+                "tracked": len(eng.table),
+                "opened": est.connections,
+                "by_state": dict(sorted(by_state.items())),
+            },
+            "queue_drops": {
+                "kernel_dropped": kq["dropped"] if kq else None,
+                "kernel_user_dropped": kq["user_dropped"] if kq else None,
+                "kernel_waiting": kq["waiting"] if kq else None,
+                "enobufs": ad.nl_enobufs if ad is not None else None,
+            },
+            "memory": {"rss": rss_bytes(), "buffered": eng.buffered},
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+            "engine": est.as_dict(),
+            "adapter": ad.as_dict() if ad is not None else {},
+            "dumps": {
+                "errors": self.dumps.errors if self.dumps is not None else 0,
+                "files": self.dumps.stats() if self.dumps is not None else {},
+            },
+        }
+
+    # ------------------------------------------------------------------ reload
     def reload(self) -> bool:
         """Load config and rules again; swap them in only if both load."""
         try:
@@ -141,11 +356,16 @@ class Worker:
             rules = load_rules(cfg.rules_dir)
         except (ConfigError, RuleLoadError) as e:
             self.reload_failures += 1
+            self.last_reload_error = str(e)
             log.error("reload failed, keeping the running config and rules: %s", e)
             return False
-        restart = [k for k in ("queue", "iptables") if getattr(cfg, k) != getattr(self.cfg, k)]
+        restart = [
+            k for k in ("queue", "iptables", "control", "metrics") if getattr(cfg, k) != getattr(self.cfg, k)
+        ]
         if restart:
             log.warning("reload: changes to %s take effect only after a restart", ", ".join(restart))
+        if cfg.dumps != self.cfg.dumps:
+            self._reopen_dumps(cfg.dumps)
         self.engine.replace_rules(rules)
         self.engine.replace_settings(cfg.engine)
         if cfg.alerts.file != self.cfg.alerts.file:
@@ -154,8 +374,19 @@ class Worker:
             self.engine.alert_hook = self.alerts
         self.cfg = cfg
         self.reloads += 1
+        self.last_reload_error = None
         log.info("reloaded: %d rules from %s", len(rules), cfg.rules_dir)
         return True
+
+    def _reopen_dumps(self, cfg: DumpsConfig) -> None:
+        """New dump settings apply at once; dumps that cannot be opened are off (logged), not fatal."""
+        if self.dumps is not None:
+            self.dumps.close()
+            self.dumps = None
+        try:
+            self.dumps = open_dumps(cfg, self.queue_num)
+        except (OSError, ValueError) as e:
+            log.error("reload: packet dumps are off, cannot open them: %s", e)
 
 
 @dataclass
@@ -177,24 +408,79 @@ def _serve_queue(
         fail_open=cfg.queue.bypass,
         sender=RawSender(mark=cfg.iptables.mark),
     )
+    worker.adapter_stats = adapter.stats
     adapter.open()
     return adapter, worker
 
 
-def _run_worker_process(cfg: Config, config_path: Path, rules: RuleSet, queue_num: int, ready_fd: int) -> int:
-    """Body of a forked worker: bind, report readiness on `ready_fd`, loop until SIGTERM."""
+def _run_worker_process(
+    cfg: Config, config_path: Path, rules: RuleSet, queue_num: int, ready_fd: int, channel: socket.socket
+) -> int:
+    """Body of a forked worker: bind, report readiness on `ready_fd`, serve the supervisor's control
+    requests arriving on `channel`, loop until SIGTERM."""
     try:
         adapter, worker = _serve_queue(cfg, config_path, rules, queue_num)
     except OSError as e:
         os.write(ready_fd, f"E{e}".encode())
         return 1
+    chan = ChannelServer(channel, worker.inbox)
+    chan.start()
     os.write(ready_fd, b"R")
     os.close(ready_fd)
     signal.signal(signal.SIGTERM, lambda *_: adapter.stop())
     signal.signal(signal.SIGINT, lambda *_: adapter.stop())
     signal.signal(signal.SIGHUP, lambda *_: setattr(worker, "reload_requested", True))
-    adapter.run()
+    try:
+        adapter.run()
+    finally:
+        chan.close()
     return 0
+
+
+@dataclass
+class Services:
+    """The control socket and the metrics endpoint of the process that owns the public addresses."""
+
+    control: ControlServer | None = None
+    metrics: MetricsServer | None = None
+    extra_fds: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+    def close_in_child(self) -> None:
+        """In a forked worker: drop the inherited descriptors, leave the parent's servers running."""
+        if self.control is not None:
+            self.control.close_in_child()
+        if self.metrics is not None:
+            self.metrics.close_in_child()
+        for fd in self.extra_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def start_services(
+    cfg: Config, links: WorkerLinks, mode: str, dispatcher: Dispatcher | None = None
+) -> Services:
+    """Serve the control socket and (if configured) the metrics endpoint for the workers behind `links`.
+    Raises ControlError or OSError when either cannot be served, having closed what it opened."""
+    disp = dispatcher or Dispatcher(links, mode)
+    services = Services()
+    try:
+        services.control = ControlServer(cfg.control.socket, disp.handle, group=cfg.control.group)
+        services.control.start()
+        if cfg.metrics.address is not None:
+            host, port = parse_address(cfg.metrics.address)
+            services.metrics = start_metrics_server(host, port, disp.status)
+    except BaseException:
+        services.close()
+        raise
+    return services
 
 
 class Daemon:
@@ -206,6 +492,8 @@ class Daemon:
         self.flags = _Flags()
         self.children: dict[int, int] = {}  # pid -> queue number
         self.notifier = Notifier()
+        self.links = ChannelLinks()
+        self.services: Services | None = None
 
     # -------------------------------------------------------------------- single process
     def run_inline(self) -> int:
@@ -221,16 +509,21 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, lambda *_: setattr(worker, "reload_requested", True))
         try:
+            self.services = start_services(self.cfg, InboxLinks(self.cfg.queue.num, worker.inbox), "single")
             self._install_iptables()
-        except IptablesError:
+        except (IptablesError, ControlError, OSError):
             adapter.drain()
             adapter.close()
+            if self.services is not None:
+                self.services.close()
             raise
         log.info("running: queue %d, %d rules", self.cfg.queue.num, len(self.rules))
         self.notifier.ready(worker.status_line())
         try:
             adapter.run()
         finally:
+            worker.inbox.close()
+            self.services.close()
             self._remove_iptables()
         log.info("stopped: %s", adapter.stats.as_dict())
         return 0
@@ -238,24 +531,35 @@ class Daemon:
     # -------------------------------------------------------------------- several processes
     def _spawn(self, queue_num: int) -> int:
         r, w = os.pipe()
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
+            parent_end.close()
             code = 1
             try:
-                code = _run_worker_process(self.cfg, self.config_path, self.rules, queue_num, w)
+                # Descriptors of the supervisor's servers and of the other workers' channels.
+                if self.services is not None:
+                    self.services.close_in_child()
+                for fd in self.links.filenos():
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                code = _run_worker_process(self.cfg, self.config_path, self.rules, queue_num, w, child_end)
             except BaseException:
                 log.exception("worker for queue %d crashed", queue_num)
             finally:
                 os._exit(code)
         os.close(w)
+        child_end.close()
         with os.fdopen(r, "rb") as f:
             status = f.read()
         if not status.startswith(b"R"):
+            parent_end.close()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             raise OSError(f"worker for queue {queue_num} could not start: {status[1:].decode()}")
         self.children[pid] = queue_num
+        self.links.set(queue_num, parent_end)
         log.info("worker %d serves queue %d", pid, queue_num)
         return pid
 
@@ -268,11 +572,23 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self.flags, "stop", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self.flags, "stop", True))
         signal.signal(signal.SIGHUP, lambda *_: setattr(self.flags, "reload", True))
+        dispatcher = Dispatcher(
+            self.links,
+            "workers",
+            reload_check=self._reload_check,
+            reload_hooks=(
+                self.notifier.reloading,
+                lambda: self.notifier.ready(f"{len(self.children)} workers"),
+            ),
+        )
         try:
             for i in range(self.cfg.queue.workers):
                 self._spawn(self.cfg.queue.num + i)
+            self.services = start_services(self.cfg, self.links, "workers", dispatcher)
             self._install_iptables()
-        except (OSError, IptablesError):
+        except (OSError, IptablesError, ControlError):
+            if self.services is not None:
+                self.services.close()
             self._signal_children(signal.SIGTERM)
             self._reap_all()
             raise
@@ -293,6 +609,7 @@ class Daemon:
                     pid, status = os.waitpid(-1, os.WNOHANG)
                     if pid and pid in self.children:
                         q = self.children.pop(pid)
+                        self.links.remove(q)
                         n = restarts.get(q, 0)
                         restarts[q] = n + 1
                         log.error("worker %d (queue %d) exited with status %d; restarting", pid, q, status)
@@ -301,8 +618,12 @@ class Daemon:
                             self._spawn(q)
         finally:
             self.notifier.stopping()
+            if self.services is not None:
+                self.services.close()
             self._signal_children(signal.SIGTERM)
             self._reap_all()
+            for q in self.links.queues():
+                self.links.remove(q)
             self._remove_iptables()
         return 0
 
@@ -325,13 +646,16 @@ class Daemon:
                 os.waitpid(pid, 0)
             self.children.pop(pid, None)
 
-    def _reload_check(self) -> None:
-        """Validate once in the supervisor so a broken reload is reported once, not per worker."""
+    def _reload_check(self) -> str | None:
+        """Validate once in the supervisor so a broken reload is reported once, not per worker.
+        Returns the problem, None if the config and rules load."""
         try:
             cfg = load_config(self.config_path)
             load_rules(cfg.rules_dir)
         except (ConfigError, RuleLoadError) as e:
             log.error("reload will fail, workers keep the running config and rules: %s", e)
+            return str(e)
+        return None
 
     # -------------------------------------------------------------------- iptables
     def _install_iptables(self) -> None:
@@ -369,7 +693,7 @@ def main_run(config_path: str, verbose: int = 0) -> int:
         return 1
     try:
         return Daemon(path, cfg, rules).run()
-    except (OSError, IptablesError) as e:
+    except (OSError, IptablesError, ControlError) as e:
         log.error("cannot start: %s", e)
         print(f"tcpguard run: {e}", file=sys.stderr)
         return 1
