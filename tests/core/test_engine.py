@@ -672,3 +672,22 @@ def test_replace_rules_keeps_connections() -> None:
     pb.client("PA", b"after reload")
     assert rec.data() == b"after reload"
     assert len(pb.engine.table) == 1
+
+
+def test_fail_open_limit_stops_inspecting_the_connection() -> None:
+    rec = Recorder()
+    st = EngineSettings()
+    st.limits.max_stream_buffer = 1000
+    st.policies.limit = "accept"
+    pb = Playbook(rec.rules, st)
+    pb.handshake()
+    assert pb.client("PA", b"a" * 600).verdict == ACCEPT
+    d = pb.client("PA", b"b" * 600)  # 1200 retained, nothing acknowledged: over the bound
+    assert d.verdict == ACCEPT and d.send == []
+    assert pb.engine.stats.limit_hits == 1
+    assert rec.ends() == [("end", 1, "uninspected")]
+    seen = len(rec.log)
+    for _ in range(3):
+        assert pb.client("PA", b"c" * 600).verdict == ACCEPT
+    assert len(rec.log) == seen  # no more rule calls, no more limit hits
+    assert pb.engine.stats.limit_hits == 1
