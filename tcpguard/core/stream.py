@@ -281,7 +281,9 @@ class HalfStream:
     def ack(self, off: int, window: int) -> None:
         """The receiver acknowledged up to `off` and advertised `window` (already scaled)."""
         if off > self.acked:
-            self.acked = min(off, self.next + 1)
+            # Never past what was forwarded: an ACK of bytes the receiver cannot have is forged or
+            # broken, and must not free bytes that first-copy checks still need.
+            self.acked = min(off, self.sent)
         edge = off + window
         self.wnd_end = max(self.wnd_end, edge)
 
