@@ -67,6 +67,7 @@ class Gateway:
             f"iptables:\n  manage: {str(manage).lower()}\n  hooks: [FORWARD]\n"
             f"alerts:\n  file: alerts.jsonl\n"
             f"logging:\n  level: info\n  target: stderr\n"
+            f"control:\n  socket: control.sock\n"
         )
         self.servers: dict[int, Path] = {}
         self.daemon: subprocess.Popen[Any] | None = None
