@@ -9,7 +9,7 @@ moment it would have been sent. Frames without IP are neither judged nor forward
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -82,7 +82,7 @@ class _Gateway:
         if self.writer is not None:
             self.writer.write(data, ts)
 
-    def apply_out(self, releases: list[Release], send: list[bytes], ts: float) -> None:
+    def apply_out(self, releases: Sequence[Release], send: Sequence[bytes], ts: float) -> None:
         for r in releases:
             original = self.held.pop(r.token)
             if r.verdict == Verdict.ACCEPT:

@@ -135,22 +135,26 @@ class Engine:
     def handle_packet(self, raw: bytes, now: float, token: object = None) -> Decision:
         """Judge one raw IP packet. `token` identifies it if the engine holds it."""
         self.now = now
-        self.stats.packets += 1
-        out = self._out = Output()
+        stats = self.stats
+        stats.packets += 1
+        self._out = None  # made on demand by _output(): most packets release and send nothing
         try:
             dec = self._handle(raw, token)
         finally:
+            out = self._out
             self._out = None
-        dec.releases = out.releases
-        dec.send = out.send
-        if dec.verdict == ACCEPT:
-            self.stats.accepted += 1
-        elif dec.verdict == DROP:
-            self.stats.dropped += 1
+        if out is not None:
+            dec.releases = out.releases
+            dec.send = out.send
+        v = dec.verdict
+        if v is ACCEPT:
+            stats.accepted += 1
+        elif v is DROP:
+            stats.dropped += 1
         else:
-            self.stats.held += 1
+            stats.held += 1
         if dec.packet is not None:
-            self.stats.rewritten += 1
+            stats.rewritten += 1
         if self.sink is not None:
             self.sink(
                 {
@@ -163,9 +167,9 @@ class Engine:
                     "rewritten": dec.packet is not None,
                     "released": [
                         [r.token if isinstance(r.token, int | str) else None, r.verdict.name.lower()]
-                        for r in out.releases
+                        for r in dec.releases
                     ],
-                    "sent": len(out.send),
+                    "sent": len(dec.send),
                 }
             )
         return dec
@@ -344,12 +348,13 @@ class Engine:
         flags = pkt.flags
         state = conn.state
         s, o = (conn.up, conn.down) if d == UP else (conn.down, conn.up)
+        payload = pkt.payload
         if d == UP:
             conn.pkts_up += 1
-            conn.bytes_up += len(pkt.payload)
+            conn.bytes_up += len(payload)
         else:
             conn.pkts_down += 1
-            conn.bytes_down += len(pkt.payload)
+            conn.bytes_down += len(payload)
         conn.last_seen = self.now
         # Re-arm the idle timeout; the heap entry catches up lazily (see ConnTable).
         conn.expires = self.now + self._timeout[state]
@@ -422,10 +427,13 @@ class Engine:
             return Decision(ACCEPT, flow_id=conn.id)
 
         # ---- ACK, data, FIN
-        pre = transition(state, d, Event.FIN if flags & FIN else Event.ACK)
-        if pre is StateAction.INVALID and not fresh:
-            self.stats.invalid += 1
-            return Decision(DROP, flow_id=conn.id, reason=f"segment invalid in {state.name}")
+        # Fast path: in ESTABLISHED a segment without FIN is never invalid and changes no state.
+        steady = state is State.ESTABLISHED and not flags & FIN
+        if not steady:
+            pre = transition(state, d, Event.FIN if flags & FIN else Event.ACK)
+            if pre is StateAction.INVALID and not fresh:
+                self.stats.invalid += 1
+                return Decision(DROP, flow_id=conn.id, reason=f"segment invalid in {state.name}")
         if flags & ACK and o.isn >= 0:
             wscale = conn.wscale_client if d == UP else conn.wscale_server
             o.ack(o.offset(pkt.ack), pkt.window << (wscale if wscale > 0 else 0))
@@ -433,7 +441,6 @@ class Engine:
                 before = len(o.buf)
                 o.trim()
                 self.buffered -= before - len(o.buf)
-        payload = pkt.payload
         fin = bool(flags & FIN)
         dec: Decision
         if state in FINISHED and payload and s.offset(pkt.seq) + len(payload) > s.next:
@@ -447,6 +454,8 @@ class Engine:
         else:
             dec = Decision(ACCEPT, flow_id=conn.id)
         # ---- state transition
+        if steady:
+            return dec
         fins_acked = (
             conn.up.fin_off >= 0
             and conn.down.fin_off >= 0
@@ -460,8 +469,6 @@ class Engine:
                 self._set_state(conn, nxt)
                 if nxt in FINISHED:
                     self._finish(conn, "fin")
-            elif conn.state == State.SYN_RECV and d == UP and (payload or fin):
-                self._set_state(conn, State.ESTABLISHED)
         return dec
 
     def _data(self, conn: Connection, pkt: Packet, s: HalfStream, d: int, token: object) -> Decision:
@@ -671,10 +678,17 @@ class Engine:
         conn._send = 0
 
     # ================================================================ verdict helpers
+    def _output(self) -> Output:
+        out = self._out
+        if out is None:
+            out = self._out = Output()
+        return out
+
     def _release_held(self, s: HalfStream, verdict: Verdict) -> None:
         """Release the in-order held packets (the rules saw their bytes), in arrival order."""
-        out = self._out
-        assert out is not None
+        if not s.held:
+            return
+        out = self._output()
         for h in s.held:
             out.releases.append(Release(h.token, verdict, h.packet if verdict == ACCEPT else None))
             if verdict == ACCEPT:
@@ -684,8 +698,9 @@ class Engine:
 
     def _drop_ooo(self, s: HalfStream) -> None:
         """Drop the out-of-order packets: the rules never saw their bytes, so they never pass."""
-        out = self._out
-        assert out is not None
+        if not s.ooo:
+            return
+        out = self._output()
         for h in s.ooo:
             out.releases.append(Release(h.token, DROP))
         self.held_packets -= len(s.ooo)
@@ -714,8 +729,7 @@ class Engine:
 
     def _forge_resets(self, conn: Connection, both: bool) -> None:
         """RSTs with the sequence number each receiver expects next (see tcpguard.core.forge)."""
-        out = self._out
-        assert out is not None
+        out = self._output()
         up, down = conn.up, conn.down
         v = conn.version
         if down.isn < 0:

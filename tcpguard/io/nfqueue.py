@@ -48,7 +48,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -454,7 +454,7 @@ class NfqueueAdapter:
                     break
 
     # ------------------------------------------------------------------ helpers
-    def _apply(self, releases: list[Any], send: list[bytes]) -> None:
+    def _apply(self, releases: Sequence[Any], send: Sequence[bytes]) -> None:
         for rel in releases:
             pkt = self._held.pop(id(rel.token), None)
             if pkt is None or pkt is not rel.token:

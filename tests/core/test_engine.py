@@ -303,7 +303,7 @@ def test_drop_at_new_connection_drops_the_syn_silently() -> None:
     rec.on_new = "drop"
     pb = Playbook(rec.rules)
     d = pb.client("S")
-    assert d.verdict == DROP and d.send == []
+    assert d.verdict == DROP and not d.send
     assert rec.ends() == [("end", 1, "drop")]
     assert pb.client("S", seq=pb.cisn).verdict == DROP  # retransmitted SYN
     assert rec.ends() == [("end", 1, "drop")]
@@ -683,7 +683,7 @@ def test_fail_open_limit_stops_inspecting_the_connection() -> None:
     pb.handshake()
     assert pb.client("PA", b"a" * 600).verdict == ACCEPT
     d = pb.client("PA", b"b" * 600)  # 1200 retained, nothing acknowledged: over the bound
-    assert d.verdict == ACCEPT and d.send == []
+    assert d.verdict == ACCEPT and not d.send
     assert pb.engine.stats.limit_hits == 1
     assert rec.ends() == [("end", 1, "uninspected")]
     seen = len(rec.log)
