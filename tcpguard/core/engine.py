@@ -46,6 +46,8 @@ from tcpguard.core.state import (
 from tcpguard.core.state import (
     Action as StateAction,
 )
+from tcpguard.core.stream import DROP as SEG_DROP
+from tcpguard.core.stream import HOLD as SEG_HOLD
 from tcpguard.core.stream import LOOKBACK, HalfStream, Held
 
 log = logging.getLogger("tcpguard.engine")
@@ -55,6 +57,8 @@ EventSink = Callable[[dict[str, Any]], None]
 ACCEPT = Verdict.ACCEPT
 DROP = Verdict.DROP
 HOLD = Verdict.HOLD
+# Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
+_ESTABLISHED = State.ESTABLISHED
 
 
 @dataclass(slots=True)
@@ -428,7 +432,7 @@ class Engine:
 
         # ---- ACK, data, FIN
         # Fast path: in ESTABLISHED a segment without FIN is never invalid and changes no state.
-        steady = state is State.ESTABLISHED and not flags & FIN
+        steady = state is _ESTABLISHED and not flags & FIN
         if not steady:
             pre = transition(state, d, Event.FIN if flags & FIN else Event.ACK)
             if pre is StateAction.INVALID and not fresh:
@@ -479,7 +483,7 @@ class Engine:
         urg = bool(pkt.flags & URG)
         was_eof = s.eof
         before = s.buffered()
-        res = s.receive(
+        status, fix, new_start, reason, held = s.receive(
             off,
             pkt.payload,
             fin,
@@ -489,13 +493,12 @@ class Engine:
             lim.max_ooo_segments,
         )
         self.buffered += s.buffered() - before
-        if res.drop:
-            if res.reason in ("out of order", "out-of-order buffer full"):
+        if status == SEG_DROP:
+            if reason in ("out of order", "out-of-order buffer full"):
                 self.stats.ooo_dropped += 1
-            return Decision(DROP, flow_id=conn.id, reason=res.reason)
-        packet = forge.rewrite(pkt, res.fix, clear_urg=urg) if res.fix is not None or urg else None
-        if res.hold:
-            held = res.held
+            return Decision(DROP, flow_id=conn.id, reason=reason)
+        packet = forge.rewrite(pkt, fix, clear_urg=urg) if fix is not None or urg else None
+        if status == SEG_HOLD:
             assert held is not None
             if self.held_packets >= lim.max_held_packets:
                 # Undo the hold and drop: the sender retransmits once the gap fills.
@@ -508,8 +511,8 @@ class Engine:
             self.held_packets += 1
             held.packet = packet
             return Decision(HOLD, flow_id=conn.id, reason="out of order")
-        if res.new_start >= 0:
-            self._dispatch_data(conn, s, d, res.new_start)
+        if new_start >= 0:
+            self._dispatch_data(conn, s, d, new_start)
         if s.eof and not was_eof:
             self._resume_readers(conn, d)
         # Out-of-order segments that became contiguous leave with this packet, after the rules ran.

@@ -39,6 +39,8 @@ PROTO_TCP = 6
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
+_V4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
+_new_packet = object.__new__
 
 # IPv6 extension headers that carry a generic (next header, length) prefix.
 _V6_EXT_GENERIC = frozenset({0, 43, 60, 135, 139, 140})
@@ -159,6 +161,10 @@ def decode(raw: bytes) -> Packet:
         raise DecodeError("empty packet")
     version = raw[0] >> 4
     if version == 4:
+        # Fast path for the common case, IPv4 without options carrying an unfragmented TCP segment:
+        # one unpack for both fixed headers and one object filled once.
+        if raw[0] == 0x45 and n >= 40 and raw[9] == PROTO_TCP and not raw[6] & 0x3F and not raw[7]:
+            return _decode_v4_tcp(raw, n)
         return _decode_v4(raw, n)
     if version == 6:
         return _decode_v6(raw, n)
@@ -186,6 +192,42 @@ def _decode_v4(raw: bytes, n: int) -> Packet:
         return pkt
     if proto == PROTO_TCP:
         _decode_tcp(pkt, raw, ihl, total)
+    return pkt
+
+
+def _decode_v4_tcp(raw: bytes, n: int) -> Packet:
+    (_vihl, _tos, total, _ident, _frag, _ttl, _proto, _csum, src, dst,
+     sport, dport, seq, ack, doff, flags, window, _tcsum, urg) = _V4_TCP.unpack_from(raw, 0)  # fmt: skip
+    if total < 40 or total > n:
+        return _decode_v4(raw, n)  # let the general path name the problem
+    if total < n:
+        raw = raw[:total]
+    hlen = (doff >> 4) * 4
+    if hlen < 20:
+        raise DecodeError(f"TCP data offset {hlen} below 20")
+    if 20 + hlen > total:
+        raise DecodeError(f"TCP header length {hlen} runs past the packet")
+    pkt = _new_packet(Packet)
+    pkt.raw = raw
+    pkt.version = 4
+    pkt.src = src
+    pkt.dst = pkt.pdst = dst
+    pkt.proto = PROTO_TCP
+    pkt.ip_hlen = 20
+    pkt.fragment = False
+    pkt.is_tcp = True
+    pkt.sport = sport
+    pkt.dport = dport
+    pkt.seq = seq
+    pkt.ack = ack
+    pkt.flags = flags
+    pkt.window = window
+    pkt.urgptr = urg
+    pkt.tcp_hlen = hlen
+    pkt.payload = raw[20 + hlen : total]
+    pkt._options = None
+    if flags & SYN and hlen > 20:
+        pkt.options()
     return pkt
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tcpguard.core.seq import MASK, unwrap
+from tcpguard.core.seq import HALF, MASK, MOD
 
 if TYPE_CHECKING:
     from tcpguard.core.cursor import Cursor
@@ -57,20 +57,15 @@ class Held:
         self.data = data  # an out-of-order segment's (first-copy) payload; empty for in-order holds
 
 
-class SegmentResult:
-    """What `HalfStream.receive` decided about one segment."""
-
-    __slots__ = ("drop", "fix", "held", "hold", "new_start", "reason")
-
-    def __init__(self) -> None:
-        self.drop = False
-        self.hold = False
-        # Non-None: the payload to forward instead (first copy restored where the segment conflicted).
-        self.fix: bytes | None = None
-        # Offset where bytes new to the rules start (the stream's end before this segment), or -1.
-        self.new_start = -1
-        self.reason = ""
-        self.held: Held | None = None  # the record of a held out-of-order segment
+# What `HalfStream.receive` decided: (status, fix, new_start, reason, held).
+#   status     OK, DROP or HOLD
+#   fix        the payload to forward instead (first copy restored where the segment conflicted), or None
+#   new_start  offset where bytes new to the rules start (the stream's end before the segment), or -1
+#   reason     why it was dropped or held
+#   held       the record of a held out-of-order segment, or None
+# A plain tuple: one is made per data segment, and a tuple costs far less than an object.
+OK, DROP, HOLD = 0, 1, 2
+SegmentResult = tuple[int, "bytes | None", int, str, "Held | None"]
 
 
 class HalfStream:
@@ -117,7 +112,14 @@ class HalfStream:
 
     # -- sequence numbers ------------------------------------------------------------------------------
     def offset(self, seq: int) -> int:
-        return unwrap(seq, (self.isn + 1) & MASK, self.next)
+        """`seq` as a stream offset, the candidate nearest to `next` (`seq.unwrap`, inlined: hot path)."""
+        near = self.next
+        off = near - (near & MASK) + ((seq - self.isn - 1) & MASK)
+        if off - near > HALF:
+            return off - MOD
+        if near - off > HALF:
+            return off + MOD
+        return off
 
     def seq_at(self, off: int) -> int:
         return (self.isn + 1 + off) & MASK
@@ -151,31 +153,25 @@ class HalfStream:
         max_ooo_segments: int,
     ) -> SegmentResult:
         """Take one segment's payload at offset `off`. See the module docstring for the rules."""
-        res = SegmentResult()
         n = len(payload)
         end = off + n
         nxt = self.next
         if self.fin_off >= 0 and end > self.fin_off:
-            res.drop = True
-            res.reason = "data after FIN"
-            return res
+            return DROP, None, -1, "data after FIN", None
         if self.wscale >= 0 and n and off >= self.wnd_end >= 0 and end > nxt:
-            res.drop = True
-            res.reason = "outside receive window"
-            return res
+            return DROP, None, -1, "outside receive window", None
         if off <= nxt:
             if end <= nxt:
                 # Nothing new: a retransmission (or a pure ACK / FIN when n == 0).
+                fix = None
                 if n:
                     if self.hold_from >= 0 and end > self.hold_from:
-                        res.drop = True
-                        res.reason = "retransmission of held data"
-                        return res
-                    res.fix = self._first_copy(off, payload)
+                        return DROP, None, -1, "retransmission of held data", None
+                    fix = self._first_copy(off, payload)
                 if fin and self.fin_off < 0 and end == nxt and not self.ooo:
                     self.fin_off = end
                     self.eof = True
-                return res
+                return OK, fix, -1, "", None
             # New bytes at the end of the stream.
             head = nxt - off
             fixed = self._first_copy(off, payload[:head]) if head else None
@@ -185,9 +181,6 @@ class HalfStream:
                 if restored != new:
                     fixed = fixed if fixed is not None else payload[:head]
                     new = restored
-            if fixed is not None:
-                res.fix = fixed + new
-            res.new_start = nxt
             self.buf += new
             self.next = end
             if fin:
@@ -196,28 +189,18 @@ class HalfStream:
                 self._pull_ooo()
             if self.fin_off >= 0 and self.next == self.fin_off:
                 self.eof = True
-            return res
+            return OK, (fixed + new if fixed is not None else None), nxt, "", None
         # Out of order: a gap before this segment.
         if not hold_ooo:
-            res.drop = True
-            res.reason = "out of order"
-            return res
+            return DROP, None, -1, "out of order", None
         covered, fixed_payload = self._check_ooo(off, payload)
         if covered:
-            res.drop = True
-            res.reason = "duplicate of held data"
-            return res
-        if fixed_payload is not payload:
-            res.fix = fixed_payload
+            return DROP, None, -1, "duplicate of held data", None
         if len(self.ooo) >= max_ooo_segments or self.ooo_bytes + n > max_ooo_bytes:
-            res.drop = True
-            res.reason = "out-of-order buffer full"
-            return res
+            return DROP, None, -1, "out-of-order buffer full", None
         held = Held(off, end, token, None, fin, fixed_payload)
         self._insert_ooo(held)
-        res.hold = True
-        res.held = held
-        return res
+        return HOLD, (fixed_payload if fixed_payload is not payload else None), -1, "out of order", held
 
     def _first_copy(self, off: int, payload: bytes) -> bytes | None:
         """None if `payload` at `off` agrees with the retained first copy, else the corrected payload."""
