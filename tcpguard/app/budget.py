@@ -43,6 +43,10 @@ class RuleBudget:
         self._previous: Any = None
 
     def start(self) -> None:
+        """Start watching (idempotent: a reload that keeps the budget on calls it again)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop = threading.Event()
         self._previous = signal.signal(SIGNAL, self._on_signal)
         self._thread = threading.Thread(target=self._watch, name="rule-budget", daemon=True)
         self._thread.start()
@@ -51,8 +55,10 @@ class RuleBudget:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+            self._thread = None
         if self._previous is not None:
             signal.signal(SIGNAL, self._previous)
+            self._previous = None
 
     def _watch(self) -> None:
         seen_call = -1

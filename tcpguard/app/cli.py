@@ -114,7 +114,7 @@ def cmd_iptables(args: argparse.Namespace) -> int:
 DEFAULT_CONFIG = "/etc/tcpguard/tcpguard.yaml"
 
 # Modules that add their own subcommands through `add_subparser(sub)`.
-PLUGGED_COMMANDS = ("tcpguard.app.trace", "tcpguard.app.lab", "tcpguard.app.control")
+PLUGGED_COMMANDS = ("tcpguard.app.trace", "tcpguard.app.lab", "tcpguard.app.control", "tcpguard.app.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,9 @@ timer tick executes the control requests waiting in its `Inbox` (status, connect
 and reset through `engine.act`, reload), so the engine is only ever touched by the packet-loop thread.
 The control socket and the Prometheus endpoint are served by the process that owns the public address:
 the worker itself in single-process mode, the supervisor with several workers, which reaches each worker
-over a socket pair made at fork (`tcpguard.app.control`).
+over a socket pair made at fork (`tcpguard.app.control`). A worker restarted while those servers run is
+forked from a threaded process: it closes every descriptor of theirs it inherited (gathered before the
+fork, so the child takes none of their locks) and uses nothing else of the supervisor's.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ import socket
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from tcpguard.app.budget import RuleBudget
 from tcpguard.app.config import Config, ConfigError, DumpsConfig, load_config, parse_address
 from tcpguard.app.control import (
     ChannelLinks,
@@ -138,6 +142,10 @@ class Worker:
         self.alerts = AlertLog(cfg.alerts.file)
         self.engine = Engine(cfg.engine, rules)
         self.engine.alert_hook = self.alerts
+        # Made here, in the thread that runs the packet loop: that is the thread it interrupts.
+        self.budget = RuleBudget(self.engine, cfg.engine.limits.rule_time_budget)
+        if self.budget.budget > 0:
+            self.budget.start()
         self.reload_requested = False
         self.reloads = 0
         self.reload_failures = 0
@@ -180,7 +188,7 @@ class Worker:
             dumps.reset(raw, dec.send)
         return dec
 
-    def _account_releases(self, releases: list[Release]) -> None:
+    def _account_releases(self, releases: Sequence[Release]) -> None:
         """Count the final verdict of held packets (and dump the dropped ones)."""
         t = self.traffic
         dumps = self.dumps
@@ -249,6 +257,7 @@ class Worker:
     def shutdown(self, now: float) -> Output:
         self.inbox.close()
         out = self.engine.shutdown(now)
+        self.budget.stop()
         self._account_output(out)
         if self.dumps is not None:
             self.dumps.close()
@@ -368,6 +377,11 @@ class Worker:
             self._reopen_dumps(cfg.dumps)
         self.engine.replace_rules(rules)
         self.engine.replace_settings(cfg.engine)
+        self.budget.budget = cfg.engine.limits.rule_time_budget
+        if self.budget.budget > 0:
+            self.budget.start()
+        else:
+            self.budget.stop()
         if cfg.alerts.file != self.cfg.alerts.file:
             self.alerts.close()
             self.alerts = AlertLog(cfg.alerts.file)
@@ -443,7 +457,6 @@ class Services:
 
     control: ControlServer | None = None
     metrics: MetricsServer | None = None
-    extra_fds: list[int] = field(default_factory=list)
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -453,15 +466,14 @@ class Services:
             self.control.close()
             self.control = None
 
-    def close_in_child(self) -> None:
-        """In a forked worker: drop the inherited descriptors, leave the parent's servers running."""
+    def filenos(self) -> list[int]:
+        """Descriptors a forked worker must close: listening sockets and connected control clients."""
+        fds = []
         if self.control is not None:
-            self.control.close_in_child()
+            fds += self.control.filenos()
         if self.metrics is not None:
-            self.metrics.close_in_child()
-        for fd in self.extra_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            fds.append(self.metrics.fileno())
+        return [fd for fd in fds if fd >= 0]
 
 
 def start_services(
@@ -492,7 +504,7 @@ class Daemon:
         self.flags = _Flags()
         self.children: dict[int, int] = {}  # pid -> queue number
         self.notifier = Notifier()
-        self.links = ChannelLinks()
+        self.links = ChannelLinks(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
         self.services: Services | None = None
 
     # -------------------------------------------------------------------- single process
@@ -532,16 +544,18 @@ class Daemon:
     def _spawn(self, queue_num: int) -> int:
         r, w = os.pipe()
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Gathered before the fork: a restart happens while the supervisor's server threads run, and the
+        # child must not take a lock one of them might hold at that instant (it would never be released).
+        inherited = self.links.filenos() + (self.services.filenos() if self.services is not None else [])
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
             parent_end.close()
             code = 1
             try:
-                # Descriptors of the supervisor's servers and of the other workers' channels.
-                if self.services is not None:
-                    self.services.close_in_child()
-                for fd in self.links.filenos():
+                # The supervisor's listening sockets, its control clients and the other workers' channels:
+                # a worker holding them would keep them open after the supervisor closed them.
+                for fd in inherited:
                     with contextlib.suppress(OSError):
                         os.close(fd)
                 code = _run_worker_process(self.cfg, self.config_path, self.rules, queue_num, w, child_end)

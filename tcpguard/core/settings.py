@@ -44,6 +44,9 @@ class Limits:
     max_total_buffer: int = 268435456
     # Packets held at once (NFQUEUE keeps them queued in the kernel until released).
     max_held_packets: int = 4096
+    # Seconds one rule call may run before the daemon interrupts it (the flow gets the rule_error
+    # verdict); 0 turns the budget off. Enforced by tcpguard.app.budget, outside the sans-IO core.
+    rule_time_budget: float = field(default=0.5, metadata={"min": 0})
 
 
 @dataclass(slots=True)

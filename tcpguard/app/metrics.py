@@ -1,0 +1,278 @@
+"""What a running gateway counts, and the Prometheus endpoint that exports it.
+
+One source of truth: `tcpguard status` and `/metrics` are both built from the same status document (see
+`tcpguard.app.control`), a JSON-able dict per worker that the worker assembles in its timer tick, where
+reading the engine is safe. The Prometheus collector only translates that document into metric families
+at scrape time, so the two views can never disagree about what a counter means.
+
+Why a custom collector instead of `Counter` objects incremented on the packet path: the engine and the
+adapter already count everything in plain integer attributes (the cheapest possible increment), and with
+several worker processes the counters live in other processes anyway. Collecting on scrape costs nothing
+between scrapes and needs no shared-memory multiprocess mode.
+
+Also here: the small readers of kernel state that the status document includes (the NFQUEUE counters in
+`/proc/net/netfilter/nfnetlink_queue`, the process's resident memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+__all__ = [
+    "KERNEL_QUEUE_FILE",
+    "MetricsServer",
+    "StatusCollector",
+    "Traffic",
+    "kernel_queue_stats",
+    "rss_bytes",
+    "start_metrics_server",
+]
+
+log = logging.getLogger("tcpguard.metrics")
+
+KERNEL_QUEUE_FILE = "/proc/net/netfilter/nfnetlink_queue"
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Packets and bytes through one worker, by what finally happened to them.
+
+    The engine's own `Stats` count verdicts given when a packet arrives; a held packet gets its verdict
+    later, in a `Release`. These count the final fate of every packet (direct verdict or release), in
+    packets and in bytes as received from the queue, so `received = accepted + dropped + held now`
+    (plus packets the adapter verdicted itself after a handler error, which it counts separately).
+    """
+
+    packets_received: int = 0
+    bytes_received: int = 0
+    packets_accepted: int = 0
+    bytes_accepted: int = 0
+    packets_dropped: int = 0
+    bytes_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def kernel_queue_stats(queue_num: int, path: str = KERNEL_QUEUE_FILE) -> dict[str, int] | None:
+    """The kernel's counters for one NFQUEUE, or None when the file or the queue's line is missing.
+
+    The kernel prints one line per bound queue (net/netfilter/nfnetlink_queue.c, `seq_show`): queue
+    number, peer port id, packets waiting, copy mode, copy range, packets dropped because the queue was
+    full (`queue_dropped`), packets dropped because sending them to us failed (`user_dropped`, the
+    netlink buffer overran), the last packet id, and a constant 1. The file is per network namespace,
+    which is the daemon's own.
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 8 and fields[0].isdigit() and int(fields[0]) == queue_num:
+            try:
+                return {
+                    "waiting": int(fields[2]),
+                    "dropped": int(fields[5]),
+                    "user_dropped": int(fields[6]),
+                    "id_sequence": int(fields[7]),
+                }
+            except ValueError:
+                return None
+    return None
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident memory of a process (from /proc/PID/statm, the cheapest source), None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------- Prometheus
+
+# (metric name, help, path in a worker's status document). Counters get `_total` from prometheus_client.
+_COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("tcpguard_packets_received", "Packets read from the queue.", ("packets", "received")),
+    ("tcpguard_packets_accepted", "Packets accepted (directly or when released).", ("packets", "accepted")),
+    ("tcpguard_packets_dropped", "Packets dropped by tcpguard's verdict.", ("packets", "dropped")),
+    ("tcpguard_bytes_received", "Bytes of the packets read from the queue.", ("bytes", "received")),
+    ("tcpguard_bytes_accepted", "Bytes of the packets accepted.", ("bytes", "accepted")),
+    ("tcpguard_bytes_dropped", "Bytes of the packets dropped.", ("bytes", "dropped")),
+    ("tcpguard_resets_sent", "RST packets forged (rules, limits and operator resets).", ("resets_sent",)),
+    ("tcpguard_rule_errors", "Rule calls that raised.", ("rule_errors",)),
+    (
+        "tcpguard_connections_opened",
+        "Connections tracked since the worker started.",
+        ("connections", "opened"),
+    ),
+    (
+        "tcpguard_queue_kernel_dropped",
+        "Packets the kernel dropped because the queue was full.",
+        ("queue_drops", "kernel_dropped"),
+    ),
+    (
+        "tcpguard_queue_kernel_user_dropped",
+        "Packets the kernel dropped because it could not send them to tcpguard.",
+        ("queue_drops", "kernel_user_dropped"),
+    ),
+    (
+        "tcpguard_queue_netlink_enobufs",
+        "Times the kernel reported lost queue messages (ENOBUFS).",
+        ("queue_drops", "enobufs"),
+    ),
+    ("tcpguard_forged_sent", "Forged packets transmitted.", ("adapter", "sent")),
+    (
+        "tcpguard_forged_send_errors",
+        "Forged packets that could not be transmitted.",
+        ("adapter", "send_errors"),
+    ),
+    (
+        "tcpguard_handler_errors",
+        "Packets whose processing raised (verdicted by the adapter).",
+        ("adapter", "handler_errors"),
+    ),
+    ("tcpguard_reloads", "Successful reloads.", ("reloads",)),
+    ("tcpguard_reload_failures", "Reloads refused (bad config or rules).", ("reload_failures",)),
+)
+
+_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("tcpguard_packets_held", "Packets held back right now.", ("packets", "held")),
+    ("tcpguard_connections_tracked", "Connections in the table right now.", ("connections", "tracked")),
+    ("tcpguard_queue_waiting", "Packets waiting in the kernel queue.", ("queue_drops", "kernel_waiting")),
+    ("tcpguard_worker_rss_bytes", "Resident memory of the worker process.", ("memory", "rss")),
+    ("tcpguard_stream_buffer_bytes", "Bytes held in stream buffers.", ("memory", "buffered")),
+    ("tcpguard_worker_uptime_seconds", "Seconds since the worker started.", ("uptime",)),
+)
+
+
+def _dig(doc: Any, path: tuple[str, ...]) -> float | None:
+    for key in path:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return float(doc) if isinstance(doc, int | float) and not isinstance(doc, bool) else None
+
+
+class StatusCollector:
+    """A prometheus_client collector over the status document returned by `gather()`.
+
+    `gather` is called once per scrape (in the HTTP server's thread); it must be thread-safe and return
+    the same document as the control socket's `status` (workers whose entry has an `error` are skipped,
+    so a restarting worker's series disappear for a scrape rather than dropping to zero).
+    """
+
+    def __init__(self, gather: Callable[[], dict[str, Any]]) -> None:
+        self.gather = gather
+
+    def describe(self) -> list[Metric]:
+        # No metrics at registration: describing would call gather() (and wait for a tick) at start.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            status = self.gather()
+        except Exception:
+            log.exception("metrics: gathering the status failed")
+            return
+        workers = [w for w in status.get("workers", []) if isinstance(w, dict) and "error" not in w]
+        up = GaugeMetricFamily("tcpguard_up", "1: the daemon answered this scrape.", labels=[])
+        up.add_metric([], 1.0)
+        yield up
+        answering = GaugeMetricFamily(
+            "tcpguard_workers", "Worker processes answering (configured workers minus restarting ones)."
+        )
+        answering.add_metric([], float(len(workers)))
+        yield answering
+        uptime = GaugeMetricFamily("tcpguard_uptime_seconds", "Seconds since the daemon started.")
+        uptime.add_metric([], float(status.get("uptime", 0.0)))
+        yield uptime
+        rss = status.get("rss")
+        if isinstance(rss, int):
+            main_rss = GaugeMetricFamily("tcpguard_main_rss_bytes", "Resident memory of the main process.")
+            main_rss.add_metric([], float(rss))
+            yield main_rss
+        for name, text, path in _COUNTERS:
+            c = CounterMetricFamily(name, text, labels=["queue"])
+            for w in workers:
+                v = _dig(w, path)
+                if v is not None:
+                    c.add_metric([str(w["queue"])], v)
+            yield c
+        for name, text, path in _GAUGES:
+            g = GaugeMetricFamily(name, text, labels=["queue"])
+            for w in workers:
+                v = _dig(w, path)
+                if v is not None:
+                    g.add_metric([str(w["queue"])], v)
+            yield g
+        by_state = GaugeMetricFamily(
+            "tcpguard_connections", "Connections in the table by TCP state.", labels=["queue", "state"]
+        )
+        for w in workers:
+            for state, n in sorted(w.get("connections", {}).get("by_state", {}).items()):
+                by_state.add_metric([str(w["queue"]), state], float(n))
+        yield by_state
+        engine = CounterMetricFamily(
+            "tcpguard_engine_events",
+            "Every engine counter (tcpguard.core.engine.Stats), by name.",
+            labels=["queue", "counter"],
+        )
+        for w in workers:
+            for key, n in sorted(w.get("engine", {}).items()):
+                if isinstance(n, int):
+                    engine.add_metric([str(w["queue"]), key], float(n))
+        yield engine
+        dumped = CounterMetricFamily(
+            "tcpguard_dump_packets", "Packets written to each pcap dump.", labels=["queue", "dump"]
+        )
+        for w in workers:
+            for kind, d in sorted(w.get("dumps", {}).get("files", {}).items()):
+                dumped.add_metric([str(w["queue"]), kind], float(d.get("packets", 0)))
+        yield dumped
+
+
+class MetricsServer:
+    """The HTTP endpoint (prometheus_client's threaded WSGI server) and how to stop it."""
+
+    def __init__(self, httpd: Any, thread: Any, address: tuple[str, int]) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.address = address
+
+    def fileno(self) -> int:
+        fd: int = self._httpd.socket.fileno()
+        return fd
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_server(host: str, port: int, gather: Callable[[], dict[str, Any]]) -> MetricsServer:
+    """Serve `/metrics` on host:port from a private registry (no process or platform collectors: they
+    would describe only the process that serves, not the workers). Raises OSError if it cannot bind."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(gather))
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    bound = httpd.socket.getsockname()
+    log.info("metrics endpoint on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", bound[1])
+    return MetricsServer(httpd, thread, (host, int(bound[1])))
