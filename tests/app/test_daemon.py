@@ -349,3 +349,26 @@ def test_daemon_speaks_the_systemd_notify_protocol(lab: Lab, tmp_path: Path) -> 
     g.daemon.send_signal(signal.SIGTERM)
     assert next_msg("STOPPING=1")
     assert g.daemon.wait(20) == 0
+
+
+def test_a_rule_stuck_in_a_loop_is_interrupted_and_the_gateway_keeps_working(gw: Gateway) -> None:
+    (gw.rules_dir / "stuck.py").write_text(
+        "from tcpguard import rule, tcp_connection\n\n"
+        "@rule(on=tcp_connection.events.receive_data)\n"
+        "def spin_forever(flow, stream, current, direction):\n"
+        "    if current.find(b'LOOP'):\n"
+        "        while True:\n"
+        "            pass\n"
+    )
+    assert gw.daemon is not None
+    gw.daemon.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded" in gw.daemon_log.read_text(), "reload")
+    t0 = time.monotonic()
+    res = gw.client([hexs(b"LOOP")], timeout=10)
+    # The stuck call is interrupted after the budget (0.5 s); the flow gets the rule-error verdict (reset).
+    assert res["error"] == "ConnectionResetError"
+    assert time.monotonic() - t0 < 8
+    assert gw.client([hexs(b"an ordinary request")])["error"] is None
+    log = gw.daemon_log.read_text()
+    assert "stuck.spin_forever ran past its budget" in log
+    assert gw.daemon.poll() is None
