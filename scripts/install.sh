@@ -16,6 +16,8 @@ pkgs=(
     python3 python3-venv python3-dev build-essential pkg-config
     libnetfilter-queue-dev libnfnetlink-dev libsystemd-dev
     iptables iproute2 tshark tcpdump curl procps
+    systemd systemd-container mmdebstrap
+    docker-compose  # validates docker-compose.yml (`docker-compose config`); no Docker engine needed
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
+import stat
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +65,7 @@ __all__ = [
     "parse_address",
     "parse_config",
     "schema_keys",
+    "unsafe_permissions",
 ]
 
 Hook = Literal["FORWARD", "INPUT", "OUTPUT"]
@@ -97,6 +100,7 @@ class QueueConfig:
     maxlen: int = 4096
     copy_range: int = field(default=65535, metadata={"min": 1, "max": 65535})
     bypass: bool = True
+    repeat: bool = True
 
 
 @dataclass(slots=True)
@@ -194,12 +198,43 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and parse `path`; an unreadable file is a `ConfigError` too, so callers handle one failure."""
+    """Read and parse `path`; an unreadable file is a `ConfigError` too, so callers handle one failure.
+
+    A file that other users could have written is refused before it is read (`unsafe_permissions`)."""
+    file = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        problem = unsafe_permissions(file)
+        text = "" if problem is not None else file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {exc}")]) from exc
+    if problem is not None:
+        raise ConfigError([ConfigIssue(str(path), None, "", problem)])
     return parse_config(text, str(path))
+
+
+def unsafe_permissions(path: Path) -> str | None:
+    """Why the config file at `path` must not be trusted, or None.
+
+    The config names the rules directory, whose modules run with the daemon's privileges (root), so
+    whoever can change the file can run code as root: the same rule as for rule files
+    (`tcpguard.app.ruleload`). Refused: a file writable by other users; a file in a directory that other
+    users can write without the sticky bit (they could replace the file); and a file owned by anyone but
+    root or the user tcpguard runs as, whatever its mode (an owner can always chmod it writable again).
+    Group write is the operator's choice and is allowed.
+    """
+    st = path.stat()
+    if st.st_mode & stat.S_IWOTH:
+        return "writable by other users: refusing to load it (chmod o-w)"
+    if st.st_uid not in (0, os.geteuid()):
+        return (
+            f"owned by uid {st.st_uid}, neither root nor the user tcpguard runs as, who could change it: "
+            "refusing to load it (chown root)"
+        )
+    parent = path.absolute().parent
+    pst = parent.stat()
+    if pst.st_mode & stat.S_IWOTH and not pst.st_mode & stat.S_ISVTX:
+        return f"its directory {parent} is writable by other users, who could replace it: refusing to load it"
+    return None
 
 
 def parse_config(text: str, path: str) -> Config:
@@ -216,7 +251,12 @@ def parse_config(text: str, path: str) -> Config:
         raise ConfigError([ConfigIssue(path, line, "", f"invalid YAML: {exc.reason}")]) from exc
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue(path, None, "", f"invalid YAML: {exc}")]) from exc
-    config = parser.section(root, Config, "")
+    except RecursionError as exc:
+        raise ConfigError([ConfigIssue(path, None, "", "invalid YAML: nested too deeply")]) from exc
+    try:
+        config = parser.section(root, Config, "")
+    except RecursionError as exc:
+        raise ConfigError([ConfigIssue(path, None, "", "nested too deeply")]) from exc
     if parser.issues:
         raise ConfigError(parser.issues)
     return config

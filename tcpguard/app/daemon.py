@@ -421,6 +421,7 @@ def _serve_queue(
         copy_range=cfg.queue.copy_range,
         fail_open=cfg.queue.bypass,
         sender=RawSender(mark=cfg.iptables.mark),
+        repeat_mark=cfg.iptables.mark if cfg.queue.repeat else None,
     )
     worker.adapter_stats = adapter.stats
     adapter.open()

@@ -70,7 +70,9 @@ def load_module(path: Path) -> list[Rule]:
         sys.modules[name] = module
         try:
             exec(code, module.__dict__)
-        except Exception as e:
+        except (Exception, SystemExit, KeyboardInterrupt) as e:
+            # SystemExit/KeyboardInterrupt raised by a module (sys.exit() at import) must not stop a
+            # running daemon on reload: they are load errors like any other.
             raise RuleLoadError(str(path), _error_line(e, path), f"{type(e).__name__}: {e}") from e
         finally:
             sys.modules.pop(name, None)

@@ -527,6 +527,9 @@ class Engine:
             return self._limit(conn, s)
         end = off + len(pkt.payload)
         if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
+            if self.held_packets >= lim.max_held_packets:
+                # A rule wants to hold more than the kernel queue may keep: the limit policy decides.
+                return self._limit(conn, s)
             held_list = list(s.held)
             held_list.insert(len(held_list) - len(pulled), Held(off, end, token, packet, fin))
             s.held = held_list

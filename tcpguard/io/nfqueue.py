@@ -88,6 +88,8 @@ class QueuedPacket(Protocol):
     def set_payload(self, payload: bytes) -> None: ...
     def accept(self) -> None: ...
     def drop(self) -> None: ...
+    def repeat(self) -> None: ...
+    def set_mark(self, mark: int) -> None: ...
 
 
 class PacketHandler(Protocol):
@@ -242,6 +244,7 @@ class NfqueueAdapter:
         error_verdict: Verdict = Verdict.DROP,
         drain_verdict: Verdict = Verdict.DROP,
         clock: Callable[[], float] = time.monotonic,
+        repeat_mark: int | None = None,
     ) -> None:
         if Verdict.HOLD in (error_verdict, drain_verdict):
             raise ValueError("error_verdict and drain_verdict must be ACCEPT or DROP")
@@ -258,6 +261,7 @@ class NfqueueAdapter:
         self.error_verdict = error_verdict
         self.drain_verdict = drain_verdict
         self.clock = clock
+        self.repeat_mark = repeat_mark
         self.stats = QueueStats()
         self._held: dict[int, QueuedPacket] = {}
         self._draining = False
@@ -484,7 +488,14 @@ class NfqueueAdapter:
                 if payload is not None:
                     self.stats.rewritten += 1
                     pkt.set_payload(bytes(payload))
-                pkt.accept()
+                if self.repeat_mark is not None:
+                    # NF_ACCEPT would skip the rest of the hook, operator rules after our jump included;
+                    # NF_REPEAT with our mark runs the hook again and the chain's mark rule returns the
+                    # packet to the rule after the jump.
+                    pkt.set_mark(self.repeat_mark)
+                    pkt.repeat()
+                else:
+                    pkt.accept()
             else:
                 pkt.drop()
         except (RuntimeError, TypeError, OSError) as exc:

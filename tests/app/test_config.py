@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import textwrap
 from pathlib import Path
 
@@ -411,6 +412,50 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"^{path}: cannot read: ") as info:
         load_config(path)
     assert info.value.issues[0].line is None
+
+
+# --- who may have written the file ---------------------------------------------------------------------
+# The config names the rules directory, whose modules run as root: a file others could edit is refused.
+
+
+def _gw_config(tmp_path: Path, mode: int) -> Path:
+    path = tmp_path / "gw.yaml"
+    path.write_text("logging:\n  level: warning\n", encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+def test_config_writable_by_other_users_is_refused(tmp_path: Path) -> None:
+    path = _gw_config(tmp_path, 0o646)
+    with pytest.raises(ConfigError, match=rf"^{path}: writable by other users: refusing to load it") as info:
+        load_config(path)
+    assert info.value.issues[0].file == str(path)
+
+
+def test_config_in_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path = _gw_config(shared, 0o644)
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match=rf"^{path}: its directory {shared} is writable by other users"):
+        load_config(path)
+    shared.chmod(0o1777)  # sticky, like /tmp: others cannot replace a file they do not own
+    assert load_config(path).logging.level == "warning"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file away")
+@pytest.mark.parametrize("mode", [0o644, 0o444])
+def test_config_owned_by_another_user_is_refused(tmp_path: Path, mode: int) -> None:
+    # Read-only does not help: the owner can make it writable again at any time.
+    path = _gw_config(tmp_path, mode)
+    os.chown(path, 65534, -1)
+    with pytest.raises(ConfigError, match=rf"^{path}: owned by uid 65534, neither root nor the user"):
+        load_config(path)
+
+
+def test_config_writable_by_its_group_is_accepted(tmp_path: Path) -> None:
+    # A group of administrators allowed to edit the config is the operator's decision.
+    assert load_config(_gw_config(tmp_path, 0o664)).logging.level == "warning"
 
 
 def test_config_error_is_a_value_error() -> None:

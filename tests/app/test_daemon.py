@@ -24,7 +24,7 @@ pytestmark = pytest.mark.root
 TCPGUARD = str(Path(sys.executable).parent / "tcpguard")
 OPEN_PORT, DROP_PORT = 8000, 9001
 
-RULES = '''
+RULES = """
 import json
 from tcpguard import rule, tcp_connection
 
@@ -49,7 +49,7 @@ def half(flow, stream, current, direction):
 def ended(flow):
     with open(EVENTS, "a") as f:
         f.write(json.dumps({{"id": flow.id, "cport": flow.srcport, "reason": flow.end_reason}}) + "\\n")
-'''
+"""
 
 
 class Gateway:
@@ -89,12 +89,23 @@ class Gateway:
     def start_daemon(self) -> subprocess.Popen[Any]:
         start = self.daemon_log.stat().st_size if self.daemon_log.exists() else 0
         log = open(self.daemon_log, "ab")  # noqa: SIM115 - closed with the process
-        self.daemon = self.lab.popen("gw", [TCPGUARD, "-v", "run", "--config", str(self.config)],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)
+        self.daemon = self.lab.popen(
+            "gw",
+            [TCPGUARD, "-v", "run", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+        )
         log.close()
         # Ready = queue bound and iptables installed, which the daemon logs as "running:".
-        wait_for(lambda: "running:" in self.daemon_log.read_bytes()[start:].decode(errors="replace")
-                 or self.daemon_exited(), "daemon ready", timeout=20)
+        wait_for(
+            lambda: (
+                "running:" in self.daemon_log.read_bytes()[start:].decode(errors="replace")
+                or self.daemon_exited()
+            ),
+            "daemon ready",
+            timeout=20,
+        )
         assert not self.daemon_exited(), self.daemon_log.read_text()
         return self.daemon
 
@@ -114,11 +125,21 @@ class Gateway:
         r = self.lab.run("gw", ["iptables", "-w", "-S", "TCPGUARD"], check=False)
         return r.returncode == 0
 
-    def client(self, chunks: list[Any], port: int = OPEN_PORT, host: str = SERVER_V4, gap: float = 0.0,
-               timeout: float = 10, shutdown: bool = True) -> dict[str, Any]:
+    def client(
+        self,
+        chunks: list[Any],
+        port: int = OPEN_PORT,
+        host: str = SERVER_V4,
+        gap: float = 0.0,
+        timeout: float = 10,
+        shutdown: bool = True,
+    ) -> dict[str, Any]:
         spec = {"chunks": chunks, "gap": gap, "timeout": timeout, "shutdown": shutdown}
-        r = self.lab.run("client", [sys.executable, "-c", CLIENT, host, str(port), json.dumps(spec)],
-                         timeout=timeout * 3 + 30)
+        r = self.lab.run(
+            "client",
+            [sys.executable, "-c", CLIENT, host, str(port), json.dumps(spec)],
+            timeout=timeout * 3 + 30,
+        )
         result: dict[str, Any] = json.loads(r.stdout)
         return result
 
@@ -196,8 +217,11 @@ def test_drop_at_new_connection_the_connect_fails_and_the_server_sees_nothing(gw
 
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 def test_reset_on_pattern_both_ends_reset_and_the_server_never_gets_it(gw: Gateway, split: bool) -> None:
-    pieces = [b"GET /x?cmd=", b"/b", b"in", b"/s", b"h", b" HTTP/1.0\r\n\r\n"] if split else [
-        b"GET /x?cmd=/bin/sh HTTP/1.0\r\n\r\n"]
+    pieces = (
+        [b"GET /x?cmd=", b"/b", b"in", b"/s", b"h", b" HTTP/1.0\r\n\r\n"]
+        if split
+        else [b"GET /x?cmd=/bin/sh HTTP/1.0\r\n\r\n"]
+    )
     res = gw.client([hexs(p) for p in pieces], gap=0.05)
     assert res["error"] == "ConnectionResetError"
     wait_for(lambda: gw.server_conns() and gw.server_conns()[0][1] is not None, "server sees the end")
@@ -235,9 +259,19 @@ def test_sighup_changes_rules_for_new_data_and_keeps_connections(gw: Gateway) ->
     # A long connection stays open across the reload: it sends a chunk before and after.
     spec_before = gw.client([hexs(b"FORBIDDEN-NEW")])
     assert spec_before["error"] is None  # not a pattern yet
-    proc = gw.lab.popen("client", [sys.executable, "-c", CLIENT, SERVER_V4, str(OPEN_PORT), json.dumps(
-        {"chunks": [hexs(b"first part "), hexs(b"second part")], "gap": 2.5, "timeout": 15})],
-        stdout=subprocess.PIPE, text=True)
+    proc = gw.lab.popen(
+        "client",
+        [
+            sys.executable,
+            "-c",
+            CLIENT,
+            SERVER_V4,
+            str(OPEN_PORT),
+            json.dumps({"chunks": [hexs(b"first part "), hexs(b"second part")], "gap": 2.5, "timeout": 15}),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.8)
     gw.write_rules("FORBIDDEN-NEW")
     assert gw.daemon is not None
@@ -288,8 +322,9 @@ def test_kill9_then_restart_does_not_duplicate_rules(lab: Lab, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("bypass", [True, False], ids=["queue-bypass", "fail-closed"])
-def test_traffic_while_the_daemon_is_down_follows_the_bypass_setting(lab: Lab, tmp_path: Path,
-                                                                    bypass: bool) -> None:
+def test_traffic_while_the_daemon_is_down_follows_the_bypass_setting(
+    lab: Lab, tmp_path: Path, bypass: bool
+) -> None:
     g = Gateway(lab, tmp_path, bypass=bypass)
     g.start_server(OPEN_PORT, reply=10)
     g.start_daemon()
@@ -372,3 +407,41 @@ def test_a_rule_stuck_in_a_loop_is_interrupted_and_the_gateway_keeps_working(gw:
     log = gw.daemon_log.read_text()
     assert "stuck.spin_forever ran past its budget" in log
     assert gw.daemon.poll() is None
+
+
+@pytest.mark.parametrize("repeat", [True, False], ids=["repeat", "accept"])
+def test_operator_rules_after_the_jump_still_apply(lab: Lab, tmp_path: Path, repeat: bool) -> None:
+    g = Gateway(lab, tmp_path)
+    g.config.write_text(
+        g.config.read_text().replace("bypass: true", f"bypass: true\n  repeat: {str(repeat).lower()}")
+    )
+    g.start_server(OPEN_PORT, reply=10)
+    g.start_server(DROP_PORT + 1, reply=10)
+    # The operator's own firewall, after tcpguard's jump: refuse port 9002.
+    g.lab.run(
+        "gw",
+        [
+            "iptables",
+            "-w",
+            "-A",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "--dport",
+            str(DROP_PORT + 1),
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+    )
+    g.start_daemon()
+    assert g.client([hexs(b"fine")])["received_len"] == 10
+    res = g.client([hexs(b"to the refused port")], port=DROP_PORT + 1, timeout=3)
+    if repeat:
+        # Accepted packets re-enter FORWARD marked; tcpguard's chain returns them; the REJECT applies.
+        assert not res["connected"] and res["error"] == "ConnectionRefusedError"
+    else:
+        # NF_ACCEPT ends the hook: the operator's later rule never sees the packets (documented).
+        assert res["connected"] and res["received_len"] == 10
+    assert g.stop_daemon() == 0

@@ -1,0 +1,101 @@
+"""rules/http_host.py: requests to a blocked Host are half-reset, also on keep-alive connections, without
+false positives from bodies."""
+
+from __future__ import annotations
+
+import pytest
+
+from .samples import ACCEPT, DROP, Playbook, actions, alerts, flow, forged, load, playbook, send_pieces
+
+RS, MOD = load("http_host")
+
+
+def http_playbook(sport: int = 80) -> Playbook:
+    pb = playbook(RS, sport=sport)
+    pb.handshake()
+    return pb
+
+
+def test_allowed_host_passes_and_is_remembered() -> None:
+    pb = http_playbook()
+    request = b"GET / HTTP/1.1\r\nHost: www.example.org:80\r\nAccept: */*\r\n\r\n"
+    assert pb.client("PA", request).verdict == ACCEPT
+    assert actions(pb) == []
+    assert flow(pb).store["host"] == "www.example.org"
+
+
+def test_blocked_host_half_resets_only_the_server() -> None:
+    pb = http_playbook()
+    dec = pb.client("PA", b"GET / HTTP/1.1\r\nUser-Agent: t\r\nHost: Blocked.Example\r\n\r\n")
+    assert dec.verdict == DROP
+    assert actions(pb) == ["halfreset"]
+    assert alerts(pb) == ["HTTP request to blocked host blocked.example"]
+    assert forged(pb) == [("server", 80)]  # the client gets no RST
+    assert pb.client("PA", b"retry").verdict == DROP
+
+
+@pytest.mark.parametrize("host", [b"www.blocked.example", b"blocked.example.", b"ads.example:8080"])
+def test_subdomains_trailing_dot_and_ports(host: bytes) -> None:
+    pb = http_playbook()
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n").verdict == DROP
+
+
+def test_absolute_form_target() -> None:
+    pb = http_playbook(8080)
+    request = b"GET http://user@blocked.example:80/x HTTP/1.1\r\nHost: proxy\r\n\r\n"
+    assert pb.client("PA", request).verdict == DROP
+    assert alerts(pb) == ["HTTP request to blocked host blocked.example"]
+
+
+def test_host_split_across_segments_drops_the_segment_completing_it() -> None:
+    pb = http_playbook()
+    pieces = [b"GET / HTTP/1.1\r\nHo", b"st: blocked.ex", b"ample", b"\r\n\r\n"]
+    assert send_pieces(pb, pieces) == [ACCEPT, ACCEPT, ACCEPT, DROP]
+
+
+def test_keep_alive_bodies_are_skipped_and_the_next_request_is_parsed() -> None:
+    pb = http_playbook()
+    body = b"Host: blocked.example\r\n\r\n" * 3
+    first = b"POST /form HTTP/1.1\r\nHost: ok.example\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    assert send_pieces(pb, [first[:50], first[50:]]) == [ACCEPT, ACCEPT]
+    chunked = (
+        b"POST /up HTTP/1.1\r\nHost: ok.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"19\r\nHost: blocked.example\r\n\r\n\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    )
+    assert pb.client("PA", chunked).verdict == ACCEPT
+    assert actions(pb) == []
+    assert pb.client("PA", b"\r\nGET /next HTTP/1.1\r\nHost: blocked.example\r\n\r\n").verdict == DROP
+    assert actions(pb) == ["halfreset"]
+
+
+def test_large_body_is_skipped_in_steps_without_buffering_it_whole() -> None:
+    pb = http_playbook()
+    size = 3 * 1024 * 1024  # three times the default stream buffer bound
+    head = b"PUT /big HTTP/1.1\r\nHost: ok\r\nContent-Length: %d\r\n\r\n" % size
+    assert pb.client("PA", head).verdict == ACCEPT
+    chunk = b"Host: blocked.example\r\n" * 1000
+    sent = 0
+    while sent < size:
+        piece = chunk[: size - sent]
+        assert pb.client("PA", piece).verdict == ACCEPT
+        pb.server("A")  # the server acknowledges, so the engine may forget what it forwarded
+        sent += len(piece)
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: blocked.example\r\n\r\n").verdict == DROP
+
+
+def test_overlong_header_line_fails_closed() -> None:
+    pb = http_playbook()
+    line = b"GET / HTTP/1.1\r\nX-Long: " + b"a" * MOD["MAX_LINE"]
+    verdicts = send_pieces(pb, [line[i : i + 1400] for i in range(0, len(line), 1400)])
+    assert verdicts[-1] == DROP
+    assert actions(pb) == ["halfreset"]
+    assert alerts(pb) == [f"HTTP line longer than {MOD['MAX_LINE']} bytes"]
+
+
+def test_not_http_and_other_ports_are_left_alone() -> None:
+    pb = http_playbook()
+    assert pb.client("PA", b"\x16\x03\x01 binary").verdict == ACCEPT
+    assert pb.client("PA", b"\r\nGET / HTTP/1.1\r\nHost: blocked.example\r\n\r\n").verdict == ACCEPT
+    other = http_playbook(443)
+    assert other.client("PA", b"GET / HTTP/1.1\r\nHost: blocked.example\r\n\r\n").verdict == ACCEPT
+    assert actions(pb) == actions(other) == []

@@ -1,0 +1,61 @@
+"""rules/shellcode.py: a shell-code pattern is found however the client splits it, and both ends reset."""
+
+from __future__ import annotations
+
+import pytest
+
+from .samples import ACCEPT, DROP, HOLD, actions, alerts, forged, load, playbook, send_pieces, split
+
+RS, MOD = load("shellcode")
+
+
+def test_whole_pattern_resets_both_ends() -> None:
+    pb = playbook(RS)
+    pb.handshake()
+    assert pb.client("PA", b"GET /?cmd=/bin/sh HTTP/1.0\r\n\r\n").verdict == DROP
+    assert actions(pb) == ["reset"]
+    assert alerts(pb) == ["shell-code pattern b'/bin/sh' from the client"]
+    assert sorted(forged(pb)) == [("client", 40000), ("server", 80)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_pattern_split_into_tiny_segments_is_caught_on_the_completing_one(size: int) -> None:
+    data = b"xxxxxxxxxx/bin/bash -i"
+    pb = playbook(RS)
+    pb.handshake()
+    verdicts = send_pieces(pb, split(data, size))
+    end = data.index(b"/bin/bash") + len(b"/bin/bash")
+    completing = (end - 1) // size
+    assert verdicts == [ACCEPT] * completing + [DROP]
+    assert actions(pb) == ["reset"]
+
+
+def test_pattern_sent_out_of_order_is_caught_when_the_gap_fills() -> None:
+    pb = playbook(RS)
+    pb.handshake()
+    base = pb.cnext
+    assert pb.client("PA", b"n/sh;", seq=base + 7).verdict == HOLD  # the tail arrives first: held
+    dec = pb.client("PA", b"run /bi", seq=base)
+    assert dec.verdict == DROP
+    assert [r.verdict for r in dec.releases] == [DROP]  # the held tail never reaches the server
+    assert actions(pb) == ["reset"]
+
+
+def test_binary_shellcode_and_nop_sled() -> None:
+    for payload in (b"\x00\x01\x31\xc0\x50\x68//sh\x68/bin", b"\x90" * 40):
+        pb = playbook(RS)
+        pb.handshake()
+        assert send_pieces(pb, split(payload, 7))[-1] == DROP
+
+
+def test_near_misses_and_the_servers_direction_pass() -> None:
+    pb = playbook(RS)
+    pb.handshake()
+    assert send_pieces(pb, [b"/bin/s", b"x /bin", b"/ssh cmd.ex", b"x"]) == [ACCEPT] * 4
+    assert pb.server("PA", b"#!/bin/sh\necho hi\n").verdict == ACCEPT  # only the client is inspected
+    assert actions(pb) == []
+
+
+def test_first_pattern() -> None:
+    assert MOD["first_pattern"](b"a cmd.exe /bin/sh") == b"/bin/sh"  # PATTERNS order, not position
+    assert MOD["first_pattern"](b"nothing") is None

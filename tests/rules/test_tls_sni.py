@@ -1,0 +1,129 @@
+"""rules/tls_sni.py: real ClientHellos (made by Python's ssl module, i.e. OpenSSL) parsed from the stream."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from .samples import (
+    ACCEPT,
+    DROP,
+    Playbook,
+    actions,
+    alerts,
+    client_hello,
+    flow,
+    forged,
+    load,
+    playbook,
+    send_pieces,
+    split,
+)
+
+RS, MOD = load("tls_sni")
+
+
+def tls_playbook(sport: int = 443) -> Playbook:
+    pb = playbook(RS, sport=sport)
+    pb.handshake()
+    return pb
+
+
+def test_allowed_name_passes_and_is_remembered() -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", client_hello("www.example.org")).verdict == ACCEPT
+    assert actions(pb) == []
+    assert flow(pb).store["sni"] == "www.example.org"
+    assert pb.server("PA", b"\x16\x03\x03 server hello ...").verdict == ACCEPT
+
+
+@pytest.mark.parametrize("name", ["blocked.example", "cdn.blocked.example", "Tracker.Example"])
+def test_blocked_name_resets_both_ends(name: str) -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", client_hello(name)).verdict == DROP
+    assert actions(pb) == ["reset"]
+    assert alerts(pb) == [f"TLS connection to blocked server name {name.lower()}"]
+    assert sorted(forged(pb)) == [("client", 40000), ("server", 443)]
+
+
+@pytest.mark.parametrize("size", [1, 5, 6, 100, 600])
+def test_hello_split_across_segments_is_caught_on_the_completing_one(size: int) -> None:
+    hello = client_hello("blocked.example")
+    pieces = split(hello, size)
+    pb = tls_playbook()
+    assert send_pieces(pb, pieces) == [ACCEPT] * (len(pieces) - 1) + [DROP]
+
+
+def refragment(hello: bytes, cut: int) -> bytes:
+    """The same handshake message sent as two TLS records (record fragmentation, RFC 8446 5.1)."""
+    assert hello[0] == 0x16
+    body = hello[5:]
+    rec = hello[1:3]
+    return (
+        b"\x16"
+        + rec
+        + struct.pack("!H", cut)
+        + body[:cut]
+        + b"\x16"
+        + rec
+        + struct.pack("!H", len(body) - cut)
+        + body[cut:]
+    )
+
+
+@pytest.mark.parametrize("cut", [2, 40, 200])
+def test_hello_fragmented_over_records(cut: int) -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", refragment(client_hello("blocked.example"), cut)).verdict == DROP
+    assert alerts(pb) == ["TLS connection to blocked server name blocked.example"]
+
+
+def test_hello_without_sni_passes() -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", client_hello(None)).verdict == ACCEPT
+    assert MOD["server_name"](client_hello(None)[9:]) is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",  # a ClientHello of one byte
+        b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",  # a ServerHello where the ClientHello belongs
+        b"\x16\x03\x01\x00\x00",  # an empty record
+        b"\x16\x03\x01\x00\x06\x01\x00\x00\x02\x03\x03\x17\x03\x03\x00\x01x",  # application data inside
+    ],
+)
+def test_malformed_handshake_fails_closed(data: bytes) -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", data).verdict == DROP
+    assert actions(pb) == ["reset"]
+    assert alerts(pb)[0].startswith("malformed TLS ClientHello: ")
+
+
+def test_corrupted_extension_lengths_are_malformed() -> None:
+    hello = bytearray(client_hello("www.example.org"))
+    body = bytes(hello[9:])
+    server_name = MOD["server_name"]
+    assert server_name(body) == "www.example.org"
+    with pytest.raises(MOD["MalformedHelloError"]):
+        server_name(body[:-3])  # truncated extensions
+    with pytest.raises(MOD["MalformedHelloError"]):
+        server_name(body + b"\x00")  # bytes after the extensions
+
+
+def test_not_tls_and_other_ports_are_left_alone() -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: blocked.example\r\n\r\n").verdict == ACCEPT
+    assert pb.client("PA", client_hello("blocked.example")).verdict == ACCEPT  # only the first bytes count
+    other = tls_playbook(8000)
+    assert other.client("PA", client_hello("blocked.example")).verdict == ACCEPT
+    assert actions(pb) == actions(other) == []
+
+
+def test_stream_ending_inside_the_hello_fails_closed() -> None:
+    pb = tls_playbook()
+    hello = client_hello("www.example.org")
+    assert pb.client("PA", hello[:50]).verdict == ACCEPT
+    assert pb.client("FA").verdict == DROP
+    assert alerts(pb) == ["malformed TLS ClientHello: stream ended inside a record"]
