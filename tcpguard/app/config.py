@@ -257,6 +257,18 @@ def parse_config(text: str, path: str) -> Config:
         config = parser.section(root, Config, "")
     except RecursionError as exc:
         raise ConfigError([ConfigIssue(path, None, "", "nested too deeply")]) from exc
+    if not parser.issues and config.engine.limits.max_held_packets > config.queue.maxlen // 2:
+        # Held packets stay in the kernel queue: if they could fill it, everything behind them would be
+        # dropped, or with bypass passed uninspected. Reported without a line: it involves two keys.
+        parser.issues.append(
+            ConfigIssue(
+                path,
+                None,
+                "engine.limits.max_held_packets",
+                f"{config.engine.limits.max_held_packets} is more than half of queue.maxlen "
+                f"({config.queue.maxlen}); held packets could fill the kernel queue",
+            )
+        )
     if parser.issues:
         raise ConfigError(parser.issues)
     return config

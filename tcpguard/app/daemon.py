@@ -142,6 +142,7 @@ class Worker:
         self.alerts = AlertLog(cfg.alerts.file)
         self.engine = Engine(cfg.engine, rules)
         self.engine.alert_hook = self.alerts
+        self.engine.log_payload = cfg.logging.log_payload
         # Made here, in the thread that runs the packet loop: that is the thread it interrupts.
         self.budget = RuleBudget(self.engine, cfg.engine.limits.rule_time_budget)
         if self.budget.budget > 0:
@@ -377,6 +378,7 @@ class Worker:
             self._reopen_dumps(cfg.dumps)
         self.engine.replace_rules(rules)
         self.engine.replace_settings(cfg.engine)
+        self.engine.log_payload = cfg.logging.log_payload
         self.budget.budget = cfg.engine.limits.rule_time_budget
         if self.budget.budget > 0:
             self.budget.start()

@@ -123,6 +123,8 @@ class Engine:
         # counter of calls, so the watchdog can tell one long call from many short ones.
         self.in_rule: Rule | None = None
         self.rule_calls = 0
+        # Whether log lines may quote payload (rule exception messages); the daemon sets it from config.
+        self.log_payload = False
 
     # ================================================================ public entry points
     def replace_rules(self, rules: RuleSet) -> None:
@@ -300,7 +302,9 @@ class Engine:
                 else (pkt.src, pkt.sport, pkt.dst, pkt.dport)
             )
             mine = HalfStream((pkt.seq - (0 if flags & SYN else 1)) & 0xFFFFFFFF)
-            other = HalfStream(-1)
+            # The ACK number is the next byte the sender expects from its peer: that places the peer's
+            # stream too, so RSTs forged before the peer speaks carry a sequence number it accepts.
+            other = HalfStream((pkt.ack - 1) & 0xFFFFFFFF if flags & ACK else -1)
             up, down = (other, mine) if server_sent else (mine, other)
             state = State.SYN_RECV if flags & SYN else State.ESTABLISHED
         else:
@@ -431,6 +435,11 @@ class Engine:
             return Decision(ACCEPT, flow_id=conn.id)
 
         # ---- ACK, data, FIN
+        if not flags & ACK and state is not State.SYN_SENT:
+            # After the handshake a receiver discards every segment without ACK (RFC 793, 9293 3.10.7.4):
+            # passing one would let the rules see bytes the application never reads (insertion).
+            self.stats.invalid += 1
+            return Decision(DROP, flow_id=conn.id, reason="segment without ACK")
         # Fast path: in ESTABLISHED a segment without FIN is never invalid and changes no state.
         steady = state is _ESTABLISHED and not flags & FIN
         if not steady:
@@ -446,6 +455,7 @@ class Engine:
                 o.trim()
                 self.buffered -= before - len(o.buf)
         fin = bool(flags & FIN)
+        fin_before = s.fin_off
         dec: Decision
         if state in FINISHED and payload and s.offset(pkt.seq) + len(payload) > s.next:
             return Decision(DROP, flow_id=conn.id, reason="data after the connection ended")
@@ -458,15 +468,18 @@ class Engine:
         else:
             dec = Decision(ACCEPT, flow_id=conn.id)
         # ---- state transition
-        if steady:
-            return dec
+        if steady and (fin_before >= 0 or s.fin_off < 0):
+            return dec  # no FIN was taken in (a held FIN can be taken when a data segment fills the gap)
         fins_acked = (
             conn.up.fin_off >= 0
             and conn.down.fin_off >= 0
             and conn.up.acked > conn.up.fin_off
             and conn.down.acked > conn.down.fin_off
         )
-        event = classify(flags, False, fins_acked)
+        # A FIN counts only once the stream took it in order (an old FIN, or one ahead of missing data, is
+        # not one the receiver accepts); a held FIN counts when the gap before it fills.
+        fin_taken = s.fin_off >= 0 and fin_before < 0
+        event = classify((flags & ~FIN) | (FIN if fin_taken else 0), False, fins_acked)
         if event is not None and conn.state not in FINISHED:
             nxt = transition(conn.state, d, event)
             if isinstance(nxt, State) and nxt != conn.state:
@@ -573,7 +586,8 @@ class Engine:
             self.rule_calls += 1
             self.in_rule = r
             r.func(*args)
-        except (Exception, RuleTimeout) as e:
+        except (Exception, RuleTimeout, SystemExit, KeyboardInterrupt) as e:
+            # sys.exit() or an argparse error inside a rule is that rule's bug, not a request to stop.
             self.in_rule = None
             self._rule_error(conn, r, e)
         finally:
@@ -581,15 +595,29 @@ class Engine:
 
     def _rule_error(self, conn: Connection, r: Rule, e: BaseException) -> None:
         self.stats.rule_errors += 1
-        log.error(
-            "rule %s raised on %s: %s: %s",
-            r.name,
-            conn.describe(),
-            type(e).__name__,
-            e,
-            exc_info=(type(e), e, e.__traceback__),
-            extra=_fields(conn, RULE=r.name, VERDICT=self.settings.policies.rule_error),
-        )
+        where = _rule_frame(e, r)
+        if self.log_payload:
+            log.error(
+                "rule %s raised on %s at %s: %s: %s",
+                r.name,
+                conn.describe(),
+                where,
+                type(e).__name__,
+                e,
+                exc_info=(type(e), e, e.__traceback__),
+                extra=_fields(conn, RULE=r.name, VERDICT=self.settings.policies.rule_error),
+            )
+        else:
+            # An exception's message often quotes the data it choked on (int(b'...'), KeyError(...)):
+            # without log_payload only its type and where it happened are logged.
+            log.error(
+                "rule %s raised on %s at %s: %s",
+                r.name,
+                conn.describe(),
+                where,
+                type(e).__name__,
+                extra=_fields(conn, RULE=r.name, VERDICT=self.settings.policies.rule_error),
+            )
         self._emit(
             {"event": "rule_error", "flow": conn.id, "rule": r.name, "error": f"{type(e).__name__}: {e}"}
         )
@@ -839,6 +867,18 @@ class Engine:
         self._emit(ev)
 
 
+def _rule_frame(e: BaseException, r: Rule) -> str:
+    """`file:line` of the innermost frame of the exception inside the rule's own module."""
+    import traceback
+
+    mod_file = getattr(getattr(r.func, "__code__", None), "co_filename", None)
+    where = "?"
+    for frame in traceback.extract_tb(e.__traceback__):
+        if frame.filename == mod_file:
+            where = f"{frame.filename}:{frame.lineno}"
+    return where
+
+
 def _fields(conn: Connection, **more: str) -> dict[str, str]:
     """Structured log fields (journald field names: upper case) naming the flow."""
     return {
@@ -856,7 +896,7 @@ def _streamed_runner(
             r.func(conn, s, cur, dname)
         except greenlet.GreenletExit:
             raise
-        except (Exception, RuleTimeout) as e:
+        except (Exception, RuleTimeout, SystemExit, KeyboardInterrupt) as e:
             return _Done(e)
         finally:
             if cur in s.readers:

@@ -42,8 +42,10 @@ class Limits:
     max_stream_buffer: int = 1048576
     # All buffered bytes of all connections together.
     max_total_buffer: int = 268435456
-    # Packets held at once (NFQUEUE keeps them queued in the kernel until released).
-    max_held_packets: int = 4096
+    # Packets held at once (NFQUEUE keeps them queued in the kernel until released). Must stay well
+    # below the kernel queue's length (queue.maxlen), or held packets fill the queue and everything
+    # behind them is dropped (or passed uninspected with bypass).
+    max_held_packets: int = 1024
     # Seconds one rule call may run before the daemon interrupts it (the flow gets the rule_error
     # verdict); 0 turns the budget off. Enforced by tcpguard.app.budget, outside the sans-IO core.
     rule_time_budget: float = field(default=0.5, metadata={"min": 0})

@@ -101,7 +101,7 @@ def test_every_kind_of_value() -> None:
     config = parse(
         """
         rules_dir: /srv/rules
-        queue: {num: 4, workers: 3, maxlen: 100, copy_range: 1500, bypass: false}
+        queue: {num: 4, workers: 3, maxlen: 100, copy_range: 1500, bypass: false, repeat: false}
         iptables:
           manage: false
           chain: GUARD_1
@@ -115,11 +115,14 @@ def test_every_kind_of_value() -> None:
         control: {socket: ctl.sock, group: tcpguard}
         engine:
           timeouts: {established: 600, closed: 2.5}
+          limits: {max_held_packets: 50}
           policies: {rule_error: drop, midstream: accept, verify_checksums: false}
         """
     )
     assert config.rules_dir == Path("/srv/rules")
-    assert config.queue == QueueConfig(num=4, workers=3, maxlen=100, copy_range=1500, bypass=False)
+    assert config.queue == QueueConfig(
+        num=4, workers=3, maxlen=100, copy_range=1500, bypass=False, repeat=False
+    )
     assert config.iptables == IptablesConfig(
         manage=False,
         chain="GUARD_1",
@@ -392,8 +395,8 @@ def test_all_errors_are_reported_at_once_in_file_order() -> None:
 
 
 def test_anchors_and_aliases_are_followed() -> None:
-    config = parse("queue: {maxlen: &n 512}\nengine:\n  limits: {max_held_packets: *n}\n")
-    assert config.queue.maxlen == config.engine.limits.max_held_packets == 512
+    config = parse("queue: {maxlen: &n 4000}\nengine:\n  limits: {max_ooo_segments: *n}\n")
+    assert config.queue.maxlen == config.engine.limits.max_ooo_segments == 4000
 
 
 def test_load_config_reads_the_file(tmp_path: Path) -> None:
@@ -509,3 +512,11 @@ def test_shipped_file_is_the_defaults_except_rules_dir() -> None:
     defaults = parse_config("", str(SHIPPED))
     assert shipped.rules_dir != defaults.rules_dir
     assert dataclasses.replace(shipped, rules_dir=defaults.rules_dir) == defaults
+
+
+def test_held_packets_must_fit_twice_in_the_kernel_queue() -> None:
+    with pytest.raises(
+        ConfigError, match=r"engine.limits.max_held_packets: 600 is more than half of queue.maxlen"
+    ):
+        parse("queue: {maxlen: 1000}\nengine:\n  limits: {max_held_packets: 600}\n")
+    assert parse("queue: {maxlen: 1000}\nengine:\n  limits: {max_held_packets: 500}\n").queue.maxlen == 1000

@@ -82,7 +82,7 @@ class Gateway:
         out = self.tmp / f"server-{port}"
         out.mkdir()
         self.lab.popen("server", [sys.executable, "-c", SERVER, str(port), str(out), str(reply)])
-        wait_for(lambda: (out / "ready").exists(), "server ready")
+        wait_for((out / "ready").exists, "server ready")
         self.servers[port] = out
         return out
 

@@ -691,3 +691,46 @@ def test_fail_open_limit_stops_inspecting_the_connection() -> None:
         assert pb.client("PA", b"c" * 600).verdict == ACCEPT
     assert len(rec.log) == seen  # no more rule calls, no more limit hits
     assert pb.engine.stats.limit_hits == 1
+
+
+def test_fin_ahead_of_missing_data_counts_when_the_gap_fills() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    base = pb.snext
+    assert pb.server("FA", seq=base + 5, token="fin").verdict == HOLD
+    assert conn_of(pb).state == State.ESTABLISHED  # the receiver does not take a FIN ahead of data
+    d = pb.server("PA", b"12345", seq=base, token="data")
+    assert [(r.token, r.verdict) for r in d.releases] == [("fin", ACCEPT)]
+    assert conn_of(pb).state == State.SERVER_FIN
+    assert rec.data("down") == b"12345"
+
+
+def test_an_old_fin_does_not_close_the_stream() -> None:
+    pb = Playbook()
+    pb.handshake()
+    pb.client("PA", b"abcdef")
+    pb.client("FA", seq=pb.cisn + 1 + 2)  # a FIN in the middle of data already sent: not acceptable
+    assert conn_of(pb).state == State.ESTABLISHED
+
+
+def test_data_without_ack_flag_is_dropped_after_the_handshake() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    assert pb.client("P", b"inserted").verdict == DROP  # the server would discard it
+    pb.cnext -= len(b"inserted")
+    assert pb.client("PA", b"real").verdict == ACCEPT
+    assert rec.data() == b"real"
+
+
+def test_reset_of_a_midstream_connection_uses_the_clients_ack_for_the_server_side() -> None:
+    rec = Recorder()
+    rec.on_data = (b"bad", "reset")
+    pb = Playbook(rec.rules, cisn=111_000, sisn=777_000)
+    pb.cnext, pb.snext = 111_500, 777_900
+    d = pb.client("PA", b"bad")
+    assert d.verdict == DROP
+    to_server, to_client = (decode(x) for x in d.send)
+    assert to_server.seq == 111_500 and to_server.ack == 777_900
+    assert to_client.seq == 777_900 and to_client.ack == 111_500
