@@ -573,6 +573,7 @@ class FakePacket:
         self.fail = fail
         self.log = log if log is not None else []
         self.name = name
+        self.mark = 0
 
     def get_payload(self) -> bytes:
         return self.payload
@@ -591,6 +592,12 @@ class FakePacket:
 
     def drop(self) -> None:
         self._set("drop")
+
+    def repeat(self) -> None:
+        self._set(f"repeat mark={self.mark:#x}")
+
+    def set_mark(self, mark: int) -> None:
+        self.mark = mark
 
 
 class Scripted(AcceptAll):
@@ -771,3 +778,12 @@ def test_unit_rawsend_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_repeat_mode_marks_and_repeats_accepted_packets() -> None:
+    """With a repeat mark, ACCEPT becomes NF_REPEAT with the mark, so the hook's later rules still run."""
+    log: list[str] = []
+    adapter = NfqueueAdapter(Scripted(Decision(Verdict.ACCEPT), Decision(Verdict.DROP)), repeat_mark=0x7467)
+    adapter.process(FakePacket(b"a", log=log, name="p1"))
+    adapter.process(FakePacket(b"b", log=log, name="p2"))
+    assert log == ["repeat mark=0x7467 p1", "drop p2"]
