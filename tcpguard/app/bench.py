@@ -1348,10 +1348,11 @@ def fabricated_memory(st: Settings, exchanged: bool) -> MemResult:
             res.note = f"failed: {r.stderr.strip()[-300:]}"
             return res
         d = json.loads(r.stdout.strip().splitlines()[-1])
-        res.count = int(d["tracked"])
         if tm:
             res.traced_per_conn = float(d["traced_per_conn"])
+            res.note += f"; traced on {int(d['tracked']):,}"
         else:
+            res.count = int(d["tracked"])
             res.per_conn = float(d["per_conn"])
             res.note = f"states {','.join(d['states'])}; {d['count'] / d['seconds']:,.0f} conns/s"
     return res
