@@ -90,9 +90,9 @@ def _check_host(flow, host, direction):
     return True
 
 
-@rule(on=tcp_connection.events.receive_data, streamed=True)
+@rule(on=tcp_connection.events.receive_data, streamed=True, direction="up")
 def blocked_host(flow, stream, current, direction):
-    if direction != "up" or flow.dstport not in HTTP_PORTS:
+    if flow.dstport not in HTTP_PORTS:
         return
     while True:
         request_line = current.readline(limit=MAX_LINE)

@@ -36,10 +36,8 @@ def first_pattern(data):
     return None
 
 
-@rule(on=tcp_connection.events.receive_data, streamed=True)
+@rule(on=tcp_connection.events.receive_data, streamed=True, direction="up")
 def no_shellcode(flow, stream, current, direction):
-    if direction != "up":
-        return
     tail = b""
     for chunk in current:
         window = tail + chunk

@@ -127,9 +127,9 @@ def is_blocked(name):
     return any(name == b or name.endswith("." + b) for b in BLOCKED_NAMES)
 
 
-@rule(on=tcp_connection.events.receive_data, streamed=True)
+@rule(on=tcp_connection.events.receive_data, streamed=True, direction="up")
 def blocked_sni(flow, stream, current, direction):
-    if direction != "up" or (TLS_PORTS is not None and flow.dstport not in TLS_PORTS):
+    if TLS_PORTS is not None and flow.dstport not in TLS_PORTS:
         return
     try:
         hello = read_client_hello(current)

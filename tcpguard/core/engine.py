@@ -640,6 +640,8 @@ class Engine:
                 }
             )
         for r in self.rules.receive_data:
+            if r.direction is not None and r.direction != dname:
+                continue
             self._call(conn, r, conn, s, Cursor(s, start, blocking=False), dname)
             if conn.action:
                 return
@@ -650,6 +652,8 @@ class Engine:
             conn._greenlets = {}
         gls = conn._greenlets
         for i, r in enumerate(streamed):
+            if r.direction is not None and r.direction != dname:
+                continue
             g = gls.get((d, i), False)
             if g is None:
                 continue  # this listener already finished on this direction

@@ -46,6 +46,9 @@ class Rule:
     func: RuleFunc
     streamed: bool = False
     module: str = ""
+    # receive_data only: 'up' or 'down' to be called for one direction only (None: both). The engine
+    # skips the others without a call, which for streamed listeners saves a coroutine per connection.
+    direction: str | None = None
 
 
 _collector: list[Rule] | None = None
@@ -63,11 +66,14 @@ def collecting() -> Iterator[list[Rule]]:
         _collector = previous
 
 
-def rule(on: EventName | str, streamed: bool = False, name: str | None = None) -> Callable[[F], F]:
+def rule(
+    on: EventName | str, streamed: bool = False, name: str | None = None, direction: str | None = None
+) -> Callable[[F], F]:
     """Register the decorated function as a listener of event `on`.
 
     `streamed=True` (receive_data only) runs the listener as a coroutine per flow and direction whose
-    reads on `current` block until the bytes arrive.
+    reads on `current` block until the bytes arrive. `direction='up'` or `'down'` (receive_data only)
+    calls it for that direction's bytes only.
     """
     try:
         event = EventName(on)
@@ -75,6 +81,8 @@ def rule(on: EventName | str, streamed: bool = False, name: str | None = None) -
         raise ValueError(f"unknown event {on!r}; use tcp_connection.events.*") from None
     if streamed and event != EventName.RECEIVE_DATA:
         raise ValueError("streamed=True is only meaningful for receive_data")
+    if direction is not None and (direction not in ("up", "down") or event != EventName.RECEIVE_DATA):
+        raise ValueError("direction= is 'up' or 'down', and only for receive_data")
 
     def deco(func: F) -> F:
         r = Rule(
@@ -83,6 +91,7 @@ def rule(on: EventName | str, streamed: bool = False, name: str | None = None) -
             func=func,
             streamed=streamed,
             module=func.__module__,
+            direction=direction,
         )
         func.__tcpguard_rule__ = r  # type: ignore[attr-defined]
         if _collector is not None:

@@ -734,3 +734,25 @@ def test_reset_of_a_midstream_connection_uses_the_clients_ack_for_the_server_sid
     to_server, to_client = (decode(x) for x in d.send)
     assert to_server.seq == 111_500 and to_server.ack == 777_900
     assert to_client.seq == 777_900 and to_client.ack == 111_500
+
+
+def test_direction_filter_calls_a_listener_for_one_direction_only() -> None:
+    seen: list[tuple[str, bytes]] = []
+
+    @rule(on=EV.receive_data, direction="down")
+    def replies(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        seen.append((direction, current.read()))
+
+    @rule(on=EV.receive_data, streamed=True, direction="up")
+    def requests(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        for chunk in current:
+            seen.append((direction, chunk))
+
+    pb = Playbook(RuleSet.of(replies, requests))
+    pb.handshake()
+    pb.client("PA", b"GET")
+    pb.server("PA", b"200")
+    assert seen == [("up", b"GET"), ("down", b"200")]
+    assert list(conn_of(pb)._greenlets or {}) == [(0, 0)]  # no coroutine was started for 'down'
+    with pytest.raises(ValueError, match="direction="):
+        rule(on=EV.new_connection, direction="up")
