@@ -32,12 +32,13 @@ def _check_permissions(path: Path) -> None:
     st = path.stat()
     if st.st_mode & stat.S_IWOTH:
         raise RuleLoadError(str(path), None, "writable by other users: refusing to load it (chmod o-w)")
-    if os.geteuid() == 0 and st.st_uid != 0 and st.st_mode & stat.S_IWUSR:
+    if os.geteuid() == 0 and st.st_uid != 0:
+        # Its owner may chmod it writable at any time, so read-only is no protection: whoever owns a rule
+        # file can run code as root.
         raise RuleLoadError(
             str(path),
             None,
-            f"owned by uid {st.st_uid} and writable by it while tcpguard runs as root: "
-            "refusing to load it (chown root)",
+            f"owned by uid {st.st_uid} while tcpguard runs as root: refusing to load it (chown root)",
         )
 
 

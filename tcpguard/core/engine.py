@@ -125,6 +125,7 @@ class Engine:
         self.rule_calls = 0
         # Whether log lines may quote payload (rule exception messages); the daemon sets it from config.
         self.log_payload = False
+        self._evicted_unlogged = 0
 
     # ================================================================ public entry points
     def replace_rules(self, rules: RuleSet) -> None:
@@ -183,6 +184,13 @@ class Engine:
     def handle_timer(self, now: float) -> Output:
         """Expire idle connections. Call it periodically (every second is plenty)."""
         self.now = now
+        if self._evicted_unlogged:
+            log.warning(
+                "connection table full (%d connections): evicted %d since the last report",
+                self.settings.limits.max_connections,
+                self._evicted_unlogged,
+            )
+            self._evicted_unlogged = 0
         out = self._out = Output()
         try:
             for conn in self.table.expired(now):
@@ -280,9 +288,12 @@ class Engine:
         if victim is None:
             return False
         self.stats.evicted += 1
-        log.info(
+        # One line per eviction would let a SYN flood flood the log: evictions are counted and summed up
+        # in one warning per timer tick (handle_timer).
+        log.debug(
             "connection table full: evicting %s", victim.describe(), extra=_fields(victim, VERDICT="evict")
         )
+        self._evicted_unlogged += 1
         self._finish(victim, "evicted")
         self.table.remove(victim)
         return True

@@ -255,7 +255,9 @@ class HalfStream:
             if h.end > self.next:
                 self.buf += h.data[self.next - h.start :]
                 self.next = h.end
-            if h.fin and self.fin_off < 0:
+            # A held FIN counts only if the stream ends exactly there; when data already went past it, the
+            # receiver finds the FIN segment old and drops it, and so the stream goes on.
+            if h.fin and self.fin_off < 0 and h.end == self.next:
                 self.fin_off = h.end
             h.data = b""
             pulled.append(h)
