@@ -159,6 +159,7 @@ class TraceSettings:
         lim.max_held_packets = max(lim.max_held_packets, self.max_ooo_segments * 16)
         p = s.policies
         p.verify_checksums = False
+        p.verify_acks = False  # a capture may miss the data an ACK acknowledges
         p.midstream = "track"
         p.out_of_order = "hold"
         p.limit = "accept"

@@ -459,8 +459,15 @@ class Engine:
                 self.stats.invalid += 1
                 return Decision(DROP, flow_id=conn.id, reason=f"segment invalid in {state.name}")
         if flags & ACK and o.isn >= 0:
+            ack_off = o.offset(pkt.ack)
+            if ack_off > o.sent and self.settings.policies.verify_acks:
+                # It acknowledges bytes the gateway never forwarded: the receiver drops such a segment
+                # (RFC 5961 5.2), so the rules must not see its data (insertion) and it must not move
+                # retention either.
+                self.stats.invalid += 1
+                return Decision(DROP, flow_id=conn.id, reason="acknowledges data never forwarded")
             wscale = conn.wscale_client if d == UP else conn.wscale_server
-            o.ack(o.offset(pkt.ack), pkt.window << (wscale if wscale > 0 else 0))
+            o.ack(ack_off, pkt.window << (wscale if wscale > 0 else 0))
             if len(o.buf) > 2 * LOOKBACK:
                 before = len(o.buf)
                 o.trim()
@@ -505,11 +512,22 @@ class Engine:
         off = s.offset(pkt.seq)
         fin = bool(pkt.flags & FIN)
         urg = bool(pkt.flags & URG)
+        payload = pkt.payload
+        cut = s.buf_start - off
+        if cut > 0 and payload:
+            # Bytes below what the stream still retains cannot be compared with their first copy: they
+            # are never forwarded. The receiver acknowledged them already (retention only moves past
+            # acknowledged bytes), so cutting them costs a genuine retransmission nothing.
+            cut = min(cut, len(payload))
+            payload = payload[cut:]
+            off += cut
+        else:
+            cut = 0
         was_eof = s.eof
         before = s.buffered()
         status, fix, new_start, reason, held = s.receive(
             off,
-            pkt.payload,
+            payload,
             fin,
             token,
             self.settings.policies.out_of_order == "hold",
@@ -521,7 +539,12 @@ class Engine:
             if reason in ("out of order", "out-of-order buffer full"):
                 self.stats.ooo_dropped += 1
             return Decision(DROP, flow_id=conn.id, reason=reason)
-        packet = forge.rewrite(pkt, fix, clear_urg=urg) if fix is not None or urg else None
+        if cut:
+            packet: bytes | None = forge.rewrite(
+                pkt, fix if fix is not None else payload, clear_urg=urg, seq=pkt.seq + cut
+            )
+        else:
+            packet = forge.rewrite(pkt, fix, clear_urg=urg) if fix is not None or urg else None
         if status == SEG_HOLD:
             assert held is not None
             if self.held_packets >= lim.max_held_packets:
@@ -549,7 +572,7 @@ class Engine:
         # Out-of-order bytes have their own bound (checked when they are held).
         if len(s.buf) > lim.max_stream_buffer or self.buffered > lim.max_total_buffer:
             return self._limit(conn, s)
-        end = off + len(pkt.payload)
+        end = off + len(payload)
         if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
             if self.held_packets >= lim.max_held_packets:
                 # A rule wants to hold more than the kernel queue may keep: the limit policy decides.

@@ -63,12 +63,16 @@ def build_rst(
     return build_tcp(version, src, dst, sport, dport, seq, ack or 0, flags)
 
 
-def rewrite(pkt: Packet, payload: bytes | None = None, clear_urg: bool = False) -> bytes:
-    """`pkt` with a new TCP payload and/or URG cleared, lengths and checksums recomputed."""
+def rewrite(
+    pkt: Packet, payload: bytes | None = None, clear_urg: bool = False, seq: int | None = None
+) -> bytes:
+    """`pkt` with a new TCP payload, sequence number and/or URG cleared, lengths and checksums recomputed."""
     raw = pkt.raw
     iph = bytearray(raw[: pkt.ip_hlen])
     tcph = bytearray(raw[pkt.ip_hlen : pkt.ip_hlen + pkt.tcp_hlen])
     body = pkt.payload if payload is None else payload
+    if seq is not None:
+        struct.pack_into("!I", tcph, 4, seq & 0xFFFFFFFF)
     if clear_urg:
         tcph[13] &= ~URG & 0xFF
         tcph[18:20] = b"\x00\x00"

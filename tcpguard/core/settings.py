@@ -72,6 +72,9 @@ class Policies:
     malformed: Literal["drop", "accept"] = "drop"
     # Verify IPv4 and TCP checksums; a bad one is dropped (the receiver would drop it too).
     verify_checksums: bool = True
+    # Drop segments that acknowledge bytes the gateway never forwarded (the receiver drops them too, so
+    # their data must not reach the rules). Off for observing captures with missing packets.
+    verify_acks: bool = True
 
 
 @dataclass(slots=True)

@@ -388,12 +388,23 @@ def test_insertion_of_a_segment_the_server_drops(rig: Rig, how: str) -> None:
     print(how, "-> dropped by the gateway too, reset" if o.blocked else "-> forwarded, second copy rewritten")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a spoofed server ACK makes stream.trim() forget bytes the server "
-    "never got; a later retransmission of them passes unchecked (stream.py _first_copy)",
+@pytest.mark.parametrize(
+    "insertion",
+    [
+        pytest.param(
+            "md5-option",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="BUG: segments with an unexpected TCP-MD5 option are dropped by the server but "
+                "forwarded and inspected by tcpguard (insertion); with a spoofed server ACK the stream "
+                "then differs from what the server reads (option check not implemented)",
+            ),
+        ),
+        # Fixed: ACKs of data never forwarded are dropped (engine.py, policies.verify_acks), and bytes
+        # below retention are cut instead of forwarded unchecked.
+        "ack-of-unsent-data",
+    ],
 )
-@pytest.mark.parametrize("insertion", ["md5-option", "ack-of-unsent-data"])
 def test_spoofed_server_ack_then_retransmission_of_forgotten_bytes(rig: Rig, insertion: str) -> None:
     # Insertion (segments the server drops and the gateway forwards), a forged ACK "from the server" for
     # them, sent from the client's network (the gateway routes it back out of the same interface and

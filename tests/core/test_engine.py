@@ -756,3 +756,29 @@ def test_direction_filter_calls_a_listener_for_one_direction_only() -> None:
     assert list(conn_of(pb)._greenlets or {}) == [(0, 0)]  # no coroutine was started for 'down'
     with pytest.raises(ValueError, match="direction="):
         rule(on=EV.new_connection, direction="up")
+
+
+def test_bytes_below_retention_are_never_forwarded() -> None:
+    """A retransmission of bytes the engine no longer retains cannot be checked against the first copy:
+    that part is cut off (the receiver acknowledged it), the rest is checked as usual."""
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    base = pb.cnext
+    pb.client("PA", b"a" * 1000)
+    pb.client("PA", b"a" * 1000)
+    pb.server("A")  # acknowledges all 2000: retention keeps only a look-back tail
+    conn = conn_of(pb)
+    kept_from = conn.up.buf_start
+    assert 0 < kept_from < 2000
+    d = pb.client("PA", b"E" * 1000, seq=base)  # entirely below what is retained
+    assert d.verdict == ACCEPT and d.packet is not None
+    p = decode(d.packet)
+    assert p.payload == b"" and p.seq == base + 1000
+    n = 2000 - (kept_from - 100)  # from 100 bytes before the retention start to the end of the stream
+    d = pb.client("PA", b"E" * n, seq=base + kept_from - 100)
+    assert d.verdict == ACCEPT and d.packet is not None
+    p = decode(d.packet)
+    # The first 100 bytes are cut; the rest is rewritten to the retained first copy.
+    assert p.seq == base + kept_from and p.payload == b"a" * (2000 - kept_from)
+    assert rec.data() == b"a" * 2000
