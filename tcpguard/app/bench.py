@@ -55,7 +55,6 @@ import os
 import platform
 import random
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -69,6 +68,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from tcpguard.app.labnet import Lab
 
 __all__ = ["add_subparser", "main"]
 
@@ -105,121 +106,32 @@ BULK_BLOCK = 256 * 1024
 
 
 # ====================================================================================== the lab network
-class BenchLab:
-    """client <-> gw <-> server namespaces (tests/netns.py's topology), offloads off. A context manager:
-    exit kills our processes, then anything left in the namespaces, then deletes the namespaces."""
+class BenchLab(Lab):
+    """The lab network (`tcpguard.app.labnet.Lab`: client <-> gw <-> server namespaces, removed on exit),
+    with offloads off so packet counts mean wire-sized segments on every path, and client and server
+    tuned for many short connections."""
 
     def __init__(self) -> None:
-        suffix = secrets.token_hex(3)
-        self.ns = {role: f"tgb-{suffix}-{role}" for role in ROLES}
-        self.procs: list[subprocess.Popen[Any]] = []
-        self._created: list[str] = []
+        super().__init__(prefix="tgb")
 
     def __enter__(self) -> BenchLab:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
+        super().__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def argv(self, role: str, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns[role], *argv]
-
-    def run(self, role: str, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(role, argv), capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=check
-        )
-
-    def popen(self, role: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
-        proc: subprocess.Popen[Any] = subprocess.Popen(self.argv(role, argv), **kw)
-        self.procs.append(proc)
-        return proc
-
-    def pids(self, role: str) -> list[int]:
-        res = subprocess.run(
-            ["ip", "netns", "pids", self.ns[role]],
-            capture_output=True,
-            text=True,
-            timeout=_CMD_TIMEOUT,
-            check=False,
-        )
-        return [int(t) for t in res.stdout.split() if t.isdigit()]
-
-    def close(self) -> None:
-        for proc in self.procs:
-            stop_process(proc)
-        self.procs.clear()
-        for name in self._created:
-            for pid in self._pids_of(name):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for name in reversed(self._created):
-            subprocess.run(
-                ["ip", "netns", "del", name], capture_output=True, timeout=_CMD_TIMEOUT, check=False
-            )
-        self._created.clear()
-
-    def _pids_of(self, name: str) -> list[int]:
-        res = subprocess.run(
-            ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=False
-        )
-        return [int(t) for t in res.stdout.split() if t.isdigit()]
-
-    def _ip(self, *args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=_CMD_TIMEOUT)
-
     def _build(self) -> None:
-        for role in ROLES:
-            name = self.ns[role]
-            self._ip("netns", "add", name)
-            self._created.append(name)
-            self._ip("-n", name, "link", "set", "lo", "up")
-        c, g, s = (self.ns[r] for r in ROLES)
-        self._ip(
-            "link", "add", CLIENT_IF, "netns", c, "type", "veth", "peer", "name", GW_CLIENT_IF, "netns", g
-        )
-        self._ip(
-            "link", "add", GW_SERVER_IF, "netns", g, "type", "veth", "peer", "name", SERVER_IF, "netns", s
-        )
-        ends = (
-            (c, CLIENT_IF, CLIENT_V4),
-            (g, GW_CLIENT_IF, GW_CLIENT_V4),
-            (g, GW_SERVER_IF, GW_SERVER_V4),
-            (s, SERVER_IF, SERVER_V4),
-        )
-        for ns, dev, v4 in ends:
-            self._ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-            self._ip("-n", ns, "link", "set", dev, "up")
+        super()._build()
+        for role, dev in (
+            ("client", CLIENT_IF),
+            ("gw", GW_CLIENT_IF),
+            ("gw", GW_SERVER_IF),
+            ("server", SERVER_IF),
+        ):
             # Wire-sized segments everywhere: see the module docstring.
-            subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "ethtool",
-                    "-K",
-                    dev,
-                    "tx",
-                    "off",
-                    "rx",
-                    "off",
-                    "tso",
-                    "off",
-                    "gso",
-                    "off",
-                    "gro",
-                    "off",
-                ],
-                capture_output=True,
-                timeout=_CMD_TIMEOUT,
+            self.run(
+                role,
+                ["ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"],
                 check=False,
             )
-        self.run("gw", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
         # The client opens many short connections: a wide port range, and TIME_WAIT reuse.
         self.run(
             "client",
@@ -231,23 +143,9 @@ class BenchLab:
                 ["sysctl", "-q", "-w", "net.core.somaxconn=65535", "net.ipv4.tcp_max_syn_backlog=65535"],
                 check=False,
             )
-        self._ip("-n", c, "route", "add", "default", "via", GW_CLIENT_V4)
-        self._ip("-n", s, "route", "add", "default", "via", GW_SERVER_V4)
-        deadline = time.monotonic() + 10
-        for ns, dev, _ in ends:
-            while self.run_ns(ns, ["cat", f"/sys/class/net/{dev}/operstate"]).stdout.strip() != "up":
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{dev} in {ns} has no carrier")
-                time.sleep(0.05)
 
-    def run_ns(self, ns: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["ip", "netns", "exec", ns, *argv],
-            capture_output=True,
-            text=True,
-            timeout=_CMD_TIMEOUT,
-            check=False,
-        )
+    def pids(self, role: str) -> list[int]:
+        return self._pids_in(self.ns[role])
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
