@@ -69,7 +69,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tcpguard.app.labnet import Lab
+from tcpguard.app.labnet import (
+    CLIENT_IF,
+    GW_CLIENT_IF,
+    GW_SERVER_IF,
+    SERVER_IF,
+    SERVER_V4,
+    Lab,
+)
 
 __all__ = ["add_subparser", "main"]
 
@@ -77,12 +84,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RULES = ROOT / "rules"
 
 # ------------------------------------------------------------------------------------------- topology
-CLIENT_V4 = "10.77.1.2"
-GW_CLIENT_V4 = "10.77.1.1"
-GW_SERVER_V4 = "10.77.2.1"
-SERVER_V4 = "10.77.2.2"
-CLIENT_IF, GW_CLIENT_IF, GW_SERVER_IF, SERVER_IF = "eth0", "c0", "s0", "eth0"
-ROLES = ("client", "gw", "server")
+# The addresses and interface names are the lab network's (tcpguard.app.labnet).
 
 RR_PORT = 8080  # allowed by rules/firewall.py and inspected by rules/http_host.py
 RR_PORT2 = 80  # a second listener, for more client ports when holding many connections open

@@ -104,8 +104,9 @@ class Playbook:
                 self.snext = (self.snext + adv) & 0xFFFFFFFF
         return raw
 
-    def client(
+    def send(
         self,
+        from_client: bool,
         flags: str,
         data: bytes = b"",
         seq: int | None = None,
@@ -116,21 +117,13 @@ class Playbook:
         token: object = None,
         dt: float = 0.001,
     ) -> Decision:
-        return self.feed(self._seg(True, flags, data, seq, ack, window, options, urgptr), token, dt)
+        return self.feed(self._seg(from_client, flags, data, seq, ack, window, options, urgptr), token, dt)
 
-    def server(
-        self,
-        flags: str,
-        data: bytes = b"",
-        seq: int | None = None,
-        ack: int | None = None,
-        window: int = 65535,
-        options: bytes = b"",
-        urgptr: int = 0,
-        token: object = None,
-        dt: float = 0.001,
-    ) -> Decision:
-        return self.feed(self._seg(False, flags, data, seq, ack, window, options, urgptr), token, dt)
+    def client(self, flags: str, data: bytes = b"", **kw: Any) -> Decision:
+        return self.send(True, flags, data, **kw)
+
+    def server(self, flags: str, data: bytes = b"", **kw: Any) -> Decision:
+        return self.send(False, flags, data, **kw)
 
     def feed(self, raw: bytes, token: object = None, dt: float = 0.001) -> Decision:
         self.now += dt
