@@ -1,11 +1,13 @@
 """Half-reset HTTP requests to a blocked Host.
 
-Event: `receive_data`, streamed, client-to-server direction of connections to `HTTP_PORTS`.
+Event: `receive_data`, plain (not streamed), client-to-server direction of connections to `HTTP_PORTS`.
 
-The listener parses the client's HTTP/1.x requests as a stream: the request line, the header block line
-by line, then the body is skipped (by `Content-Length`, or chunk by chunk for `Transfer-Encoding:
-chunked`) so that the next request of a keep-alive connection is parsed as a request again and a body
-that happens to contain "Host: ..." is never mistaken for a header. The host of a request is its `Host`
+The listener parses the client's HTTP/1.x requests incrementally, from whatever runs of bytes the
+segments bring: the request line, the header block line by line, then the body is skipped (by
+`Content-Length`, or chunk by chunk for `Transfer-Encoding: chunked`) so that the next request of a
+keep-alive connection is parsed as a request again and a body that happens to contain "Host: ..." is
+never mistaken for a header. A line split over several segments is completed from them (at most
+`MAX_LINE` bytes are kept for it); a body is counted, never kept. The host of a request is its `Host`
 header, or the authority of an absolute-form target (`GET http://host/ HTTP/1.1`, as sent to proxies);
 every `Host` header is checked when a request has several.
 
@@ -18,14 +20,42 @@ times out, which slows down naive retry loops. The host is kept in `flow.store["
 Fail closed: a request line or header line longer than `MAX_LINE` (servers refuse those anyway, and a
 rule that stopped reading there could be evaded) is half-reset too, with its own alert. A stream that does
 not look like HTTP/1.x (TLS, HTTP/2 prior knowledge, anything else) is left alone from its first line on.
+A line the stream ends in without its line feed is no request or header (no server acts on it).
+
+Cost: between requests the parser keeps nothing but the host; in the middle of one it keeps its state
+(and a split line's bytes) in `flow.store["_http_host"]`. A plain listener costs nothing on an idle
+connection, where a streamed one (a suspended coroutine per connection) would cost several kilobytes.
 """
+
+import sys
 
 from tcpguard import rule, tcp_connection
 
 BLOCKED_HOSTS = {"blocked.example", "ads.example"}
 HTTP_PORTS = {80, 8080}
 MAX_LINE = 16384
-SKIP_STEP = 65536  # skip bodies in steps, so a large upload never has to be buffered whole
+
+STATE = "_http_host"  # flow.store key of a request in progress
+# Parser phases. BODY and CHUNK_DATA skip `remaining` bytes; the others read lines.
+REQUEST, HEADERS, BODY, CHUNK_SIZE, CHUNK_DATA, TRAILERS, STOPPED = range(7)
+EMPTY_LINES = (b"\r\n", b"\n")
+
+
+class Request:
+    """Where the parser is in the client's stream between two runs of bytes."""
+
+    __slots__ = ("chunked", "length", "line", "phase", "remaining")
+
+    def __init__(self):
+        self.phase = REQUEST
+        self.line = b""  # the start of a line whose line feed has not arrived yet
+        self.remaining = 0  # body or chunk bytes still to skip
+        self.length = 0  # Content-Length of the request whose headers are being read
+        self.chunked = False
+
+    def idle(self):
+        """True between requests: nothing worth keeping on the connection."""
+        return self.phase == REQUEST and not self.line
 
 
 def host_of(value):
@@ -41,36 +71,6 @@ def is_blocked(host):
     return any(name == b or name.endswith("." + b) for b in BLOCKED_HOSTS)
 
 
-def _skip(current, n):
-    """Skip `n` body bytes; False if the stream ended first."""
-    while n > 0:
-        k = current.skip(min(n, SKIP_STEP))
-        if k == 0:
-            return False
-        n -= k
-    return True
-
-
-def _skip_chunked(current):
-    """Skip a chunked body and its trailers; False if the stream ended or the framing is broken."""
-    while True:
-        size_line = current.readline(limit=MAX_LINE)
-        try:
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            return False
-        if size == 0:
-            break
-        if not _skip(current, size + 2):  # the data and its CRLF
-            return False
-    while True:  # trailer section, up to an empty line
-        line = current.readline(limit=MAX_LINE)
-        if not line:
-            return False
-        if line in (b"\r\n", b"\n"):
-            return True
-
-
 def _too_long(flow, line, direction):
     if line and not line.endswith(b"\n") and len(line) >= MAX_LINE:
         flow.alert(f"HTTP line longer than {MAX_LINE} bytes", severity="medium", direction=direction)
@@ -81,7 +81,8 @@ def _too_long(flow, line, direction):
 
 def _check_host(flow, host, direction):
     """Remember the host; half-reset and return True if it is blocked."""
-    name = host.decode("ascii", "replace")
+    # Interned: the many connections to one site share one string instead of a copy each.
+    name = sys.intern(host.decode("ascii", "replace"))
     flow.store["host"] = name
     if not is_blocked(host):
         return False
@@ -90,46 +91,103 @@ def _check_host(flow, host, direction):
     return True
 
 
-@rule(on=tcp_connection.events.receive_data, streamed=True, direction="up")
-def blocked_host(flow, stream, current, direction):
-    if flow.dstport not in HTTP_PORTS:
-        return
-    while True:
-        request_line = current.readline(limit=MAX_LINE)
-        if not request_line or _too_long(flow, request_line, direction):
-            return
-        if request_line in (b"\r\n", b"\n"):
-            continue  # empty lines before a request are allowed (RFC 9112, section 2.2)
-        parts = request_line.split()
+def _line(flow, req, line, direction):
+    """Take one line (with its line feed, or `MAX_LINE` bytes without one). False: stop inspecting."""
+    phase = req.phase
+    if phase == REQUEST:
+        if _too_long(flow, line, direction):
+            return False
+        if line in EMPTY_LINES:
+            return True  # empty lines before a request are allowed (RFC 9112, section 2.2)
+        parts = line.split()
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return  # not HTTP/1.x: stop inspecting this connection
+            return False  # not HTTP/1.x: stop inspecting this connection
         target = parts[1]
         if b"://" in target:
             authority = target.split(b"://", 1)[1].split(b"/", 1)[0].rsplit(b"@", 1)[-1]
             if _check_host(flow, host_of(authority), direction):
-                return
-        length = 0
-        chunked = False
-        while True:
-            line = current.readline(limit=MAX_LINE)
-            if not line or _too_long(flow, line, direction):
-                return
-            if line in (b"\r\n", b"\n"):
-                break
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"host":
-                if _check_host(flow, host_of(value), direction):
-                    return
-            elif name == b"content-length":
-                try:
-                    length = int(value.strip())
-                except ValueError:
-                    return  # the server will refuse it; nothing more to parse reliably
-            elif name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-        if chunked:
-            if not _skip_chunked(current):
-                return
-        elif not _skip(current, length):
-            return
+                return False
+        req.phase, req.length, req.chunked = HEADERS, 0, False
+    elif phase == HEADERS:
+        if _too_long(flow, line, direction):
+            return False
+        if line in EMPTY_LINES:
+            if req.chunked:
+                req.phase = CHUNK_SIZE
+            elif req.length > 0:
+                req.phase, req.remaining = BODY, req.length
+            else:
+                req.phase = REQUEST
+            return True
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"host":
+            if _check_host(flow, host_of(value), direction):
+                return False
+        elif name == b"content-length":
+            try:
+                req.length = int(value.strip())
+            except ValueError:
+                return False  # the server will refuse it; nothing more to parse reliably
+        elif name == b"transfer-encoding":
+            req.chunked = b"chunked" in value.lower()
+    elif phase == CHUNK_SIZE:
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            return False  # broken framing: nothing more to parse reliably
+        if size == 0:
+            req.phase = TRAILERS
+        elif size > -2:
+            req.phase, req.remaining = CHUNK_DATA, size + 2  # the data and its CRLF
+    elif line in EMPTY_LINES:  # TRAILERS: the trailer section ends with an empty line
+        req.phase = REQUEST
+    return True
+
+
+def _feed(flow, req, data, direction):
+    """Parse `data`, the next bytes of the client's stream. False: stop inspecting."""
+    i, n = 0, len(data)
+    while i < n:
+        if req.phase in (BODY, CHUNK_DATA):
+            k = min(req.remaining, n - i)
+            i += k
+            req.remaining -= k
+            if req.remaining > 0:
+                return True
+            req.phase = REQUEST if req.phase == BODY else CHUNK_SIZE
+            continue
+        # A line ends at its line feed, or after MAX_LINE bytes without one (readline's limit).
+        room = MAX_LINE - len(req.line)
+        j = data.find(b"\n", i, i + room)
+        if j >= 0:
+            end = j + 1
+        elif n - i >= room:
+            end = i + room
+        else:
+            req.line += data[i:]
+            return True
+        line = req.line + data[i:end] if req.line else data[i:end]
+        req.line = b""
+        i = end
+        if not _line(flow, req, line, direction):
+            return False
+    return True
+
+
+@rule(on=tcp_connection.events.receive_data, direction="up")
+def blocked_host(flow, stream, current, direction):
+    if flow.dstport not in HTTP_PORTS:
+        return
+    store = flow.store
+    req = store.get(STATE)
+    if req is None:
+        req = Request()
+    elif req.phase == STOPPED:
+        return
+    if not _feed(flow, req, current.read(), direction):
+        req.phase = STOPPED
+    if req.idle():
+        store.pop(STATE, None)  # between requests: keep nothing
+    else:
+        store[STATE] = req

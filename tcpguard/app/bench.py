@@ -1635,8 +1635,29 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def run_memory_only(st: Settings) -> int:
+    """`--only memory`: the fabricated-connection memory rows alone (no namespaces, no root needed).
+
+    The same subprocesses and rules copy as the full run, so the figures compare with its table; the
+    real-connection row needs the network and is left out."""
+    work = Path(tempfile.mkdtemp(prefix="tcpguard-bench-"))
+    try:
+        st.rules = bench_rules(st.rules, work / "rules")
+        mem = [fabricated_memory(st, exchanged=False), fabricated_memory(st, exchanged=True)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("| measurement | connections | RSS bytes/conn | traced bytes/conn | notes |")
+    print("|---|--:|--:|--:|---|")
+    for m in mem:
+        traced = _f(m.traced_per_conn) if m.traced_per_conn is not None else "-"
+        print(f"| {m.label} | {m.count:,} | {_f(m.per_conn)} | {traced} | {m.note} |")
+    return 1 if any(m.note.startswith("failed") for m in mem) else 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     st = settings_from(args)
+    if args.only == "memory":
+        return run_memory_only(st)
     t_start = time.monotonic()
     quiet = bool(args.quiet)
 
@@ -1778,6 +1799,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--doc", help="write the results into this Markdown file (e.g. docs/BENCHMARKS.md)")
     p.add_argument("--profile", metavar="DIR", help="record py-spy profiles of tcpguard-1 into DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--only",
+        choices=["memory"],
+        help="run one part alone: 'memory' prints the fabricated-connection memory rows (no root needed)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

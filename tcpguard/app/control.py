@@ -548,9 +548,13 @@ class Dispatcher:
         reload_check: Callable[[], str | None] | None = None,
         reload_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None,
         timeout: float = WORKER_TIMEOUT,
+        bypassed: Callable[[], int | None] | None = None,
     ) -> None:
         self.links = links
         self.mode = mode
+        # Packets that passed uninspected (fail-open), counted for all queues together since one NFQUEUE
+        # rule feeds them all (tcpguard.app.metrics.BypassMeter); None when not measured.
+        self.bypassed = bypassed
         self.reload_check = reload_check
         self.reload_hooks = reload_hooks
         self.timeout = timeout
@@ -579,6 +583,8 @@ class Dispatcher:
         for q in queues:
             a = answers.get(q) or error("no answer")
             workers.append(a["result"] if a.get("ok") else {"queue": q, "error": a.get("error")})
+        total = totals(workers)
+        total["queue_drops"]["bypassed"] = self.bypassed() if self.bypassed is not None else None
         return {
             "mode": self.mode,
             "pid": os.getpid(),
@@ -586,7 +592,7 @@ class Dispatcher:
             "uptime": round(time.monotonic() - self.started, 3),
             "rss": rss_bytes(),
             "workers": workers,
-            "totals": totals(workers),
+            "totals": total,
         }
 
     def _connections(self, request: Request) -> Response:
@@ -971,6 +977,7 @@ _STATUS_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("connections opened", ("connections", "opened"), "n"),
     ("queue full drops", ("queue_drops", "kernel_dropped"), "n"),
     ("queue user drops", ("queue_drops", "kernel_user_dropped"), "n"),
+    ("queue bypassed", ("queue_drops", "bypassed"), "n"),
     ("netlink ENOBUFS", ("queue_drops", "enobufs"), "n"),
     ("memory RSS", ("memory", "rss"), "bytes"),
     ("stream buffers", ("memory", "buffered"), "bytes"),

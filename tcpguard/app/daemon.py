@@ -63,7 +63,14 @@ from tcpguard.app.control import (
     ok,
 )
 from tcpguard.app.logsetup import setup_logging
-from tcpguard.app.metrics import MetricsServer, Traffic, kernel_queue_stats, rss_bytes, start_metrics_server
+from tcpguard.app.metrics import (
+    BypassMeter,
+    MetricsServer,
+    Traffic,
+    kernel_queue_stats,
+    rss_bytes,
+    start_metrics_server,
+)
 from tcpguard.app.notify import Notifier
 from tcpguard.app.ruleload import load_rules
 from tcpguard.core.conntrack import Action
@@ -481,11 +488,15 @@ class Services:
 
 
 def start_services(
-    cfg: Config, links: WorkerLinks, mode: str, dispatcher: Dispatcher | None = None
+    cfg: Config,
+    links: WorkerLinks,
+    mode: str,
+    dispatcher: Dispatcher | None = None,
+    bypass: BypassMeter | None = None,
 ) -> Services:
     """Serve the control socket and (if configured) the metrics endpoint for the workers behind `links`.
     Raises ControlError or OSError when either cannot be served, having closed what it opened."""
-    disp = dispatcher or Dispatcher(links, mode)
+    disp = dispatcher or Dispatcher(links, mode, bypassed=bypass.read if bypass is not None else None)
     services = Services()
     try:
         services.control = ControlServer(cfg.control.socket, disp.handle, group=cfg.control.group)
@@ -505,6 +516,14 @@ class Daemon:
         self.cfg = cfg
         self.rules = rules
         self.iptables = IptablesManager(iptables_spec(cfg)) if cfg.iptables.manage else None
+        # Fail-open leaves no trace in the kernel's queue counters: compare our rules' counters with them.
+        # Only with rules we installed (their counters start with our queues) and with bypass on (without
+        # it a packet that misses the queue is dropped, not passed).
+        self.bypass = (
+            BypassMeter(self.iptables.queued_packets, range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
+            if self.iptables is not None and cfg.queue.bypass
+            else None
+        )
         self.flags = _Flags()
         self.children: dict[int, int] = {}  # pid -> queue number
         self.notifier = Notifier()
@@ -525,7 +544,9 @@ class Daemon:
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, lambda *_: setattr(worker, "reload_requested", True))
         try:
-            self.services = start_services(self.cfg, InboxLinks(self.cfg.queue.num, worker.inbox), "single")
+            self.services = start_services(
+                self.cfg, InboxLinks(self.cfg.queue.num, worker.inbox), "single", bypass=self.bypass
+            )
             self._install_iptables()
         except (IptablesError, ControlError, OSError):
             adapter.drain()
@@ -598,6 +619,7 @@ class Daemon:
                 self.notifier.reloading,
                 lambda: self.notifier.ready(f"{len(self.children)} workers"),
             ),
+            bypassed=self.bypass.read if self.bypass is not None else None,
         )
         try:
             for i in range(self.cfg.queue.workers):

@@ -11,14 +11,16 @@ several worker processes the counters live in other processes anyway. Collecting
 between scrapes and needs no shared-memory multiprocess mode.
 
 Also here: the small readers of kernel state that the status document includes (the NFQUEUE counters in
-`/proc/net/netfilter/nfnetlink_queue`, the process's resident memory).
+`/proc/net/netfilter/nfnetlink_queue`, the process's resident memory), and `BypassMeter`, which counts the
+packets that passed uninspected through the queue's fail-open paths, which no kernel counter records.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KERNEL_QUEUE_FILE",
+    "BypassMeter",
     "MetricsServer",
     "StatusCollector",
     "Traffic",
@@ -88,6 +91,61 @@ def kernel_queue_stats(queue_num: int, path: str = KERNEL_QUEUE_FILE) -> dict[st
             except ValueError:
                 return None
     return None
+
+
+class BypassMeter:
+    """Counts packets that passed uninspected through the fail-open paths of the queue (`queue.bypass`).
+
+    Why a meter of its own: a packet that finds its queue full while the fail-open flag is set, or no
+    process bound with `--queue-bypass`, is accepted by the kernel before it gets a queue packet id, and no
+    kernel counter records it (`queue_dropped` counts only fail-closed drops, `id_sequence` only packets
+    that entered the queue). The NFQUEUE iptables rules count it, though: so bypassed = packets the rules
+    matched - packets that entered a queue (its last packet id) - packets dropped because it was full.
+
+    `matched` returns the rules' packet count (`IptablesManager.queued_packets`); it runs iptables, so the
+    meter is read only when a status is asked for, in the control or metrics thread, never in the packet
+    loop. The rule counter is read before the queues, so packets arriving in between make one reading low,
+    never high. The meter adds up the changes between readings (a queue whose counters went back was
+    re-created by a worker restart; its new counters start from zero) and reports the largest sum seen: a
+    counter that never decreases and catches up at the next reading. Known inexactness: the packets an old
+    queue instance took after the previous reading and before its worker restarted count as bypassed.
+    Assumes the rule and queue counters started at zero together, which the daemon's start guarantees
+    (queues bound first, then the chain rebuilt with zeroed counters).
+    """
+
+    def __init__(
+        self, matched: Callable[[], int], queues: Sequence[int], path: str = KERNEL_QUEUE_FILE
+    ) -> None:
+        self._matched = matched
+        self.queues = tuple(queues)
+        self.path = path
+        self._lock = threading.Lock()
+        self._prev_matched = 0
+        self._prev_queued = dict.fromkeys(self.queues, 0)
+        self._sum = 0
+        self.bypassed = 0
+        self.errors = 0
+
+    def read(self) -> int | None:
+        """Update from the rule and queue counters; the bypass count, or None if iptables cannot be read."""
+        with self._lock:
+            try:
+                matched = self._matched()
+            except Exception as e:  # iptables missing, timing out or failing: no reading, never a crash
+                self.errors += 1
+                log.warning("cannot read the NFQUEUE rule counters, bypassed packets not updated: %s", e)
+                return None
+            delta = matched - self._prev_matched if matched >= self._prev_matched else matched
+            self._prev_matched = matched
+            for q in self.queues:
+                kq = kernel_queue_stats(q, self.path)
+                queued = kq["id_sequence"] + kq["dropped"] if kq is not None else 0
+                prev = self._prev_queued[q]
+                delta -= queued - prev if queued >= prev else queued
+                self._prev_queued[q] = queued
+            self._sum += delta
+            self.bypassed = max(self.bypassed, self._sum)
+            return self.bypassed
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -202,6 +260,14 @@ class StatusCollector:
         uptime = GaugeMetricFamily("tcpguard_uptime_seconds", "Seconds since the daemon started.")
         uptime.add_metric([], float(status.get("uptime", 0.0)))
         yield uptime
+        bypassed = _dig(status, ("totals", "queue_drops", "bypassed"))
+        if bypassed is not None:
+            c = CounterMetricFamily(
+                "tcpguard_queue_bypassed",
+                "Packets that passed uninspected through the queue's fail-open paths (all queues).",
+            )
+            c.add_metric([], bypassed)
+            yield c
         rss = status.get("rss")
         if isinstance(rss, int):
             main_rss = GaugeMetricFamily("tcpguard_main_rss_bytes", "Resident memory of the main process.")

@@ -58,6 +58,7 @@ _REFUSALS = (
     "fragments",
     "invalid",
     "rst_injections",
+    "unexpected_signatures",
     "ooo_dropped",
     "limit_hits",
     "refused",

@@ -47,6 +47,8 @@ class Connection:
 
     __slots__ = (
         "_alert",
+        "_auth",
+        "_gdone",
         "_greenlets",
         "_heap_at",
         "_send",
@@ -58,10 +60,8 @@ class Connection:
         "cport",
         "down",
         "end_reason",
-        "ended",
         "expires",
         "id",
-        "key",
         "last_seen",
         "midstream",
         "passthrough",
@@ -72,7 +72,6 @@ class Connection:
         "started",
         "state",
         "up",
-        "version",
         "wscale_client",
         "wscale_server",
     )
@@ -91,9 +90,10 @@ class Connection:
         down: HalfStream,
         state: State,
     ) -> None:
+        # `key`, `version` and `ended` are derived (properties below) rather than stored: every slot is
+        # 8 bytes on each tracked connection, and a table of idle connections is mostly these objects.
+        del key, version
         self.id = cid
-        self.key = key
-        self.version = version
         self.client = client
         self.cport = cport
         self.server = server
@@ -106,16 +106,34 @@ class Connection:
         self.up = up
         self.down = down
         self.action = Action.NONE
-        self.ended = False
         self.end_reason = ""
         self.midstream = False
         self.passthrough = False  # no longer inspected (fail-open after a limit): every packet passes
         self._store: dict[str, Any] | None = None
         self.pkts_up = self.pkts_down = self.bytes_up = self.bytes_down = 0
         self.wscale_client = self.wscale_server = -1
+        # Streamed listeners: the live ones by (direction, index), None when there is none; the finished
+        # ones as bit 2 * index + direction of `_gdone`.
         self._greenlets: dict[tuple[int, int], Any] | None = None
+        self._gdone = 0
         self._send = 0  # bit 1: release 'up' holds, bit 2: release 'down' holds
         self._alert: Callable[..., None] | None = None
+        # TCP-MD5/AO (engine._check_signature): 0 the SYN was unsigned, 1 the SYN was signed, 2 both SYNs
+        # were (or the connection was picked up signed): signed segments are then inspected as usual.
+        self._auth = 0
+
+    @property
+    def key(self) -> FlowKey:
+        """The table key (the same for both directions)."""
+        return flow_key(self.client, self.cport, self.server, self.sport)
+
+    @property
+    def version(self) -> int:
+        return 6 if len(self.client) == 16 else 4
+
+    @property
+    def ended(self) -> bool:
+        return self.end_reason != ""
 
     # -- the rule API ----------------------------------------------------------------------------------
     @property
@@ -194,12 +212,16 @@ class Connection:
 class ConnTable:
     """Connections by key, with lazy-heap timeouts. The engine decides policy; this only keeps order."""
 
-    __slots__ = ("_heap", "_next_id", "by_key")
+    __slots__ = ("_heap", "_next_id", "_shared", "by_key")
 
     def __init__(self) -> None:
         self.by_key: dict[FlowKey, Connection] = {}
         self._heap: list[tuple[float, int, Connection]] = []
         self._next_id = 1
+        # One object per distinct server address and port, shared by the connections (and table keys)
+        # that have it: a gateway's connections go to few servers, and each packet decodes fresh copies
+        # (48 and 32 bytes). Rebuilt from the live connections when stale values pile up (`compact`).
+        self._shared: dict[bytes | int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -213,7 +235,10 @@ class ConnTable:
         return cid
 
     def add(self, conn: Connection) -> None:
-        self.by_key[conn.key] = conn
+        shared = self._shared
+        conn.server = shared.setdefault(conn.server, conn.server)
+        conn.sport = shared.setdefault(conn.sport, conn.sport)
+        self.by_key[conn.key] = conn  # the key is made of the shared objects
         self._push(conn)
 
     def remove(self, conn: Connection) -> None:
@@ -257,7 +282,14 @@ class ConnTable:
         return None
 
     def compact(self) -> None:
-        """Drop stale heap entries when they outnumber live ones (bounds the heap at 2x the table)."""
+        """Drop stale heap entries when they outnumber live ones (bounds the heap at 2x the table), and
+        shared values no live connection uses when they outnumber the connections."""
+        if len(self._shared) > 2 * len(self.by_key) + 1024:
+            shared: dict[bytes | int, Any] = {}
+            for conn in self.by_key.values():
+                shared.setdefault(conn.server, conn.server)
+                shared.setdefault(conn.sport, conn.sport)
+            self._shared = shared
         if len(self._heap) > 2 * len(self.by_key) + 1024:
             self._heap = [
                 e for e in self._heap if self.by_key.get(e[2].key) is e[2] and e[0] == e[2]._heap_at

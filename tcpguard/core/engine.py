@@ -12,6 +12,9 @@ Normalisations, each documented where it happens: data on SYN and on RST is stri
 delivers it to the application without TCP Fast Open, so passing it would let bytes by that the rules
 never saw); the urgent flag and pointer are cleared (a receiver would otherwise pull the urgent byte out
 of the stream the application reads); conflicting retransmissions are rewritten to the first copy.
+Segments the receiver discards are dropped before they touch any state: no ACK flag after the handshake,
+ACKs of data never forwarded, and a TCP-MD5/AO option on a connection that did not negotiate one
+(`_check_signature`).
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ from tcpguard.core.state import (
     Action as StateAction,
 )
 from tcpguard.core.stream import DROP as SEG_DROP
+from tcpguard.core.stream import EMPTY, LOOKBACK, HalfStream, Held
 from tcpguard.core.stream import HOLD as SEG_HOLD
-from tcpguard.core.stream import LOOKBACK, HalfStream, Held
 
 log = logging.getLogger("tcpguard.engine")
 
@@ -85,6 +88,7 @@ class Stats:
     rst_injections: int = 0
     rule_errors: int = 0
     timeouts: int = 0
+    unexpected_signatures: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -126,6 +130,9 @@ class Engine:
         # Whether log lines may quote payload (rule exception messages); the daemon sets it from config.
         self.log_payload = False
         self._evicted_unlogged = 0
+        # One bound method shared by every connection (`flow.alert` calls it): a bound method made per
+        # connection would cost 64 bytes on each one.
+        self._alert_sink = self._alert
 
     # ================================================================ public entry points
     def replace_rules(self, rules: RuleSet) -> None:
@@ -326,10 +333,12 @@ class Engine:
             self.table.new_id(), key, pkt.version, client, cport, server, sport, self.now, up, down, state
         )
         conn.midstream = midstream
-        conn._alert = self._alert
+        conn._alert = self._alert_sink
         if flags & SYN and not flags & ACK:
             wscale = pkt.options().wscale
             conn.wscale_client = wscale if wscale is not None else -1
+            if pkt.tcp_hlen > 20 and pkt.signed():
+                conn._auth = 1  # the client signs; negotiated once the SYN-ACK does too
         conn.expires = self.now + self._timeout[state]
         self.table.add(conn)
         self.stats.connections += 1
@@ -364,6 +373,11 @@ class Engine:
             return Decision(DROP, flow_id=conn.id, reason="connection blocked")
         if conn.passthrough:
             return Decision(ACCEPT, flow_id=conn.id, reason="uninspected after a limit (fail open)")
+        # Only segments with options pay for the signature check, and only a byte scan unless it hits.
+        if pkt.tcp_hlen > 20 and conn._auth != 2 and pkt.signed():
+            refused = self._check_signature(conn, pkt, d, fresh)
+            if refused is not None:
+                return refused
         flags = pkt.flags
         state = conn.state
         s, o = (conn.up, conn.down) if d == UP else (conn.down, conn.up)
@@ -505,6 +519,33 @@ class Engine:
                 if nxt in FINISHED:
                     self._finish(conn, "fin")
         return dec
+
+    def _check_signature(self, conn: Connection, pkt: Packet, d: int, fresh: bool) -> Decision | None:
+        """A segment with a TCP-MD5/AO option on a connection that has not negotiated one: the drop, or
+        None to handle it as usual.
+
+        A receiver without a key for its peer discards such a segment (RFC 2385, RFC 5925; Linux counts
+        TCPMD5Unexpected / TCPAOKeyNotFound), so it must not reach the rules, the streams, the ACK and
+        retention bookkeeping or the state machine: otherwise cover bytes only the rules read, a forged
+        ACK for them, or an exact RST the endpoint ignores make the gateway's view differ from the
+        endpoint's (adversarial E13, E18). Dropping it costs nothing: no correct sender signs a
+        connection that did not negotiate signing. We hold no keys, so on a negotiated connection
+        signatures are not verified and signed segments are inspected like any other.
+        """
+        flags = pkt.flags
+        if flags & SYN and not flags & ACK:
+            return None  # a SYN is judged by the SYN path (a new connection records its own signing)
+        if conn._auth == 1 and (flags & SYN or conn.state is State.SYN_SENT):
+            if flags & SYN and d == DOWN:
+                conn._auth = 2  # signed SYN-ACK to a signed SYN: negotiated
+            return None  # or the server's signed RST refusing a signed SYN
+        if fresh:
+            conn._auth = 2  # picked up mid-stream signed: all its segments are (the handshake is unknown)
+            return None
+        if self.settings.policies.unexpected_signature == "accept":
+            return None
+        self.stats.unexpected_signatures += 1
+        return Decision(DROP, flow_id=conn.id, reason="unexpected TCP-MD5/AO option")
 
     def _data(self, conn: Connection, pkt: Packet, s: HalfStream, d: int, token: object) -> Decision:
         """Run the payload (and FIN) through the reassembler and the rules; decide this packet."""
@@ -682,19 +723,21 @@ class Engine:
         streamed = self.rules.streamed
         if not streamed:
             return
-        if conn._greenlets is None:
-            conn._greenlets = {}
-        gls = conn._greenlets
+        # Live listeners are in `conn._greenlets` (made on first use, dropped when empty); finished ones
+        # are only a bit in `conn._gdone`, so a connection whose listeners all returned keeps no dict.
         for i, r in enumerate(streamed):
             if r.direction is not None and r.direction != dname:
                 continue
-            g = gls.get((d, i), False)
-            if g is None:
+            if conn._gdone >> (2 * i + d) & 1:
                 continue  # this listener already finished on this direction
-            if g is False:
+            gls = conn._greenlets
+            g = gls.get((d, i)) if gls is not None else None
+            if g is None:
                 cur = Cursor(s, start, blocking=True)
                 s.readers = [*s.readers, cur]
                 g = greenlet.greenlet(_streamed_runner(r, conn, s, cur, dname))
+                if gls is None:
+                    gls = conn._greenlets = {}
                 gls[(d, i)] = g
             self._switch(conn, r, g, d, i)
             if conn.action:
@@ -709,8 +752,12 @@ class Engine:
         finally:
             self.in_rule = None
         if isinstance(result, _Done):
-            assert conn._greenlets is not None
-            conn._greenlets[(d, i)] = None
+            conn._gdone |= 1 << (2 * i + d)
+            gls = conn._greenlets
+            if gls is not None:
+                gls.pop((d, i), None)
+                if not gls:
+                    conn._greenlets = None
             if result.error is not None:
                 self._rule_error(conn, r, result.error)
 
@@ -721,22 +768,24 @@ class Engine:
             return
         streamed = self.rules.streamed
         for (gd, i), g in list(gls.items()):
-            if gd == d and g is not None and i < len(streamed):
+            if gd == d and i < len(streamed):
                 self._switch(conn, streamed[i], g, gd, i)
 
     def _end_readers(self, conn: Connection, kill: bool) -> None:
         """Finish every streamed listener: at end of stream (`kill=False`) or by GreenletExit."""
-        gls = conn._greenlets
-        if not gls:
-            return
+        if conn._greenlets is None and not conn._gdone:
+            return  # no streamed listener ever started on this connection
         if not kill:
             conn.up.eof = conn.down.eof = True
             self._resume_readers(conn, UP)
             self._resume_readers(conn, DOWN)
-        for key, g in gls.items():
-            if g is not None and not g.dead:
-                g.throw(greenlet.GreenletExit)
-            gls[key] = None
+        gls = conn._greenlets
+        if gls is not None:
+            for (d, i), g in gls.items():
+                if not g.dead:
+                    g.throw(greenlet.GreenletExit)
+                conn._gdone |= 1 << (2 * i + d)
+            conn._greenlets = None
         conn.up.readers = ()
         conn.down.readers = ()
 
@@ -852,8 +901,7 @@ class Engine:
             self._drop_ooo(s)
         if conn.ended:
             return
-        conn.ended = True
-        conn.end_reason = reason
+        conn.end_reason = reason  # non-empty: `conn.ended` is true from here on
         self._end_readers(conn, kill=blocked)
         for r in self.rules.end_connection:
             self._call(conn, r, conn)
@@ -867,8 +915,7 @@ class Engine:
             }
         )
         self.buffered -= len(conn.up.buf) + len(conn.down.buf)
-        conn.up.buf = bytearray()
-        conn.down.buf = bytearray()
+        conn.up.buf = conn.down.buf = EMPTY
         conn.up.buf_start = conn.up.next
         conn.down.buf_start = conn.down.next
         if conn.state not in FINISHED:
@@ -938,7 +985,9 @@ def _streamed_runner(
             return _Done(e)
         finally:
             if cur in s.readers:
-                s.readers = [r for r in s.readers if r is not cur]
+                # The shared empty tuple, not an empty list, once the last reader is gone: 56 bytes less
+                # on every connection whose listener returned.
+                s.readers = [r for r in s.readers if r is not cur] or ()
         return _Done(None)
 
     return run

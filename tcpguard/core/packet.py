@@ -131,6 +131,24 @@ class Packet:
             self._options = parse_options(self.raw[start : self.ip_hlen + self.tcp_hlen])
         return self._options
 
+    def signed(self) -> bool:
+        """Whether the segment carries a TCP-MD5 (kind 19, RFC 2385) or TCP-AO (kind 29, RFC 5925) option.
+
+        A receiver that did not negotiate them discards such a segment (Linux: TCPMD5Unexpected,
+        TCPAOKeyNotFound), so the engine must not inspect it. Called on every segment with options, hence
+        cheap: two C-level byte scans of the option block (int membership in bytes is a memchr, faster
+        than `find` with bounds), and the option walk only when one of the two kind bytes occurs anywhere
+        in it (it may be data of another option, e.g. a timestamp). Never raises: a malformed option
+        block ends the walk (no signature found), as in the kernel's parser.
+        """
+        if self.tcp_hlen <= 20:
+            return False
+        start = self.ip_hlen + 20
+        opts = self.raw[start : start + self.tcp_hlen - 20]
+        if 19 not in opts and 29 not in opts:
+            return False
+        return _has_signature(opts, 0, len(opts))
+
     def flag_names(self) -> str:
         return flags_text(self.flags)
 
@@ -342,6 +360,27 @@ def _decode_tcp(pkt: Packet, raw: bytes, off: int, total: int) -> None:
     pkt.payload = raw[off + hlen : total]
     if flags & SYN and hlen > 20:
         pkt.options()
+
+
+def _has_signature(raw: bytes, i: int, end: int) -> bool:
+    """Walk the options in raw[i:end] like Linux's `tcp_parse_auth_options`: True at the first MD5 or AO
+    option; False at the end-of-list option, a truncated or malformed length, or the end of the block."""
+    while i < end:
+        kind = raw[i]
+        if kind == 0:
+            return False
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end:
+            return False
+        length = raw[i + 1]
+        if length < 2 or i + length > end:
+            return False
+        if kind in (19, 29):
+            return True
+        i += length
+    return False
 
 
 def parse_options(opts: bytes) -> TcpOptions:

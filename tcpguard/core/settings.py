@@ -75,6 +75,13 @@ class Policies:
     # Drop segments that acknowledge bytes the gateway never forwarded (the receiver drops them too, so
     # their data must not reach the rules). Off for observing captures with missing packets.
     verify_acks: bool = True
+    # A segment with a TCP-MD5 (kind 19) or TCP-AO (kind 29) option on a connection whose SYN and SYN-ACK
+    # did not both carry one: the receiver discards it, so inspecting it would let an attacker show the
+    # rules bytes the application never reads (insertion), or end the connection at the gateway with an
+    # RST the endpoint ignores. `drop` drops it (the default); `accept` treats it as any other segment.
+    # Signatures themselves are never verified (tcpguard has no keys): on a connection that negotiated
+    # MD5/AO, signed segments are inspected as usual.
+    unexpected_signature: Literal["drop", "accept"] = "drop"
 
 
 @dataclass(slots=True)

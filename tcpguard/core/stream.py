@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from tcpguard.core.cursor import Cursor
 
 LOOKBACK = 256
+# The buffer of a stream that retains nothing. Shared: an idle connection would otherwise carry two empty
+# bytearrays (56 bytes each); a stream gets its own bytearray when bytes arrive and drops it when a trim
+# leaves nothing to retain.
+EMPTY = b""
 
 
 class Held:
@@ -94,7 +98,7 @@ class HalfStream:
         self.isn = isn  # sequence number of the SYN (offset -1)
         self.next = 0  # first offset the rules have not seen
         self.sent = 0  # first offset not forwarded yet (a forwarded FIN counts as one)
-        self.buf = bytearray()  # bytes [buf_start, next)
+        self.buf: bytearray | bytes = EMPTY  # bytes [buf_start, next); EMPTY while there are none
         self.buf_start = 0
         self.acked = 0  # highest offset acknowledged by the receiver
         self.wnd_end = -1  # receiver's right window edge as an offset; -1 while unknown
@@ -181,7 +185,7 @@ class HalfStream:
                 if restored != new:
                     fixed = fixed if fixed is not None else payload[:head]
                     new = restored
-            self.buf += new
+            self._append(new)
             self.next = end
             if fin:
                 self.fin_off = end
@@ -253,7 +257,7 @@ class HalfStream:
             h = ooo.pop(0)
             self.ooo_bytes -= h.end - h.start
             if h.end > self.next:
-                self.buf += h.data[self.next - h.start :]
+                self._append(h.data[self.next - h.start :])
                 self.next = h.end
             # A held FIN counts only if the stream ends exactly there; when data already went past it, the
             # receiver finds the FIN segment old and drops it, and so the stream goes on.
@@ -261,6 +265,13 @@ class HalfStream:
                 self.fin_off = h.end
             h.data = b""
             pulled.append(h)
+
+    def _append(self, data: bytes) -> None:
+        buf = self.buf
+        if isinstance(buf, bytearray):
+            buf += data
+        else:
+            self.buf = bytearray(data)
 
     # -- acknowledgements and retention ----------------------------------------------------------------
     def ack(self, off: int, window: int) -> None:
@@ -281,7 +292,12 @@ class HalfStream:
             keep = self.hold_from
         keep = max(keep - LOOKBACK, self.buf_start)
         if keep > self.buf_start:
-            del self.buf[: keep - self.buf_start]
+            buf = self.buf
+            if keep - self.buf_start >= len(buf):
+                self.buf = EMPTY
+            else:
+                assert isinstance(buf, bytearray)  # only EMPTY is bytes, and it has nothing to cut
+                del buf[: keep - self.buf_start]
             self.buf_start = keep
 
     def buffered(self) -> int:

@@ -241,6 +241,26 @@ class IptablesManager:
             out.extend(self._rules(binary, self.spec.chain))
         return "\n".join(out) + "\n"
 
+    def queued_packets(self) -> int:
+        """Packets the chain's NFQUEUE rules have matched since the chain was (re)built, both families.
+
+        That is every packet sent towards the queue(s), whether it entered one or not: a packet that
+        finds no process bound (`--queue-bypass`) or a full queue with the fail-open flag never gets a
+        queue packet id, so the kernel's per-queue counters miss it. The daemon compares the two to count
+        the packets that passed uninspected (`tcpguard.app.metrics.BypassMeter`). Raises IptablesError
+        when the chain is missing or iptables fails.
+        """
+        total = 0
+        for binary in self.families():
+            out = self._run([binary, "-w", "-t", "filter", "-L", self.spec.chain, "-n", "-v", "-x"])
+            for line in out.splitlines():
+                fields = line.split()
+                # "pkts bytes target prot opt in out source destination ...": the two header lines and
+                # the RETURN rule for forged packets are skipped.
+                if len(fields) > 2 and fields[2] == "NFQUEUE" and fields[0].isdigit():
+                    total += int(fields[0])
+        return total
+
     # ------------------------------------------------------------------ per family
     def _install_family(self, binary: str) -> None:
         chain = self.spec.chain

@@ -53,14 +53,6 @@ def test_idle_connection_is_still_inspected_across_the_pause(rig: Rig) -> None:
     attack(rig, split_with(None), expect="blocked")
 
 
-XFAIL_RST = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an exact-sequence RST that the server discards (here: an unexpected MD5 option) ends the "
-    "connection at the gateway (state.py check_rst, engine.py _track); after the `closed` timeout the "
-    "server's still-open connection is picked up mid-stream and the pattern passes",
-)
-
-
 @pytest.mark.parametrize(
     ("inject", "conn_kw"),
     [
@@ -69,8 +61,9 @@ XFAIL_RST = pytest.mark.xfail(
         pytest.param(
             lambda c: c.send("RA", SPLIT, options=[(19, b"\x00" * 16)]),
             {},
+            # Fixed: an exact RST the server discards (an unexpected MD5 option) used to end the
+            # connection at the gateway; it is dropped now (engine.py _check_signature).
             id="rst-exact-md5",
-            marks=XFAIL_RST,
         ),
         pytest.param(lambda c: c.send("RA", SPLIT + 10), {}, id="rst-in-window"),
         pytest.param(lambda c: c.send("S", seq=(c.isn + 99999) & 0xFFFFFFFF), {}, id="syn-new-isn"),

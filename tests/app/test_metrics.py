@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tcpguard.app.config import ConfigError, parse_address, parse_config
-from tcpguard.app.metrics import kernel_queue_stats, rss_bytes, start_metrics_server
+from tcpguard.app.metrics import BypassMeter, kernel_queue_stats, rss_bytes, start_metrics_server
 from tests.app.test_control import ObservedGateway, crafted_syns
 from tests.app.test_daemon import DROP_PORT, OPEN_PORT, hexs, wait_for
 from tests.netns import Lab
@@ -55,6 +55,7 @@ STATUS = {
     "uptime": 99.0,
     "rss": 5000,
     "workers": [worker_doc(0), worker_doc(1), {"queue": 2, "error": "restarting"}],
+    "totals": {"queue_drops": {"bypassed": 42}},
 }
 
 
@@ -88,6 +89,7 @@ def test_endpoint_serves_the_status_document_as_metrics() -> None:
     assert m[("tcpguard_workers", ())] == 2
     assert m[("tcpguard_uptime_seconds", ())] == 99
     assert m[("tcpguard_main_rss_bytes", ())] == 5000
+    assert m[("tcpguard_queue_bypassed_total", ())] == 42
     # A value the worker could not read is left out, and so is the worker that is restarting.
     assert ("tcpguard_queue_netlink_enobufs_total", q0) not in m
     assert not any(dict(labels).get("queue") == "2" for _, labels in m)
@@ -138,6 +140,48 @@ def test_kernel_queue_stats_reads_the_line_of_its_queue(tmp_path: Path) -> None:
     rss = rss_bytes()
     assert rss is not None and rss > 1 << 20
     assert rss_bytes(2**22 + 12345) is None
+
+
+def test_bypass_meter_counts_packets_the_rules_matched_that_never_entered_a_queue(tmp_path: Path) -> None:
+    f = tmp_path / "nfnetlink_queue"
+    matched = [0]
+
+    def queues(q0: tuple[int, int] | None, q1: tuple[int, int] | None) -> None:
+        """Set each queue's (id_sequence, queue_dropped); None: the queue is not bound."""
+        lines = [f"    {q}  1 0 2 65531 {v[1]} 0 {v[0]} 1\n" for q, v in ((0, q0), (1, q1)) if v is not None]
+        f.write_text("".join(lines))
+
+    meter = BypassMeter(lambda: matched[0], [0, 1], str(f))
+    queues((0, 0), (0, 0))
+    assert meter.read() == 0
+    matched[0] = 100
+    queues((50, 0), (30, 5))  # 80 entered a queue, 5 dropped fail-closed: 15 passed uninspected
+    assert meter.read() == 15
+    # Read skew: packets that arrived after the rule counter was read are already in the queue counters.
+    # The reading is low for a moment; the counter never goes down and catches up.
+    matched[0] = 110
+    queues((60, 0), (35, 5))
+    assert meter.read() == 15
+    matched[0] = 115
+    queues((60, 0), (35, 5))
+    assert meter.read() == 15
+    matched[0] = 125
+    queues((62, 0), (36, 5))  # 10 more matched, 3 queued: 7 more bypassed
+    assert meter.read() == 22
+    # Worker 1 restarts: its queue goes away (packets meanwhile bypass), then a new instance counts from 0.
+    matched[0] = 135
+    queues((64, 0), None)
+    assert meter.read() == 30
+    matched[0] = 140
+    queues((65, 0), (4, 0))
+    assert meter.read() == 30
+
+    # iptables failing: no update, no crash.
+    def broken() -> int:
+        raise RuntimeError("iptables: no chain")
+
+    meter._matched = broken
+    assert meter.read() is None and meter.bypassed == 30 and meter.errors == 1
 
 
 # ================================================================================== the real daemon
@@ -213,6 +257,9 @@ def test_the_daemon_serves_its_counters(lab: Lab, tmp_path: Path) -> None:
         assert_matches_status(m, st["workers"][0])
         assert m[("tcpguard_resets_sent_total", q0)] == 2
         assert m[("tcpguard_connections_opened_total", q0)] == 6
+        # Nothing overflowed: every packet the NFQUEUE rules matched entered the queue.
+        assert st["totals"]["queue_drops"]["bypassed"] == 0
+        assert m[("tcpguard_queue_bypassed_total", ())] == 0
     finally:
         g.cleanup()
 
@@ -235,5 +282,7 @@ def test_with_two_workers_the_supervisor_serves_both(lab: Lab, tmp_path: Path) -
         for w in st["workers"]:
             assert_matches_status(m, w)
         assert sum(m[("tcpguard_connections_opened_total", (("queue", q),))] for q in ("0", "1")) == 12
+        # One --queue-balance rule feeds both queues: its counter equals what entered them together.
+        assert st["totals"]["queue_drops"]["bypassed"] == 0
     finally:
         g.cleanup()

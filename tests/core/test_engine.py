@@ -782,3 +782,124 @@ def test_bytes_below_retention_are_never_forwarded() -> None:
     # The first 100 bytes are cut; the rest is rewritten to the retained first copy.
     assert p.seq == base + kept_from and p.payload == b"a" * (2000 - kept_from)
     assert rec.data() == b"a" * 2000
+
+
+# ---------------------------------------------------------------------------- TCP-MD5 / TCP-AO options
+MD5 = bytes([19, 18]) + b"\x00" * 16 + b"\x01\x01"  # RFC 2385 signature, padded to 20 bytes
+AO = bytes([29, 16, 1, 1]) + b"\x00" * 12  # RFC 5925: key ids 1/1, 12-byte MAC (16 bytes)
+SIGNATURES = [pytest.param(MD5, id="md5"), pytest.param(AO, id="ao")]
+
+
+def signed_syn(sig: bytes) -> bytes:
+    from .playbook import syn_options
+
+    return syn_options() + sig
+
+
+@pytest.mark.parametrize("sig", SIGNATURES)
+@pytest.mark.parametrize("order", ["data-then-rst", "rst-then-data"])
+def test_unexpected_signature_is_dropped_and_changes_nothing(sig: bytes, order: str) -> None:
+    """E13/E18: on a connection whose handshake was unsigned, the receiver discards a segment carrying an
+    MD5/AO option, so the gateway drops it too, before it touches the stream, the ACK bookkeeping or the
+    state: the later unsigned copy is the first the rules see, and a signed exact RST ends nothing."""
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    base = pb.cnext
+    if order == "data-then-rst":
+        assert pb.client("PA", b"cover bytes", options=sig, seq=base).verdict == DROP
+        assert pb.client("RA", options=sig, seq=base).verdict == DROP
+    else:
+        assert pb.client("RA", options=sig, seq=base).verdict == DROP
+        assert pb.client("PA", b"cover bytes", options=sig, seq=base).verdict == DROP
+    conn = conn_of(pb)
+    assert conn.state == State.ESTABLISHED and rec.ends() == []
+    assert conn.up.next == 0 and conn.pkts_up == 2  # the handshake's two client segments only
+    assert rec.data() == b""
+    # A forged server ACK for the cover acknowledges bytes that were never forwarded: dropped as well.
+    assert pb.server("A", ack=base + 11).verdict == DROP
+    d = pb.client("PA", b"/bin/sh ...", seq=base)
+    assert d.verdict == ACCEPT and d.packet is None  # the first copy: passed unchanged, not rewritten
+    assert rec.data() == b"/bin/sh ..."
+    assert pb.engine.stats.unexpected_signatures == 2
+    # The server's own signed segment is refused the same way.
+    assert pb.server("PA", b"x", options=sig).verdict == DROP
+    assert pb.engine.stats.unexpected_signatures == 3 and rec.data("down") == b""
+
+
+@pytest.mark.parametrize("sig", SIGNATURES)
+def test_signatures_negotiated_in_the_handshake_are_inspected_as_usual(sig: bytes) -> None:
+    """Both SYNs signed: the endpoints hold keys; tcpguard has none, cannot verify, and inspects signed
+    segments like any other (a forged signed RST then ends the connection at the gateway: known limit)."""
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    assert pb.client("S", options=signed_syn(sig)).verdict == ACCEPT
+    assert pb.server("SA", options=signed_syn(sig)).verdict == ACCEPT
+    assert pb.client("A", options=sig).verdict == ACCEPT
+    assert pb.client("PA", b"hello", options=sig).verdict == ACCEPT
+    assert pb.server("PA", b"world", options=sig).verdict == ACCEPT
+    assert rec.data() == b"hello" and rec.data("down") == b"world"
+    assert pb.client("RA", options=sig).verdict == ACCEPT
+    assert conn_of(pb).state == State.CLOSED and rec.ends() == [("end", 1, "rst")]
+    assert pb.engine.stats.unexpected_signatures == 0
+
+
+def test_signed_syn_answered_by_an_unsigned_syn_ack_is_not_negotiated() -> None:
+    # A server without a key would not answer a signed SYN at all; if an unsigned SYN-ACK passes anyway,
+    # signing was not agreed and a later signed segment is one that side discards.
+    pb = Playbook()
+    assert pb.client("S", options=signed_syn(MD5)).verdict == ACCEPT
+    assert pb.server("SA").verdict == ACCEPT
+    assert pb.client("A").verdict == ACCEPT
+    assert pb.server("PA", b"x", options=MD5).verdict == DROP
+    assert pb.engine.stats.unexpected_signatures == 1
+
+
+def test_signed_syn_ack_to_an_unsigned_syn_is_dropped() -> None:
+    pb = Playbook()
+    assert pb.client("S").verdict == ACCEPT
+    assert pb.server("SA", options=signed_syn(MD5)).verdict == DROP
+    assert conn_of(pb).state == State.SYN_SENT
+    assert pb.server("SA").verdict == ACCEPT  # the genuine one
+    assert conn_of(pb).state == State.SYN_RECV
+
+
+def test_signed_rst_refusing_a_signed_syn_closes() -> None:
+    pb = Playbook()
+    assert pb.client("S", options=signed_syn(MD5)).verdict == ACCEPT
+    assert pb.server("RA", options=MD5, seq=0, ack=pb.cnext).verdict == ACCEPT
+    assert conn_of(pb).state == State.CLOSED
+
+
+def test_unexpected_signature_policy_accept_inspects_the_segment() -> None:
+    rec = Recorder()
+    settings = EngineSettings()
+    settings.policies.unexpected_signature = "accept"
+    pb = Playbook(rec.rules, settings=settings)
+    pb.handshake()
+    assert pb.client("PA", b"signed", options=MD5).verdict == ACCEPT
+    assert rec.data() == b"signed" and pb.engine.stats.unexpected_signatures == 0
+
+
+def test_connection_picked_up_signed_mid_stream_keeps_passing_signed_segments() -> None:
+    # After a restart the handshake is unknown: the first segment seen decides (every segment of a signed
+    # connection is signed; one of an unsigned connection never is).
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    assert pb.client("PA", b"one", options=MD5).verdict == ACCEPT
+    assert pb.server("A", options=MD5).verdict == ACCEPT
+    assert pb.client("PA", b"two", options=MD5).verdict == ACCEPT
+    assert rec.data() == b"onetwo"
+
+
+def test_signature_kind_bytes_inside_other_options_are_no_signature() -> None:
+    # 0x13 and 0x1d as timestamp values and as the data of an unknown option: the option walk finds no
+    # MD5/AO option, so the segments are ordinary.
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    ts = b"\x01\x01\x08\x0a" + bytes([19, 19, 29, 29]) + bytes([29, 19, 0, 0])
+    unknown = bytes([30, 6, 19, 18, 29, 16]) + b"\x01\x01"
+    assert pb.client("PA", b"ab", options=ts).verdict == ACCEPT
+    assert pb.client("PA", b"cd", options=unknown).verdict == ACCEPT
+    assert rec.data() == b"abcd" and pb.engine.stats.unexpected_signatures == 0

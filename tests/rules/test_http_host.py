@@ -3,6 +3,8 @@ false positives from bodies."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from .samples import ACCEPT, DROP, Playbook, actions, alerts, flow, forged, load, playbook, send_pieces
@@ -99,3 +101,86 @@ def test_not_http_and_other_ports_are_left_alone() -> None:
     other = http_playbook(443)
     assert other.client("PA", b"GET / HTTP/1.1\r\nHost: blocked.example\r\n\r\n").verdict == ACCEPT
     assert actions(pb) == actions(other) == []
+
+
+BODY = b"Host: blocked.example\r\n\r\n"
+KEEP_ALIVE = (
+    b"\r\nPOST /form HTTP/1.1\r\nHost: ok.example\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+    + BODY
+    + b"POST /up HTTP/1.1\r\nHost: ok.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"19;ext=1\r\nHost: blocked.example\r\n\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    b"GET http://ok.example/ HTTP/1.1\r\nHost: ok.example\r\n\r\n"
+)
+BLOCKED_LAST = KEEP_ALIVE + b"GET /next HTTP/1.1\r\nUser-Agent: t\r\nHost: ads.example\r\n\r\n"
+
+
+def played(pieces: list[bytes]) -> tuple[Playbook, list[Any]]:
+    pb = http_playbook()
+    return pb, send_pieces(pb, pieces)
+
+
+def completing_piece(pieces: list[bytes], offset: int) -> int:
+    """Index of the piece that carries stream byte `offset`."""
+    pos = 0
+    for i, p in enumerate(pieces):
+        pos += len(p)
+        if offset < pos:
+            return i
+    raise AssertionError(offset)
+
+
+def cuts(data: bytes) -> list[list[bytes]]:
+    """The stream whole, byte by byte, and in two pieces at every position."""
+    return [[data], [data[i : i + 1] for i in range(len(data))]] + [
+        [data[:k], data[k:]] for k in range(1, len(data))
+    ]
+
+
+def test_keep_alive_stream_passes_however_it_is_split() -> None:
+    for pieces in cuts(KEEP_ALIVE):
+        pb, verdicts = played(pieces)
+        assert verdicts == [ACCEPT] * len(pieces), [len(p) for p in pieces]
+        assert flow(pb).store == {"host": "ok.example"}  # between requests nothing else is kept
+
+
+def test_blocked_host_is_caught_on_the_segment_ending_its_line_however_it_is_split() -> None:
+    trigger = BLOCKED_LAST.index(b"Host: ads.example\r\n") + len(b"Host: ads.example\r\n") - 1
+    for pieces in cuts(BLOCKED_LAST):
+        pb, verdicts = played(pieces)
+        at = completing_piece(pieces, trigger)
+        assert verdicts == [ACCEPT] * at + [DROP], [len(p) for p in pieces]
+        assert alerts(pb) == ["HTTP request to blocked host ads.example"]
+        assert actions(pb) == ["halfreset"]
+
+
+def test_overlong_line_in_one_segment_and_at_exactly_the_limit() -> None:
+    limit = MOD["MAX_LINE"]
+    head = b"GET / HTTP/1.1\r\n"
+    exact = b"X-Fits: " + b"a" * (limit - len(b"X-Fits: ") - 2) + b"\r\n"  # MAX_LINE bytes with CRLF
+    assert len(exact) == limit
+    pb = http_playbook()
+    assert pb.client("PA", head + exact + b"Host: ok\r\n\r\n").verdict == ACCEPT
+    assert actions(pb) == []
+    pb = http_playbook()
+    assert pb.client("PA", head + b"X-Long: " + b"a" * limit + b"\r\n\r\n").verdict == DROP
+    assert alerts(pb) == [f"HTTP line longer than {limit} bytes"]
+    pb = http_playbook()  # the request line itself
+    assert pb.client("PA", b"GET /" + b"a" * limit).verdict == DROP
+    assert actions(pb) == ["halfreset"]
+
+
+def test_a_split_line_is_kept_only_until_it_completes() -> None:
+    pb = http_playbook()
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHo").verdict == ACCEPT
+    state = flow(pb).store[MOD["STATE"]]
+    assert (state.phase, state.line) == (MOD["HEADERS"], b"Ho")
+    assert pb.client("PA", b"st: a.example\r\n\r\n").verdict == ACCEPT
+    assert flow(pb).store == {"host": "a.example"}
+
+
+def test_broken_chunked_framing_stops_inspection() -> None:
+    pb = http_playbook()
+    request = b"POST / HTTP/1.1\r\nHost: ok\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    assert pb.client("PA", request).verdict == ACCEPT
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: blocked.example\r\n\r\n").verdict == ACCEPT
+    assert actions(pb) == []

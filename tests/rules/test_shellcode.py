@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .samples import ACCEPT, DROP, HOLD, actions, alerts, forged, load, playbook, send_pieces, split
+from .samples import ACCEPT, DROP, HOLD, actions, alerts, flow, forged, load, playbook, send_pieces, split
 
 RS, MOD = load("shellcode")
 
@@ -59,3 +59,33 @@ def test_near_misses_and_the_servers_direction_pass() -> None:
 def test_first_pattern() -> None:
     assert MOD["first_pattern"](b"a cmd.exe /bin/sh") == b"/bin/sh"  # PATTERNS order, not position
     assert MOD["first_pattern"](b"nothing") is None
+
+
+@pytest.mark.parametrize("pattern", MOD["PATTERNS"], ids=repr)
+def test_each_pattern_split_at_every_position_is_caught_on_the_completing_segment(pattern: bytes) -> None:
+    data = b"GET /x?" + pattern + b" HTTP/1.0\r\n"
+    start = data.index(pattern)
+    for cut in range(start + 1, start + len(pattern)):
+        pb = playbook(RS)
+        pb.handshake()
+        assert send_pieces(pb, [data[:cut], data[cut:]]) == [ACCEPT, DROP], cut
+        assert alerts(pb) == [f"shell-code pattern {pattern!r} from the client"]
+
+
+@pytest.mark.parametrize("pattern", MOD["PATTERNS"], ids=repr)
+def test_each_pattern_sent_byte_by_byte_is_caught_on_its_last_byte(pattern: bytes) -> None:
+    data = b"x" * 40 + pattern + b"tail"
+    pb = playbook(RS)
+    pb.handshake()
+    end = data.index(pattern) + len(pattern)
+    assert send_pieces(pb, split(data, 1)) == [ACCEPT] * (end - 1) + [DROP]
+
+
+def test_a_pattern_seen_once_is_not_reported_again_and_nothing_is_kept_per_flow() -> None:
+    pb = playbook(RS)
+    pb.handshake()
+    assert pb.client("PA", b"harmless /bin/s").verdict == ACCEPT
+    assert pb.client("PA", b"x and more").verdict == ACCEPT
+    assert flow(pb)._store is None  # the look-back comes from the engine's retained bytes
+    assert pb.client("PA", b"/bin/bash").verdict == DROP
+    assert alerts(pb) == ["shell-code pattern b'/bin/bash' from the client"]
