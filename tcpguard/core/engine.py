@@ -87,6 +87,7 @@ class Stats:
     rewritten: int = 0
     rst_injections: int = 0
     rule_errors: int = 0
+    skipped_gaps: int = 0
     timeouts: int = 0
     unexpected_signatures: int = 0
 
@@ -474,7 +475,8 @@ class Engine:
                 return Decision(DROP, flow_id=conn.id, reason=f"segment invalid in {state.name}")
         if flags & ACK and o.isn >= 0:
             ack_off = o.offset(pkt.ack)
-            if ack_off > o.sent and self.settings.policies.verify_acks:
+            verify = self.settings.policies.verify_acks
+            if ack_off > o.sent and verify and not self._skip_unseen(conn, o, ack_off):
                 # It acknowledges bytes the gateway never forwarded: the receiver drops such a segment
                 # (RFC 5961 5.2), so the rules must not see its data (insertion) and it must not move
                 # retention either.
@@ -816,6 +818,28 @@ class Engine:
                 s.forwarded(h.end, h.fin)
         self.held_packets -= len(s.held)
         s.held = ()
+
+    def _skip_unseen(self, conn: Connection, o: HalfStream, ack_off: int) -> bool:
+        """On a connection picked up mid-stream, an ACK beyond everything seen moves the peer's stream there.
+
+        A connection tracked from its SYN has had every byte pass through the gateway, so an ACK of bytes
+        never forwarded is forged and the segment is dropped. A connection picked up mid-stream (a daemon
+        restart, an evicted entry) is different: its sender was ahead of the first segment seen. After a
+        restart the receiver holds bytes that passed before, and its ACKs of them were lost while the
+        gateway was down, so the sender retransmits from behind the receiver's ACK. Dropping that ACK would
+        stall the connection for good (the sender never learns its bytes arrived and retransmits the same
+        segment forever). So the stream jumps to the acknowledged offset, as a second pickup: the rules miss
+        the bytes in between, which the receiver already has; out-of-order segments are dropped (the
+        sender retransmits what the receiver lacks). Nothing is forwarded unchecked: bytes below the new
+        offset are cut from later segments. Not done while a rule holds bytes or after the peer's FIN.
+        """
+        if not conn.midstream or ack_off <= o.next or o.hold_from >= 0 or o.held or o.fin_off >= 0:
+            return False
+        self._drop_ooo(o)
+        self.buffered -= len(o.buf)
+        o.skip_to(ack_off)
+        self.stats.skipped_gaps += 1
+        return True
 
     def _drop_ooo(self, s: HalfStream) -> None:
         """Drop the out-of-order packets: the rules never saw their bytes, so they never pass."""

@@ -302,3 +302,14 @@ class HalfStream:
 
     def buffered(self) -> int:
         return len(self.buf) + self.ooo_bytes
+
+    def skip_to(self, off: int) -> None:
+        """Continue the stream at `off`, beyond `next`: the receiver already has the bytes in between.
+
+        Only for a connection picked up mid-stream (see `Engine._skip_unseen`). Retained bytes go (they
+        are all below `off`), readers move to `off`; out-of-order segments must have been dropped first.
+        """
+        self.next = self.sent = self.buf_start = self.acked = off
+        self.buf = EMPTY
+        for r in self.readers:
+            r.pos = max(r.pos, off)

@@ -736,6 +736,41 @@ def test_reset_of_a_midstream_connection_uses_the_clients_ack_for_the_server_sid
     assert to_client.seq == 777_900 and to_client.ack == 111_500
 
 
+def test_midstream_pickup_behind_the_receivers_ack_continues_at_the_ack() -> None:
+    # A daemon restart: the server got client bytes up to 113_000 before it, its ACKs of them were lost while
+    # the gateway was down, so the client retransmits from 111_500. The server's ACK of 113_000 acknowledges
+    # bytes this engine never saw; dropping it would stall the connection for good.
+    rec = Recorder()
+    rec.on_data = (b"bad", "reset")
+    pb = Playbook(rec.rules, cisn=111_000, sisn=777_000)
+    pb.cnext, pb.snext = 111_500, 777_900
+    assert pb.client("PA", b"x" * 500).verdict == ACCEPT
+    held = pb.client("PA", b"z" * 100, seq=113_500, token="ooo")
+    assert held.verdict == HOLD
+    dup = pb.server("A", ack=113_000)
+    assert dup.verdict == ACCEPT and dup.packet is None
+    assert [(r.token, r.verdict) for r in dup.releases] == [("ooo", DROP)]  # the client sends it again
+    assert pb.engine.stats.skipped_gaps == 1
+    # The stream goes on at the acknowledged byte; the rules see it, and a retransmission of skipped bytes
+    # is cut, never forwarded unseen.
+    assert pb.client("PA", b"y" * 500, seq=113_000).verdict == ACCEPT
+    assert rec.data().endswith(b"x" * 500 + b"y" * 500)
+    old = pb.client("PA", b"bad" * 10, seq=112_000)
+    assert old.verdict == ACCEPT and old.packet is not None and decode(old.packet).payload == b""
+    assert not conn_of(pb).action
+    assert pb.client("PA", b"bad", seq=113_500).verdict == DROP  # and the rules still act
+    assert conn_of(pb).action
+
+
+def test_ack_of_unseen_bytes_is_dropped_on_a_connection_tracked_from_its_syn() -> None:
+    pb = Playbook()
+    pb.handshake()
+    assert pb.client("PA", b"x" * 100).verdict == ACCEPT
+    d = pb.server("A", ack=(pb.cnext + 1000) & 0xFFFFFFFF)
+    assert d.verdict == DROP and d.reason == "acknowledges data never forwarded"
+    assert pb.engine.stats.skipped_gaps == 0
+
+
 def test_direction_filter_calls_a_listener_for_one_direction_only() -> None:
     seen: list[tuple[str, bytes]] = []
 
