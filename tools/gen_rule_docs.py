@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import importlib
+import importlib.util
 import inspect
 import re
 import sys
@@ -47,8 +49,33 @@ sys.path.insert(0, str(ROOT))
 import tcpguard  # noqa: E402
 from tcpguard.app.config import schema_keys  # noqa: E402
 from tcpguard.app.ruleload import rule_files  # noqa: E402
-from tcpguard.core import conntrack, cursor, engine, packet, rules, settings, state, stream  # noqa: E402
 from tcpguard.core.errors import RuleLoadError, RuleTimeout  # noqa: E402
+
+
+def source_module(name: str) -> types.ModuleType:
+    """Module `name` executed from its .py file. The documentation is read from the source: a module
+    compiled by mypyc (setup.py) keeps no docstrings, signatures or source for `inspect` to find."""
+    mod = importlib.import_module(name)
+    file = mod.__file__ or ""
+    if file.endswith(".py"):
+        return mod
+    alias = f"{name}__source"
+    if alias not in sys.modules:
+        # Next to the package's __init__.py: a compiled module's own __file__ can be wrong (mypyc).
+        package, _, short = name.rpartition(".")
+        path = Path(importlib.import_module(package).__file__ or "").with_name(f"{short}.py")
+        spec = importlib.util.spec_from_file_location(alias, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = module  # inspect.getsource and dataclasses look classes' modules up there
+        spec.loader.exec_module(module)
+    return sys.modules[alias]
+
+
+conntrack, cursor, engine, packet, rules, settings, state, stream = (
+    source_module(f"tcpguard.core.{m}")
+    for m in ("conntrack", "cursor", "engine", "packet", "rules", "settings", "state", "stream")
+)
 
 RULES_MD = ROOT / "docs" / "rules.md"
 OPERATOR_MD = ROOT / "docs" / "operator-guide.md"
@@ -130,9 +157,9 @@ INTERNAL: dict[type, set[str]] = {
     },
     cursor.Cursor: set(),
     stream.HalfStream: {
-        *("acked", "buf", "fin_off", "held", "hold_from", "isn", "ooo", "ooo_bytes", "pulled", "readers"),
+        *("acked", "buf", "fin_off", "held", "hold_from", "isn", "ooo", "ooo_bytes", "readers"),
         *("sent", "wnd_end", "wscale", "offset", "seq_at", "next_seq", "forwarded", "receive", "ack"),
-        *("trim", "buffered"),
+        *("trim", "buffered", "skip_to"),
     },
     packet.Packet: {"fragment", "ip_hlen", "is_tcp", "pdst", "proto", "raw", "tcp_hlen"},
 }

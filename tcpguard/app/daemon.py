@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from tcpguard import core
 from tcpguard.app.budget import RuleBudget
 from tcpguard.app.config import Config, ConfigError, DumpsConfig, load_config, parse_address
 from tcpguard.app.control import (
@@ -554,7 +555,7 @@ class Daemon:
             if self.services is not None:
                 self.services.close()
             raise
-        log.info("running: queue %d, %d rules", self.cfg.queue.num, len(self.rules))
+        log.info("running: queue %d, %d rules, core %s", self.cfg.queue.num, len(self.rules), core.MODE)
         self.notifier.ready(worker.status_line())
         try:
             adapter.run()
@@ -633,7 +634,7 @@ class Daemon:
             self._reap_all()
             raise
         restarts: dict[int, int] = {}
-        log.info("running: %d workers, %d rules", len(self.children), len(self.rules))
+        log.info("running: %d workers, %d rules, core %s", len(self.children), len(self.rules), core.MODE)
         self.notifier.ready(f"{len(self.children)} workers")
         try:
             while not self.flags.stop:

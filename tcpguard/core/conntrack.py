@@ -4,18 +4,26 @@ A `Connection` is also the `flow` object rule writers get: its public attributes
 (`drop`, `reset`, `halfreset`, `send`, `alert`) are the rule API; attributes starting with `_` and the
 `up`/`down` streams' internals are not.
 
-Timeouts use a heap of (expiry, id) with lazy updates: a packet only moves `expires` forward, and the
-heap entry is re-pushed when it comes due, so the per-packet cost is one assignment. The same heap gives
-the eviction order when the table is full: the connection closest to its timeout goes first, which
+Timeouts are filed with lazy updates: a packet only moves `expires` forward, and the entry is re-filed
+when it comes due, so the per-packet cost is one assignment. The same order gives the eviction order when
+the table is full: the connection closest to its timeout goes first (ties: the older connection), which
 favours half-open and closing connections (short timeouts) over established ones.
+
+The entries live in a timing wheel of one-second buckets (`_wheel`: tick -> list of connections, with a
+heap of the ticks), not in one heap of (expiry, id, connection) tuples: a list slot costs 8 bytes per
+connection where a tuple cost 64, and an idle table is mostly these entries. Only the earliest bucket
+ever needs its exact order; when expiry or eviction reaches it, its connections move into `_front`, a
+heap of (expiry, id, connection) tuples, so the order (and which connection is evicted) is exactly that
+of a single heap, and each step stays O(log n).
 """
 
 from __future__ import annotations
 
 import heapq
 import ipaddress
+import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from tcpguard.core.state import UP, State
 from tcpguard.core.stream import HalfStream
@@ -35,11 +43,11 @@ def flow_key(src: bytes, sport: int, dst: bytes, dport: int) -> FlowKey:
 class Action:
     """What a rule asked for, strongest last: NONE < SEND < DROP < HALFRESET < RESET."""
 
-    NONE = 0
-    DROP = 1
-    HALFRESET = 2
-    RESET = 3
-    NAMES = ("none", "drop", "halfreset", "reset")
+    NONE: Final = 0
+    DROP: Final = 1
+    HALFRESET: Final = 2
+    RESET: Final = 3
+    NAMES: Final = ("none", "drop", "halfreset", "reset")
 
 
 class Connection:
@@ -210,13 +218,20 @@ class Connection:
 
 
 class ConnTable:
-    """Connections by key, with lazy-heap timeouts. The engine decides policy; this only keeps order."""
+    """Connections by key, with lazy timeouts in a timing wheel (see the module docstring). The engine
+    decides policy; this only keeps order."""
 
-    __slots__ = ("_heap", "_next_id", "_shared", "by_key")
+    __slots__ = ("_entries", "_front", "_front_tick", "_next_id", "_shared", "_ticks", "_wheel", "by_key")
 
     def __init__(self) -> None:
         self.by_key: dict[FlowKey, Connection] = {}
-        self._heap: list[tuple[float, int, Connection]] = []
+        # Entries (possibly stale) by tick, the ticks in a heap, and the exactly ordered front: every entry
+        # of a tick <= `_front_tick` is in `_front`, every other one in `_wheel`.
+        self._wheel: dict[int, list[Connection]] = {}
+        self._ticks: list[int] = []
+        self._front: list[tuple[float, int, Connection]] = []
+        self._front_tick = -(2**63)
+        self._entries = 0  # in `_wheel` and `_front` together, stale ones included (for `compact`)
         self._next_id = 1
         # One object per distinct server address and port, shared by the connections (and table keys)
         # that have it: a gateway's connections go to few servers, and each packet decodes fresh copies
@@ -246,21 +261,56 @@ class ConnTable:
             del self.by_key[conn.key]
 
     def _push(self, conn: Connection) -> None:
-        conn._heap_at = conn.expires
-        heapq.heappush(self._heap, (conn.expires, conn.id, conn))
+        at = conn._heap_at = conn.expires
+        self._entries += 1
+        tick = _tick(at)
+        if tick <= self._front_tick:
+            heapq.heappush(self._front, (at, conn.id, conn))
+            return
+        bucket = self._wheel.get(tick)
+        if bucket is None:
+            self._wheel[tick] = [conn]
+            heapq.heappush(self._ticks, tick)
+        else:
+            bucket.append(conn)
+
+    def _head(self) -> tuple[float, int, Connection] | None:
+        """The earliest entry (possibly stale), moving the next bucket to the front when it is empty."""
+        front = self._front
+        while not front:
+            ticks = self._ticks
+            if not ticks:
+                return None
+            tick = heapq.heappop(ticks)
+            self._front_tick = tick
+            bucket = self._wheel.pop(tick)
+            # A connection re-filed since (to another tick) has its live entry there: this one is stale.
+            front.extend((c._heap_at, c.id, c) for c in bucket if _tick(c._heap_at) == tick)
+            self._entries -= len(bucket) - len(front)
+            heapq.heapify(front)
+        return front[0]
+
+    def _pop(self) -> None:
+        heapq.heappop(self._front)
+        self._entries -= 1
 
     def touch(self, conn: Connection) -> None:
-        """`conn.expires` changed. Earlier than its heap entry needs a new entry; later is lazy."""
+        """`conn.expires` changed. Earlier than its entry needs a new entry; later is lazy."""
         if conn.expires < conn._heap_at:
             self._push(conn)
 
     def expired(self, now: float) -> Iterator[Connection]:
         """Connections whose timeout passed; the caller removes each one it is given."""
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            at, _cid, conn = heapq.heappop(heap)
+        while True:
+            if not self._front and (not self._ticks or self._ticks[0] > now):
+                return  # every entry of a later tick expires after `now`
+            head = self._head()
+            if head is None or head[0] > now:
+                return
+            at, _cid, conn = head
+            self._pop()
             if self.by_key.get(conn.key) is not conn or at != conn._heap_at:
-                continue  # stale entry: removed, or re-pushed with another expiry
+                continue  # stale entry: removed, or re-filed with another expiry
             if conn.expires > now:
                 self._push(conn)
                 continue
@@ -268,21 +318,22 @@ class ConnTable:
 
     def nearest_expiry(self) -> Connection | None:
         """The live connection with the earliest expiry (the eviction candidate)."""
-        heap = self._heap
-        while heap:
-            at, _cid, conn = heap[0]
+        while True:
+            head = self._head()
+            if head is None:
+                return None
+            at, _cid, conn = head
             if self.by_key.get(conn.key) is not conn or at != conn._heap_at:
-                heapq.heappop(heap)
+                self._pop()
                 continue
             if conn.expires > at:
-                heapq.heappop(heap)
+                self._pop()
                 self._push(conn)
                 continue
             return conn
-        return None
 
     def compact(self) -> None:
-        """Drop stale heap entries when they outnumber live ones (bounds the heap at 2x the table), and
+        """Drop stale timeout entries when they outnumber live ones (bounds them at 2x the table), and
         shared values no live connection uses when they outnumber the connections."""
         if len(self._shared) > 2 * len(self.by_key) + 1024:
             shared: dict[bytes | int, Any] = {}
@@ -290,8 +341,24 @@ class ConnTable:
                 shared.setdefault(conn.server, conn.server)
                 shared.setdefault(conn.sport, conn.sport)
             self._shared = shared
-        if len(self._heap) > 2 * len(self.by_key) + 1024:
-            self._heap = [
-                e for e in self._heap if self.by_key.get(e[2].key) is e[2] and e[0] == e[2]._heap_at
-            ]
-            heapq.heapify(self._heap)
+        if self._entries > 2 * len(self.by_key) + 1024:
+            by_key = self.by_key
+            self._front = [e for e in self._front if by_key.get(e[2].key) is e[2] and e[0] == e[2]._heap_at]
+            heapq.heapify(self._front)
+            wheel: dict[int, list[Connection]] = {}
+            for tick, bucket in self._wheel.items():
+                live = [c for c in bucket if by_key.get(c.key) is c and _tick(c._heap_at) == tick]
+                if live:
+                    wheel[tick] = live
+            self._wheel = wheel
+            self._ticks = list(wheel)
+            heapq.heapify(self._ticks)
+            self._entries = len(self._front) + sum(len(b) for b in wheel.values())
+
+
+def _tick(at: float) -> int:
+    """The wheel bucket of an expiry: its whole second (an infinite one goes last)."""
+    try:
+        return math.floor(at)
+    except (OverflowError, ValueError):
+        return 2**63

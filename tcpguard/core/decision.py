@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Verdict(enum.IntEnum):
@@ -28,7 +29,7 @@ class Verdict(enum.IntEnum):
 class Release:
     """A previously held packet leaves the engine: ACCEPT (possibly rewritten) or DROP."""
 
-    token: object
+    token: Any  # any token; not `object`: mypyc fails at import on a dataclass field typed `object`
     verdict: Verdict
     packet: bytes | None = None
 

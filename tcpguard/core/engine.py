@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import greenlet
@@ -92,7 +92,8 @@ class Stats:
     unexpected_signatures: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        # fields(), not __slots__: compiled by mypyc, Stats is a native class without __slots__.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class _Done:
@@ -134,12 +135,14 @@ class Engine:
         # One bound method shared by every connection (`flow.alert` calls it): a bound method made per
         # connection would cost 64 bytes on each one.
         self._alert_sink = self._alert
+        self._lookback = _lookbacks(self.rules)
 
     # ================================================================ public entry points
     def replace_rules(self, rules: RuleSet) -> None:
         """Swap the rule set (reload). Tracked connections keep running; streamed listeners already
         running keep their old code until their connection ends."""
         self.rules = rules
+        self._lookback = _lookbacks(rules)
 
     def replace_settings(self, settings: EngineSettings) -> None:
         """Swap limits, timeouts and policies (reload). They apply from the next packet on; a connection's
@@ -156,8 +159,9 @@ class Engine:
         try:
             dec = self._handle(raw, token)
         finally:
-            out = self._out
-            self._out = None
+            # Not `out = self._out` here: mypy narrowed `self._out` to None above, and mypyc would check
+            # that narrowed type at run time (the rules may have made an Output since).
+            out = self._take_output()
         if out is not None:
             dec.releases = out.releases
             dec.send = out.send
@@ -484,9 +488,10 @@ class Engine:
                 return Decision(DROP, flow_id=conn.id, reason="acknowledges data never forwarded")
             wscale = conn.wscale_client if d == UP else conn.wscale_server
             o.ack(ack_off, pkt.window << (wscale if wscale > 0 else 0))
-            if len(o.buf) > 2 * LOOKBACK:
+            lookback = self._lookback[1 - d]
+            if len(o.buf) > 2 * lookback:
                 before = len(o.buf)
-                o.trim()
+                o.trim(lookback)
                 self.buffered -= before - len(o.buf)
         fin = bool(flags & FIN)
         fin_before = s.fin_off
@@ -594,7 +599,6 @@ class Engine:
                 # Undo the hold and drop: the sender retransmits once the gap fills.
                 assert isinstance(s.ooo, list)
                 s.ooo.remove(held)
-                s.ooo_bytes -= held.end - held.start
                 self.buffered -= held.end - held.start
                 self.stats.limit_hits += 1
                 return Decision(DROP, flow_id=conn.id, reason="held packet limit")
@@ -605,11 +609,9 @@ class Engine:
             self._dispatch_data(conn, s, d, new_start)
         if s.eof and not was_eof:
             self._resume_readers(conn, d)
-        # Out-of-order segments that became contiguous leave with this packet, after the rules ran.
-        pulled = s.pulled
-        if pulled:
-            s.pulled = ()
-            s.held = [*s.held, *pulled]
+        # Out-of-order segments that became contiguous leave with this packet, after the rules ran: the
+        # reassembler appended them to `s.held`, from `held` on.
+        pulled = len(s.held) - s.held.index(held) if held is not None else 0
         if conn.action:
             return self._block_now(conn, "rule")
         # Out-of-order bytes have their own bound (checked when they are held).
@@ -621,7 +623,7 @@ class Engine:
                 # A rule wants to hold more than the kernel queue may keep: the limit policy decides.
                 return self._limit(conn, s)
             held_list = list(s.held)
-            held_list.insert(len(held_list) - len(pulled), Held(off, end, token, packet, fin))
+            held_list.insert(len(held_list) - pulled, Held(off, end, token, packet, fin))
             s.held = held_list
             self.held_packets += 1
             self._after_rules(conn)
@@ -801,6 +803,11 @@ class Engine:
         conn._send = 0
 
     # ================================================================ verdict helpers
+    def _take_output(self) -> Output | None:
+        out = self._out
+        self._out = None
+        return out
+
     def _output(self) -> Output:
         out = self._out
         if out is None:
@@ -851,7 +858,6 @@ class Engine:
         self.held_packets -= len(s.ooo)
         self.buffered -= s.ooo_bytes
         s.ooo = ()
-        s.ooo_bytes = 0
 
     def _block_now(self, conn: Connection, why: str) -> Decision:
         """A rule (or a limit) blocked the connection while handling this packet."""
@@ -974,6 +980,24 @@ class Engine:
         if self.alert_hook is not None:
             self.alert_hook(ev)
         self._emit(ev)
+
+
+def _lookbacks(rules: RuleSet) -> tuple[int, int]:
+    """The look-back tail each direction's stream keeps, by direction index (see HalfStream.trim).
+
+    The tail is for plain `receive_data` listeners (a pattern split across segments); a direction none
+    of them reads keeps none, so an idle connection holds no bytes of it once they are acknowledged (a
+    request/response connection's response: some 300 bytes). Safe for the receiver: first-copy checks
+    only ever compare unacknowledged bytes, which stay; a retransmission of bytes already acknowledged
+    is then cut (`_data`) rather than compared and forwarded, and the receiver has those bytes anyway.
+    Streamed readers and marks pin their bytes by themselves.
+    """
+    out = [0, 0]
+    for r in rules.receive_data:
+        for d, name in enumerate(DIRECTION_NAMES):
+            if r.direction is None or r.direction == name:
+                out[d] = LOOKBACK
+    return out[0], out[1]
 
 
 def _rule_frame(e: BaseException, r: Rule) -> str:

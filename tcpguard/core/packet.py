@@ -161,6 +161,18 @@ class Packet:
         )
 
 
+def _is_native() -> bool:
+    """True when this module was compiled by mypyc (Packet is then a native class)."""
+    try:
+        _new_packet(Packet)
+    except TypeError:
+        return True
+    return False
+
+
+_NATIVE = _is_native()
+
+
 def flags_text(flags: int) -> str:
     names = "FSRPAUEC"
     return "".join(n for i, n in enumerate(names) if flags & (1 << i)) or "."
@@ -225,7 +237,9 @@ def _decode_v4_tcp(raw: bytes, n: int) -> Packet:
         raise DecodeError(f"TCP data offset {hlen} below 20")
     if 20 + hlen > total:
         raise DecodeError(f"TCP header length {hlen} runs past the packet")
-    pkt = _new_packet(Packet)
+    # Interpreted, object.__new__ skips __init__ (every field is set below); compiled by mypyc, Packet is a
+    # native class that object.__new__ refuses, and the constructor is a cheap C call.
+    pkt = Packet(raw, 4, src, dst, PROTO_TCP, 20) if _NATIVE else _new_packet(Packet)
     pkt.raw = raw
     pkt.version = 4
     pkt.src = src

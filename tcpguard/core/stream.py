@@ -13,8 +13,9 @@ bytes the rules see are the bytes the receiver gets. The rules that make that tr
   `max_ooo_bytes` / `max_ooo_segments`; past the bound the segment is dropped (the sender retransmits).
   With the `drop` out-of-order policy every such segment is dropped.
 * **First copy wins**: a segment carrying bytes for offsets that already passed (or are held) is
-  compared with the first copy; a conflicting one is rewritten to the first copy. Bytes below the
-  receiver's acknowledgement are not kept (the receiver discards them anyway), so they pass unchanged.
+  compared with the first copy; a conflicting one is rewritten to the first copy. Bytes below what
+  is retained (all acknowledged: the receiver discards them anyway) are cut from a retransmission by the
+  engine, never forwarded unchecked.
   A retransmission of bytes that are still held is dropped: the held first copy will be forwarded.
 * **Window**: a segment starting at or beyond the receiver's advertised right window edge is dropped
   (the receiver would drop it too, and it must not fill our buffers).
@@ -23,7 +24,8 @@ bytes the rules see are the bytes the receiver gets. The rules that make that tr
   calls `unmark()` or `flow.send()`. Bounded by `max_stream_buffer`.
 * **Retention**: bytes are kept from the lowest of the receiver's ACK, every streamed reader's position
   and the hold mark, plus a look-back tail of `LOOKBACK` bytes so that plain rules can find a pattern
-  split across packets. If retention exceeds `max_stream_buffer`, `over_limit` becomes true and the
+  split across packets (none in a direction no plain rule reads: there a retransmission of acknowledged
+  bytes is cut, see above). If retention exceeds `max_stream_buffer`, `over_limit` becomes true and the
   engine applies the limit policy.
 
 Data on SYN, data on RST and the urgent pointer are normalised by the engine before bytes get here.
@@ -66,7 +68,8 @@ class Held:
 #   fix        the payload to forward instead (first copy restored where the segment conflicted), or None
 #   new_start  offset where bytes new to the rules start (the stream's end before the segment), or -1
 #   reason     why it was dropped or held
-#   held       the record of a held out-of-order segment, or None
+#   held       HOLD: the record of the held out-of-order segment; OK: the first record of the held segments
+#              that became contiguous (appended to `HalfStream.held`), or None
 # A plain tuple: one is made per data segment, and a tuple costs far less than an object.
 OK, DROP, HOLD = 0, 1, 2
 SegmentResult = tuple[int, "bytes | None", int, str, "Held | None"]
@@ -86,8 +89,6 @@ class HalfStream:
         "isn",
         "next",
         "ooo",
-        "ooo_bytes",
-        "pulled",
         "readers",
         "sent",
         "wnd_end",
@@ -103,16 +104,16 @@ class HalfStream:
         self.acked = 0  # highest offset acknowledged by the receiver
         self.wnd_end = -1  # receiver's right window edge as an offset; -1 while unknown
         self.wscale = -1  # receiver's window scale; -1 while unknown (no window check then)
-        # The four collections below are rarely non-empty; they start as the shared empty tuple and become
-        # lists on first use, which saves four list objects per direction on every idle connection.
+        # The three collections below are rarely non-empty; they start as the shared empty tuple and become
+        # lists on first use, which saves three list objects per direction on every idle connection.
+        # (Their byte count, `ooo_bytes`, and the segments that became contiguous are not kept in slots of
+        # their own: two slots fewer make each HalfStream 16 bytes smaller, and both are rarely needed.)
         self.ooo: list[Held] | tuple[()] = ()  # out-of-order segments, sorted by start
-        self.ooo_bytes = 0
-        self.held: list[Held] | tuple[()] = ()  # in-order packets held behind a mark, in arrival order
+        self.held: list[Held] | tuple[()] = ()  # packets held behind a mark (in arrival order), or waiting
         self.hold_from = -1  # offset of a rule's mark, -1 if none
         self.fin_off = -1  # offset of the FIN, -1 until seen in order
         self.eof = False  # all bytes up to the FIN were delivered
         self.readers: list[Cursor] | tuple[()] = ()  # streamed readers; their positions pin retained bytes
-        self.pulled: list[Held] | tuple[()] = ()  # out-of-order segments that became contiguous
 
     # -- sequence numbers ------------------------------------------------------------------------------
     def offset(self, seq: int) -> int:
@@ -189,11 +190,10 @@ class HalfStream:
             self.next = end
             if fin:
                 self.fin_off = end
-            if self.ooo:
-                self._pull_ooo()
+            pulled = self._pull_ooo() if self.ooo else None
             if self.fin_off >= 0 and self.next == self.fin_off:
                 self.eof = True
-            return OK, (fixed + new if fixed is not None else None), nxt, "", None
+            return OK, (fixed + new if fixed is not None else None), nxt, "", pulled
         # Out of order: a gap before this segment.
         if not hold_ooo:
             return DROP, None, -1, "out of order", None
@@ -244,18 +244,22 @@ class HalfStream:
         while i and ooo[i - 1].start > held.start:
             i -= 1
         ooo.insert(i, held)
-        self.ooo_bytes += held.end - held.start
 
-    def _pull_ooo(self) -> None:
-        """Move held segments that became contiguous into the stream; they wait in `pulled`."""
+    @property
+    def ooo_bytes(self) -> int:
+        """Payload bytes of the held out-of-order segments (computed: rarely asked, and a slot costs)."""
+        return sum(h.end - h.start for h in self.ooo)
+
+    def _pull_ooo(self) -> Held | None:
+        """Move held segments that became contiguous into the stream. Their records join the end of
+        `held` (they leave with the packet that filled the gap, after the rules ran); returns the first of
+        them, or None if none became contiguous."""
         ooo = self.ooo
         if not isinstance(ooo, list):
-            return
-        pulled = self.pulled if isinstance(self.pulled, list) else []
-        self.pulled = pulled
+            return None
+        pulled: list[Held] = []
         while ooo and ooo[0].start <= self.next:
             h = ooo.pop(0)
-            self.ooo_bytes -= h.end - h.start
             if h.end > self.next:
                 self._append(h.data[self.next - h.start :])
                 self.next = h.end
@@ -265,6 +269,10 @@ class HalfStream:
                 self.fin_off = h.end
             h.data = b""
             pulled.append(h)
+        if not pulled:
+            return None
+        self.held = [*self.held, *pulled]
+        return pulled[0]
 
     def _append(self, data: bytes) -> None:
         buf = self.buf
@@ -283,14 +291,15 @@ class HalfStream:
         edge = off + window
         self.wnd_end = max(self.wnd_end, edge)
 
-    def trim(self) -> None:
-        """Forget bytes nobody can need any more (see Retention in the module docstring)."""
+    def trim(self, lookback: int = LOOKBACK) -> None:
+        """Forget bytes nobody can need any more (see Retention in the module docstring). The engine
+        passes `lookback` 0 for a direction no plain listener reads (`engine._lookbacks`)."""
         keep = min(self.acked, self.next)
         for r in self.readers:
             keep = min(keep, r.pos)
         if 0 <= self.hold_from < keep:
             keep = self.hold_from
-        keep = max(keep - LOOKBACK, self.buf_start)
+        keep = max(keep - lookback, self.buf_start)
         if keep > self.buf_start:
             buf = self.buf
             if keep - self.buf_start >= len(buf):
@@ -301,7 +310,7 @@ class HalfStream:
             self.buf_start = keep
 
     def buffered(self) -> int:
-        return len(self.buf) + self.ooo_bytes
+        return len(self.buf) + self.ooo_bytes if self.ooo else len(self.buf)
 
     def skip_to(self, off: int) -> None:
         """Continue the stream at `off`, beyond `next`: the receiver already has the bytes in between.

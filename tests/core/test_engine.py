@@ -938,3 +938,40 @@ def test_signature_kind_bytes_inside_other_options_are_no_signature() -> None:
     assert pb.client("PA", b"ab", options=ts).verdict == ACCEPT
     assert pb.client("PA", b"cd", options=unknown).verdict == ACCEPT
     assert rec.data() == b"abcd" and pb.engine.stats.unexpected_signatures == 0
+
+
+def _plain_listener(direction: str | None) -> RuleSet:
+    @rule(on=tcp_connection.events.receive_data, direction=direction)
+    def listen(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        current.find(b"pattern")
+
+    return RuleSet.of(listen)
+
+
+def test_look_back_is_kept_only_in_directions_a_plain_listener_reads() -> None:
+    pb = Playbook(_plain_listener("up"))
+    pb.handshake()
+    pb.client("PA", b"GET / HTTP/1.1\r\n\r\n")
+    response_at = pb.snext
+    pb.server("PA", b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 100)
+    pb.client("A")
+    (conn,) = list(pb.engine.table)
+    assert bytes(conn.up.buf) == b"GET / HTTP/1.1\r\n\r\n"  # the look-back tail for the up listener
+    assert conn.down.buf == b"" and conn.down.buf_start == conn.down.next  # nothing kept: all acknowledged
+    # A retransmission of the acknowledged response (here with other bytes) cannot be compared any more:
+    # it is cut, never forwarded unchecked; the receiver has those bytes already.
+    d = pb.server("PA", b"HTTP/1.1 666 XX\r\n\r\n", seq=response_at)
+    assert d.verdict == ACCEPT and d.packet is not None and decode(d.packet).payload == b""
+
+
+def test_a_listener_of_both_directions_keeps_the_look_back_in_both() -> None:
+    pb = Playbook(_plain_listener(None))
+    pb.handshake()
+    pb.client("PA", b"ping")
+    response_at = pb.snext
+    pb.server("PA", b"pong")
+    pb.client("A")
+    (conn,) = list(pb.engine.table)
+    assert bytes(conn.up.buf) == b"ping" and bytes(conn.down.buf) == b"pong"
+    d = pb.server("PA", b"PONG", seq=response_at)  # still compared with the first copy
+    assert d.verdict == ACCEPT and d.packet is not None and decode(d.packet).payload == b"pong"

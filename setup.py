@@ -1,0 +1,112 @@
+"""Optional mypyc compilation of tcpguard's hot core; project metadata stays in pyproject.toml.
+
+`pip install .` (or `-e .`) compiles the modules below into C extension modules placed next to their
+`.py` files; the `.py` files are installed too. Set TCPGUARD_PURE=1 to install pure Python (also done
+without a C compiler or mypyc). The build records each source's SHA-256 in
+tcpguard/core/_compiled_sources.json; tcpguard/core/__init__.py imports the pure-Python modules instead
+when a source no longer matches (an edit after an editable build), so stale compiled code never runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, CompileError, ExecError, PlatformError
+
+HERE = Path(__file__).resolve().parent
+
+# The per-packet path. settings.py, rules.py, errors.py and seq.py stay interpreted: they are cold, and
+# the configuration loader introspects the settings dataclasses.
+MYPYC_MODULES = [
+    "tcpguard/core/packet.py",
+    "tcpguard/core/stream.py",
+    "tcpguard/core/state.py",
+    "tcpguard/core/conntrack.py",
+    "tcpguard/core/engine.py",
+    "tcpguard/core/cursor.py",
+    "tcpguard/core/decision.py",
+    "tcpguard/core/forge.py",
+]
+RECORD = "_compiled_sources.json"
+_hashes: dict[str, str] = {}
+
+
+def _pure(why: str) -> list[Any]:
+    """Install pure Python. A compiled build left in the source tree by an earlier in-place (editable)
+    install is removed, or Python would go on importing it."""
+    print(f"tcpguard: {why}: installing pure Python", file=sys.stderr)
+    core = HERE / "tcpguard" / "core"
+    for leftover in [*core.glob("*.so"), *core.glob("*.pyd"), core / RECORD]:
+        leftover.unlink(missing_ok=True)
+    return []
+
+
+def _no_compiler() -> str | None:
+    """Why C extensions cannot be built here, or None if they can."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = os.environ.get("CC", cc).split()[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc})"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        return "no Python headers (Python.h; Debian: python3-dev)"
+    return None
+
+
+def _ext_modules() -> list[Any]:
+    if os.environ.get("TCPGUARD_PURE", "") not in ("", "0"):
+        return _pure("TCPGUARD_PURE is set")
+    if why := _no_compiler():
+        return _pure(why)
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        return _pure("mypyc is not available")
+    # Hashed before mypycify reads them, so an edit during the build shows up as stale, never as fresh.
+    for m in MYPYC_MODULES:
+        _hashes[Path(m).stem] = hashlib.sha256((HERE / m).read_bytes()).hexdigest()
+    return list(
+        mypycify(
+            ["--config-file", str(HERE / "pyproject.toml"), *MYPYC_MODULES],
+            opt_level=os.environ.get("TCPGUARD_MYPYC_OPT_LEVEL", "3"),
+            debug_level="1",
+            # The shared runtime library goes inside the package (tcpguard/core/_compiled__mypyc.*.so),
+            # not at the top of site-packages or of the source tree, where an editable install cannot
+            # import it.
+            group_name="tcpguard.core._compiled",
+        )
+    )
+
+
+class BuildExt(build_ext):
+    """build_ext that also writes the source hashes of the compiled modules next to them."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except (CCompilerError, CompileError, ExecError, PlatformError) as e:
+            # Without the record, tcpguard.core ignores any compiled module this failed build left behind.
+            print(f"tcpguard: compiling the core failed ({e}): installing pure Python", file=sys.stderr)
+            return
+        if not self.extensions or not _hashes:
+            return
+        where = Path(self.get_ext_fullpath("tcpguard.core._compiled__mypyc")).parent
+        where.mkdir(parents=True, exist_ok=True)
+        (where / RECORD).write_text(json.dumps(_hashes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+    def get_outputs(self) -> list[str]:
+        outputs: list[str] = super().get_outputs()
+        if self.extensions and _hashes:
+            outputs.append(str(Path(self.get_ext_fullpath("tcpguard.core._compiled__mypyc")).parent / RECORD))
+        return outputs
+
+
+setup(ext_modules=_ext_modules(), cmdclass={"build_ext": BuildExt})
