@@ -13,7 +13,9 @@ on their own).
 Configure: `PATTERNS` (bytes). Keep them specific: every client byte of every connection is searched.
 
 Cost: the search is linear in the bytes sent and keeps no state of its own: the look-back comes from the
-bytes the engine retains anyway (256 bytes before each run, far more than the longest pattern needs).
+bytes the engine retains, and the listener declares just what the longest pattern needs
+(`lookback=len(longest) - 1`, not the default 256), so an idle connection keeps at most that many bytes
+of the client's stream.
 A plain listener costs nothing on an idle connection, where a streamed one (a suspended coroutine per
 connection) would cost several kilobytes.
 """
@@ -37,7 +39,11 @@ def first_pattern(data):
     return None
 
 
-@rule(on=tcp_connection.events.receive_data, direction="up")
+# A match ending in the new bytes starts at most len(pattern) - 1 bytes before them.
+LOOKBACK = max(len(p) for p in PATTERNS) - 1
+
+
+@rule(on=tcp_connection.events.receive_data, direction="up", lookback=LOOKBACK)
 def no_shellcode(flow, stream, current, direction):
     # `find` only reports a match that ends in the new bytes: one wholly before them was already seen
     # (and reset the connection). Checking the patterns in order keeps first_pattern's precedence.

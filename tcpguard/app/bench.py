@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tcpguard import core
 from tcpguard.app.labnet import (
     CLIENT_IF,
     GW_CLIENT_IF,
@@ -1416,7 +1417,7 @@ def machine_description() -> dict[str, str]:
         "kernel": f"Linux {platform.release()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": ", ".join(versions),
-        "tcpguard": commit or "unknown",
+        "tcpguard": f"{commit or 'unknown'}, core {core.MODE}",
     }
 
 

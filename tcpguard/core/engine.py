@@ -50,7 +50,7 @@ from tcpguard.core.state import (
     Action as StateAction,
 )
 from tcpguard.core.stream import DROP as SEG_DROP
-from tcpguard.core.stream import EMPTY, LOOKBACK, HalfStream, Held
+from tcpguard.core.stream import EMPTY, HalfStream, Held
 from tcpguard.core.stream import HOLD as SEG_HOLD
 
 log = logging.getLogger("tcpguard.engine")
@@ -990,13 +990,15 @@ def _lookbacks(rules: RuleSet) -> tuple[int, int]:
     request/response connection's response: some 300 bytes). Safe for the receiver: first-copy checks
     only ever compare unacknowledged bytes, which stay; a retransmission of bytes already acknowledged
     is then cut (`_data`) rather than compared and forwarded, and the receiver has those bytes anyway.
-    Streamed readers and marks pin their bytes by themselves.
+    Streamed readers and marks pin their bytes by themselves. A direction's tail is the largest look-back
+    its plain listeners declared (`@rule(lookback=N)`, default `LOOKBACK`): one that keeps its own state
+    declares 0 and so does not make every idle connection hold the last bytes of its request.
     """
     out = [0, 0]
     for r in rules.receive_data:
         for d, name in enumerate(DIRECTION_NAMES):
             if r.direction is None or r.direction == name:
-                out[d] = LOOKBACK
+                out[d] = max(out[d], r.lookback)
     return out[0], out[1]
 
 

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from tcpguard.core.stream import LOOKBACK
+
 
 class EventName(enum.StrEnum):
     NEW_CONNECTION = "new_connection"
@@ -49,6 +51,10 @@ class Rule:
     # receive_data only: 'up' or 'down' to be called for one direction only (None: both). The engine
     # skips the others without a call, which for streamed listeners saves a coroutine per connection.
     direction: str | None = None
+    # Plain receive_data only: how many bytes before `current` the listener may need (`current.find`'s
+    # look-back). Each direction's stream retains the largest of its plain listeners' (engine._lookbacks),
+    # so one that needs none (it keeps its own state) no longer makes every idle connection hold a tail.
+    lookback: int = LOOKBACK
 
 
 _collector: list[Rule] | None = None
@@ -67,13 +73,21 @@ def collecting() -> Iterator[list[Rule]]:
 
 
 def rule(
-    on: EventName | str, streamed: bool = False, name: str | None = None, direction: str | None = None
+    on: EventName | str,
+    streamed: bool = False,
+    name: str | None = None,
+    direction: str | None = None,
+    lookback: int | None = None,
 ) -> Callable[[F], F]:
     """Register the decorated function as a listener of event `on`.
 
     `streamed=True` (receive_data only) runs the listener as a coroutine per flow and direction whose
     reads on `current` block until the bytes arrive. `direction='up'` or `'down'` (receive_data only)
-    calls it for that direction's bytes only.
+    calls it for that direction's bytes only. `lookback=N` (plain receive_data only, default 256) is how
+    many bytes before the new ones the listener may need: `current.find(pattern)` finds a pattern that
+    started in an earlier segment if `N >= len(pattern) - 1`. Each stream keeps the largest look-back of
+    the listeners of its direction after the receiver acknowledged the bytes, so declare the least you
+    need (0 if the listener keeps its own state): an idle connection then holds fewer bytes.
     """
     try:
         event = EventName(on)
@@ -83,6 +97,10 @@ def rule(
         raise ValueError("streamed=True is only meaningful for receive_data")
     if direction is not None and (direction not in ("up", "down") or event != EventName.RECEIVE_DATA):
         raise ValueError("direction= is 'up' or 'down', and only for receive_data")
+    if lookback is not None and (
+        streamed or event != EventName.RECEIVE_DATA or not isinstance(lookback, int) or lookback < 0
+    ):
+        raise ValueError("lookback= is a byte count >= 0, and only for plain receive_data listeners")
 
     def deco(func: F) -> F:
         r = Rule(
@@ -92,6 +110,7 @@ def rule(
             streamed=streamed,
             module=func.__module__,
             direction=direction,
+            lookback=LOOKBACK if lookback is None else lookback,
         )
         func.__tcpguard_rule__ = r  # type: ignore[attr-defined]
         if _collector is not None:

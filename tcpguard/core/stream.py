@@ -23,9 +23,9 @@ bytes the rules see are the bytes the receiver gets. The rules that make that tr
 * **Holding**: a rule may `mark()` a position; packets with bytes at or after it are held until the rule
   calls `unmark()` or `flow.send()`. Bounded by `max_stream_buffer`.
 * **Retention**: bytes are kept from the lowest of the receiver's ACK, every streamed reader's position
-  and the hold mark, plus a look-back tail of `LOOKBACK` bytes so that plain rules can find a pattern
-  split across packets (none in a direction no plain rule reads: there a retransmission of acknowledged
-  bytes is cut, see above). If retention exceeds `max_stream_buffer`, `over_limit` becomes true and the
+  and the hold mark, plus a look-back tail so that plain rules can find a pattern split across packets:
+  the largest `lookback` the direction's plain listeners declared (`LOOKBACK` unless they say less; none
+  in a direction no plain rule reads: there a retransmission of acknowledged bytes is cut, see above). If retention exceeds `max_stream_buffer`, `over_limit` becomes true and the
   engine applies the limit policy.
 
 Data on SYN, data on RST and the urgent pointer are normalised by the engine before bytes get here.
@@ -137,7 +137,10 @@ class HalfStream:
     def forwarded(self, end: int, fin: bool) -> None:
         """A packet carrying bytes up to `end` (and a FIN at `end` if `fin`) was forwarded."""
         e = end + 1 if fin else end
-        self.sent = max(self.sent, e)
+        if e > self.sent:
+            # The same int object as `next` when equal (usually): pure Python boxes each offset, and an
+            # idle connection keeps every slot's object (no effect compiled, where ints are unboxed).
+            self.sent = self.next if e == self.next else e
 
     # -- reading, for cursors and rules ----------------------------------------------------------------
     def data(self, start: int, end: int) -> bytes:
@@ -278,6 +281,10 @@ class HalfStream:
         buf = self.buf
         if isinstance(buf, bytearray):
             buf += data
+        elif buf:
+            grown = bytearray(buf)  # an idle stream's look-back tail (see trim)
+            grown += data
+            self.buf = grown
         else:
             self.buf = bytearray(data)
 
@@ -287,26 +294,33 @@ class HalfStream:
         if off > self.acked:
             # Never past what was forwarded: an ACK of bytes the receiver cannot have is forged or
             # broken, and must not free bytes that first-copy checks still need.
-            self.acked = min(off, self.sent)
+            self.acked = self.sent if off >= self.sent else off  # min(), sharing `sent`'s int when equal
         edge = off + window
         self.wnd_end = max(self.wnd_end, edge)
 
     def trim(self, lookback: int = LOOKBACK) -> None:
         """Forget bytes nobody can need any more (see Retention in the module docstring). The engine
-        passes `lookback` 0 for a direction no plain listener reads (`engine._lookbacks`)."""
+        passes the largest look-back the direction's plain listeners declared, 0 if none reads it
+        (`engine._lookbacks`)."""
         keep = min(self.acked, self.next)
         for r in self.readers:
             keep = min(keep, r.pos)
         if 0 <= self.hold_from < keep:
             keep = self.hold_from
-        keep = max(keep - lookback, self.buf_start)
+        if lookback:
+            keep -= lookback  # (not with 0: `buf_start` then shares the int object of `acked`/`next`)
         if keep > self.buf_start:
             buf = self.buf
-            if keep - self.buf_start >= len(buf):
+            cut = keep - self.buf_start
+            if cut >= len(buf):
                 self.buf = EMPTY
+            elif len(buf) - cut <= lookback or not isinstance(buf, bytearray):
+                # Only the look-back tail is left (everything else is acknowledged): an idle connection
+                # keeps it as an exact-size `bytes` (33 bytes of overhead) rather than the bytearray
+                # (56 bytes plus its old allocation); `_append` makes a bytearray again when bytes arrive.
+                self.buf = bytes(buf[cut:])
             else:
-                assert isinstance(buf, bytearray)  # only EMPTY is bytes, and it has nothing to cut
-                del buf[: keep - self.buf_start]
+                del buf[:cut]
             self.buf_start = keep
 
     def buffered(self) -> int:
