@@ -93,8 +93,11 @@ fi
 # mount, a CI clone) and a build writes into its source directory.
 build="$(mktemp -d)"
 trap 'rm -rf "$build"' EXIT
-cp -r "$src/pyproject.toml" "$src/README.md" "$src/tcpguard" "$build/"
+cp -r "$src/pyproject.toml" "$src/setup.py" "$src/README.md" "$src/tcpguard" "$build/"
 find "$build" -name __pycache__ -prune -exec rm -rf {} +
+# A development checkout may hold an in-place mypyc build of the core: the install makes its own (with a
+# compiler and Python headers; else the core installs as pure Python, see setup.py).
+find "$build/tcpguard/core" \( -name '*.so' -o -name _compiled_sources.json \) -delete
 
 if ! "$prefix/bin/python" -c 'import sys' 2>/dev/null; then
     say "creating the virtual environment $prefix"
