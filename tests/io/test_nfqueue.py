@@ -30,7 +30,7 @@ import pytest
 
 from tcpguard.core.decision import Decision, Output, Release, Verdict
 from tcpguard.io.iptables import IptablesManager, IptablesSpec
-from tcpguard.io.nfqueue import NfqueueAdapter, QueueStats, _fail_open_message
+from tcpguard.io.nfqueue import NFQ_MAX_COPY, NfqueueAdapter, QueueStats, _fail_open_message
 from tcpguard.io.rawsend import RawSender
 from tests.netns import SERVER_V4, SERVER_V6, Lab
 
@@ -731,10 +731,16 @@ def test_unit_timer_and_drain() -> None:
 
 
 def test_unit_truncation_and_largest() -> None:
-    h = Scripted(Decision(Verdict.ACCEPT))
+    h = Scripted(Decision(Verdict.ACCEPT), Decision(Verdict.ACCEPT), Decision(Verdict.ACCEPT))
     a, _ = _adapter(h)
-    a.process(FakePacket(b"\x45\x00\x10\x00" + bytes(36)))  # IPv4 total length 4096, 40 bytes copied
-    assert (a.stats.truncated, a.stats.largest) == (1, 40)
+    # IPv4 total length 9000 (a jumbo frame), cut at the copy range.
+    a.process(FakePacket(b"\x45\x00\x23\x28" + bytes(NFQ_MAX_COPY - 4)))
+    assert (a.stats.truncated, a.stats.largest) == (1, NFQ_MAX_COPY)
+    # A whole packet that fills the copy range exactly is not truncated.
+    a.process(FakePacket(b"\x45\x00" + NFQ_MAX_COPY.to_bytes(2, "big") + bytes(NFQ_MAX_COPY - 4)))
+    # A short one is never a truncation: the kernel checked its IP length before netfilter saw it.
+    a.process(FakePacket(b"\x45\x00\x10\x00" + bytes(36)))
+    assert (a.stats.truncated, a.stats.largest, a.stats.packets) == (1, NFQ_MAX_COPY, 3)
 
 
 def test_unit_bad_parameters() -> None:
