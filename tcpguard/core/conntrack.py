@@ -117,7 +117,9 @@ class Connection:
         self.end_reason = ""
         self.midstream = False
         self.passthrough = False  # no longer inspected (fail-open after a limit): every packet passes
-        self._store: dict[str, Any] | None = None
+        # None until a rule asks for `store`; a one-entry store nobody else holds is kept as its (key,
+        # value) pair between packets (tcpguard.core.flowstore: 64 bytes instead of a 184-byte dict).
+        self._store: dict[str, Any] | tuple[str, Any] | None = None
         self.pkts_up = self.pkts_down = self.bytes_up = self.bytes_down = 0
         self.wscale_client = self.wscale_server = -1
         # Streamed listeners: the live ones by (direction, index), None when there is none; the finished
@@ -165,9 +167,12 @@ class Connection:
     @property
     def store(self) -> dict[str, Any]:
         """Per-flow storage for rules: a dict that lives as long as the connection (made on first use)."""
-        if self._store is None:
-            self._store = {}
-        return self._store
+        st = self._store
+        if isinstance(st, dict):
+            return st
+        d: dict[str, Any] = {} if st is None else {st[0]: st[1]}
+        self._store = d
+        return d
 
     @property
     def state_name(self) -> str:

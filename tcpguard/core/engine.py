@@ -31,6 +31,7 @@ from tcpguard.core.conntrack import DIRECTION_NAMES, Action, Connection, ConnTab
 from tcpguard.core.cursor import Cursor
 from tcpguard.core.decision import Decision, Output, Release, Verdict
 from tcpguard.core.errors import DecodeError, RuleTimeout
+from tcpguard.core.flowstore import pack_store
 from tcpguard.core.packet import ACK, FIN, RST, SYN, URG, Packet, checksums_ok, decode
 from tcpguard.core.rules import Rule, RuleSet
 from tcpguard.core.settings import EngineSettings
@@ -607,6 +608,8 @@ class Engine:
             return Decision(HOLD, flow_id=conn.id, reason="out of order")
         if new_start >= 0:
             self._dispatch_data(conn, s, d, new_start)
+            if isinstance(conn._store, dict):
+                pack_store(conn)  # a one-entry store costs 64 bytes between packets instead of 184
         if s.eof and not was_eof:
             self._resume_readers(conn, d)
         # Out-of-order segments that became contiguous leave with this packet, after the rules ran: the

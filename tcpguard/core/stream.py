@@ -25,8 +25,9 @@ bytes the rules see are the bytes the receiver gets. The rules that make that tr
 * **Retention**: bytes are kept from the lowest of the receiver's ACK, every streamed reader's position
   and the hold mark, plus a look-back tail so that plain rules can find a pattern split across packets:
   the largest `lookback` the direction's plain listeners declared (`LOOKBACK` unless they say less; none
-  in a direction no plain rule reads: there a retransmission of acknowledged bytes is cut, see above). If retention exceeds `max_stream_buffer`, `over_limit` becomes true and the
-  engine applies the limit policy.
+  in a direction no plain rule reads: there a retransmission of acknowledged bytes is cut, see above).
+  If retention exceeds `max_stream_buffer`, `over_limit` becomes true and the engine applies the limit
+  policy.
 
 Data on SYN, data on RST and the urgent pointer are normalised by the engine before bytes get here.
 """

@@ -8,6 +8,7 @@ import pytest
 
 from tcpguard.core.conntrack import Connection
 from tcpguard.core.decision import Verdict
+from tcpguard.core.engine import Engine
 from tcpguard.core.packet import RST, URG, decode
 from tcpguard.core.rules import RuleSet, rule, tcp_connection
 from tcpguard.core.settings import EngineSettings
@@ -975,3 +976,116 @@ def test_a_listener_of_both_directions_keeps_the_look_back_in_both() -> None:
     assert bytes(conn.up.buf) == b"ping" and bytes(conn.down.buf) == b"pong"
     d = pb.server("PA", b"PONG", seq=response_at)  # still compared with the first copy
     assert d.verdict == ACCEPT and d.packet is not None and decode(d.packet).payload == b"pong"
+
+
+def _find_listener(lookback: int | None, direction: str = "up") -> tuple[RuleSet, list[int]]:
+    found: list[int] = []
+
+    @rule(on=tcp_connection.events.receive_data, direction=direction, lookback=lookback)
+    def listen(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        m = current.find(b"0123456789")
+        if m:
+            found.append(m.start)
+
+    return RuleSet.of(listen), found
+
+
+@pytest.mark.parametrize("lookback", [0, 9, 100])
+def test_a_stream_keeps_exactly_the_declared_look_back_after_the_ack(lookback: int) -> None:
+    rs, _found = _find_listener(lookback)
+    pb = Playbook(rs)
+    pb.handshake()
+    pb.client("PA", b"a" * 50 + b"tail-bytes")
+    pb.server("A")
+    (conn,) = list(pb.engine.table)
+    kept = (b"a" * 50 + b"tail-bytes")[max(60 - lookback, 0) :] if lookback else b""
+    assert bytes(conn.up.buf) == kept and conn.up.buf_start == max(60 - lookback, 0)
+
+
+def test_the_largest_declared_look_back_of_a_direction_wins() -> None:
+    small, _ = _find_listener(3)
+    large, _ = _find_listener(40)
+    other, _ = _find_listener(100, direction="down")
+    engine = Engine(rules=RuleSet([*small.rules, *large.rules, *other.rules]))
+    assert engine._lookback == (40, 100)
+    assert Engine(rules=RuleSet(_find_listener(None)[0].rules))._lookback == (256, 0)  # the default
+
+
+def test_a_pattern_across_an_idle_look_back_tail_is_found_with_just_enough_look_back() -> None:
+    # 9 = len(pattern) - 1: the tail kept between requests (as bytes) is grown again by the next segment.
+    rs, found = _find_listener(9)
+    pb = Playbook(rs)
+    pb.handshake()
+    pb.client("PA", b"x" * 30 + b"012345678")
+    pb.server("A")
+    (conn,) = list(pb.engine.table)
+    assert type(conn.up.buf) is bytes and bytes(conn.up.buf) == b"012345678"
+    pb.client("PA", b"9 and more")
+    assert found == [30]
+    assert bytes(conn.up.buf).endswith(b"0123456789 and more")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "ok"),
+    [
+        ({"lookback": 0}, True),
+        ({"lookback": -1}, False),
+        ({"lookback": 10, "streamed": True}, False),
+        ({"lookback": 1.5}, False),
+    ],
+)
+def test_lookback_is_only_a_non_negative_count_for_plain_data_listeners(kwargs: Any, ok: bool) -> None:
+    if ok:
+        rule(on=tcp_connection.events.receive_data, **kwargs)
+    else:
+        with pytest.raises(ValueError, match="lookback"):
+            rule(on=tcp_connection.events.receive_data, **kwargs)
+    with pytest.raises(ValueError, match="lookback"):
+        rule(on=tcp_connection.events.new_connection, lookback=0)
+
+
+def _storing(key: str, keep: list[Any] | None = None) -> RuleSet:
+    @rule(on=tcp_connection.events.receive_data, direction="up", lookback=0)
+    def remember(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        store = flow.store
+        store[key] = store.get(key, b"") + current.read()
+        if keep is not None:
+            keep.append(store)
+
+    return RuleSet.of(remember)
+
+
+def test_a_one_entry_store_is_packed_between_packets_and_reads_back_as_the_same_dict() -> None:
+    pb = Playbook(_storing("seen"))
+    pb.handshake()
+    pb.client("PA", b"ab")
+    (conn,) = list(pb.engine.table)
+    assert conn._store == ("seen", b"ab")  # 64 bytes, not a 184-byte dict
+    pb.client("PA", b"cd")
+    assert conn._store == ("seen", b"abcd")  # the rule saw (and updated) the stored value
+    assert conn.store == {"seen": b"abcd"} and type(conn.store) is dict
+    assert conn.store is conn.store  # once handed out, the same dict until the next packet
+
+
+def test_a_store_a_rule_still_holds_is_never_replaced() -> None:
+    kept: list[Any] = []
+    pb = Playbook(_storing("seen", kept))
+    pb.handshake()
+    pb.client("PA", b"ab")
+    pb.client("PA", b"cd")
+    (conn,) = list(pb.engine.table)
+    assert kept[0] is kept[1] is conn.store  # the dict the rule kept is still the flow's store
+    assert conn.store == {"seen": b"abcd"}
+
+
+def test_a_store_with_several_entries_stays_a_dict() -> None:
+    @rule(on=tcp_connection.events.receive_data, direction="up", lookback=0)
+    def two(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        flow.store["a"] = 1
+        flow.store["b"] = 2
+
+    pb = Playbook(RuleSet.of(two))
+    pb.handshake()
+    pb.client("PA", b"x")
+    (conn,) = list(pb.engine.table)
+    assert conn._store == {"a": 1, "b": 2}

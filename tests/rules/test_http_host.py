@@ -184,3 +184,12 @@ def test_broken_chunked_framing_stops_inspection() -> None:
     assert pb.client("PA", request).verdict == ACCEPT
     assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: blocked.example\r\n\r\n").verdict == ACCEPT
     assert actions(pb) == []
+
+
+def test_an_idle_connection_keeps_no_request_bytes_and_the_host_cheaply() -> None:
+    pb = http_playbook()
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n").verdict == ACCEPT
+    pb.server("PA", b"HTTP/1.1 200 OK\r\n\r\n")
+    assert flow(pb).up.buf == b""  # lookback=0: the parser needs none of the acknowledged bytes
+    assert flow(pb)._store == ("host", "example.org")  # packed between packets (64 bytes, not 184)
+    assert flow(pb).store == {"host": "example.org"}

@@ -89,3 +89,14 @@ def test_a_pattern_seen_once_is_not_reported_again_and_nothing_is_kept_per_flow(
     assert flow(pb)._store is None  # the look-back comes from the engine's retained bytes
     assert pb.client("PA", b"/bin/bash").verdict == DROP
     assert alerts(pb) == ["shell-code pattern b'/bin/bash' from the client"]
+
+
+def test_an_idle_connection_keeps_only_the_look_back_the_longest_pattern_needs() -> None:
+    longest = max(len(p) for p in MOD["PATTERNS"])
+    pb = playbook(RS)
+    pb.handshake()
+    assert pb.client("PA", b"POST / HTTP/1.1\r\n\r\n" + b"n" * 100 + b"\x90" * 31).verdict == ACCEPT
+    pb.server("PA", b"HTTP/1.1 200 OK\r\n\r\n")
+    assert bytes(flow(pb).up.buf) == b"\x90" * (longest - 1)  # not the default 256 bytes of the request
+    # ...which is still enough for the longest pattern (the 32-byte NOP sled) completed by one more byte.
+    assert pb.client("PA", b"\x90").verdict == DROP
