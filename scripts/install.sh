@@ -15,7 +15,7 @@ export DEBIAN_FRONTEND=noninteractive
 pkgs=(
     python3 python3-venv python3-dev build-essential pkg-config
     libnetfilter-queue-dev libnfnetlink-dev libsystemd-dev
-    iptables iproute2 tshark tcpdump curl procps
+    iptables iproute2 ethtool tshark tcpdump curl procps
     systemd systemd-container mmdebstrap
     docker-compose  # validates docker-compose.yml (`docker-compose config`); no Docker engine needed
 )

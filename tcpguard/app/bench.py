@@ -133,7 +133,6 @@ class BenchLab(Lab):
             self.run(
                 role,
                 ["ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"],
-                check=False,
             )
         # The client opens many short connections: a wide port range, and TIME_WAIT reuse.
         self.run(
@@ -1669,7 +1668,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("tcpguard bench: needs root (network namespaces, iptables, NFQUEUE)", file=sys.stderr)
         return 2
-    missing = [t for t in ("ip", "iptables") if shutil.which(t) is None]
+    missing = [t for t in ("ip", "iptables", "ethtool") if shutil.which(t) is None]
     if missing:
         print(f"tcpguard bench: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
