@@ -89,6 +89,9 @@ DEFAULT_RULES = ROOT / "rules"
 
 RR_PORT = 8080  # allowed by rules/firewall.py and inspected by rules/http_host.py
 RR_PORT2 = 80  # a second listener, for more client ports when holding many connections open
+# Client source addresses of the rr and bulk load (see BenchLab._build): enough that a flow hash spreads
+# them evenly over the queues of one worker per core.
+CLIENT_SOURCES = tuple(f"10.77.1.{i}" for i in range(100, 132))
 BULK_PORT = 443  # allowed by the firewall, not HTTP: only the shell-code scanner reads it
 QUEUE = 0
 _CMD_TIMEOUT = 30.0
@@ -134,6 +137,12 @@ class BenchLab(Lab):
                 role,
                 ["ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"],
             )
+        # The kernel's `--queue-balance` picks a queue from a hash of the two addresses only (not the
+        # ports: nf_queue.h hash_v4/hash_v6), so traffic from one client address would all go to one
+        # worker. The load generators spread their connections over several client addresses, as a
+        # gateway's many clients do.
+        for addr in CLIENT_SOURCES:
+            self.run("client", ["ip", "addr", "add", f"{addr}/24", "dev", CLIENT_IF])
         # The client opens many short connections: a wide port range, and TIME_WAIT reuse.
         self.run(
             "client",
@@ -459,10 +468,15 @@ def _role_rr(p: dict[str, Any]) -> None:
     stats = {"transactions": 0, "window_transactions": 0, "connections": 0, "errors": 0}
     need = len(RESPONSE)
 
+    sources = list(p.get("sources") or [""])
+    opened = [0]
+
     def open_one() -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.bind((sources[opened[0] % len(sources)], 0))
+        opened[0] += 1
         rc = s.connect_ex((host, port))
         if rc not in (0, errno.EINPROGRESS):
             stats["errors"] += 1
@@ -547,10 +561,11 @@ def _role_bulk(p: dict[str, Any]) -> None:
             if win_start <= t < win_end:
                 stats["window_bytes"] += n
 
-    def worker(mode: bytes) -> None:
+    def worker(mode: bytes, source: str) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.settimeout(10)
         try:
+            s.bind((source, 0))
             s.connect((host, port))
             s.sendall(mode)
             view = memoryview(block)
@@ -563,8 +578,12 @@ def _role_bulk(p: dict[str, Any]) -> None:
         finally:
             s.close()
 
-    threads = [threading.Thread(target=worker, args=(b"U",)) for _ in range(int(p["up"]))]
-    threads += [threading.Thread(target=worker, args=(b"D",)) for _ in range(int(p["down"]))]
+    sources = list(p.get("sources") or [""])
+    modes = [b"U"] * int(p["up"]) + [b"D"] * int(p["down"])
+    threads = [
+        threading.Thread(target=worker, args=(mode, sources[i % len(sources)]))
+        for i, mode in enumerate(modes)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -1102,7 +1121,13 @@ def _phase(
     win_start = start + st.warmup
     win_end = win_start + st.duration
     stop_at = win_end + 0.3
-    common = {"host": SERVER_V4, "win_start": win_start, "win_end": win_end, "stop_at": stop_at}
+    common = {
+        "host": SERVER_V4,
+        "win_start": win_start,
+        "win_end": win_end,
+        "stop_at": stop_at,
+        "sources": list(CLIENT_SOURCES),
+    }
     if kind == "rr":
         role, params = "rr", {**common, "port": RR_PORT, "conns": st.rr_conns, "per_conn": st.per_conn}
     else:
