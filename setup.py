@@ -90,6 +90,10 @@ class BuildExt(build_ext):
     """build_ext that also writes the source hashes of the compiled modules next to them."""
 
     def run(self) -> None:
+        record = Path(self.get_ext_fullpath("tcpguard.core._compiled__mypyc")).parent / RECORD
+        # The record goes first and comes back only after a complete build: a build that fails half-way
+        # must never leave an earlier record vouching for a mix of old and new extension modules.
+        record.unlink(missing_ok=True)
         try:
             super().run()
         except (CCompilerError, CompileError, ExecError, PlatformError) as e:
@@ -98,9 +102,8 @@ class BuildExt(build_ext):
             return
         if not self.extensions or not _hashes:
             return
-        where = Path(self.get_ext_fullpath("tcpguard.core._compiled__mypyc")).parent
-        where.mkdir(parents=True, exist_ok=True)
-        (where / RECORD).write_text(json.dumps(_hashes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(_hashes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
     def get_outputs(self) -> list[str]:
         outputs: list[str] = super().get_outputs()

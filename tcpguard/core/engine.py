@@ -380,10 +380,13 @@ class Engine:
         if conn.passthrough:
             return Decision(ACCEPT, flow_id=conn.id, reason="uninspected after a limit (fail open)")
         # Only segments with options pay for the signature check, and only a byte scan unless it hits.
-        if pkt.tcp_hlen > 20 and conn._auth != 2 and pkt.signed():
+        auth = conn._auth
+        if pkt.tcp_hlen > 20 and auth != 2 and pkt.signed():
             refused = self._check_signature(conn, pkt, d, fresh)
             if refused is not None:
                 return refused
+        elif auth >= 3 and auth - 3 != d:
+            conn._auth = 0  # picked up signed, but the peer does not sign: nothing was negotiated
         flags = pkt.flags
         state = conn.state
         s, o = (conn.up, conn.down) if d == UP else (conn.down, conn.up)
@@ -548,8 +551,18 @@ class Engine:
                 conn._auth = 2  # signed SYN-ACK to a signed SYN: negotiated
             return None  # or the server's signed RST refusing a signed SYN
         if fresh:
-            conn._auth = 2  # picked up mid-stream signed: all its segments are (the handshake is unknown)
+            # Picked up mid-stream signed (the handshake is unknown): tentative until the peer signs too
+            # (3 + d: side d signs). An attacker can make the gateway forget a connection (idle timeout,
+            # eviction) and then send a signed segment first; trusting it would switch the check off.
+            conn._auth = 3 + d
             return None
+        if conn._auth >= 3:
+            if conn._auth - 3 != d:
+                conn._auth = 2  # both sides sign: negotiated before the gateway saw the connection
+                return None
+            if not flags & RST:
+                return None  # the same side again: inspected as usual; the peer's next segment decides
+            # A signed RST before the peer showed it signs could be one the endpoint discards (E18).
         if self.settings.policies.unexpected_signature == "accept":
             return None
         self.stats.unexpected_signatures += 1
@@ -589,8 +602,14 @@ class Engine:
                 self.stats.ooo_dropped += 1
             return Decision(DROP, flow_id=conn.id, reason=reason)
         if cut:
+            # Cut to nothing (and no FIN), the segment keeps its old sequence number: the receiver finds
+            # it old and answers with a duplicate ACK, which is what a sender retransmitting acknowledged
+            # bytes is waiting for (the first ACK was lost). Moved to `seq + cut` it would be an empty
+            # segment at exactly the receiver's next byte, which Linux takes silently: the sender would
+            # retransmit until it gives up. A FIN must stay at its own place, so then the seq moves.
+            new_seq = (pkt.seq + cut) & 0xFFFFFFFF if payload or fin else pkt.seq
             packet: bytes | None = forge.rewrite(
-                pkt, fix if fix is not None else payload, clear_urg=urg, seq=pkt.seq + cut
+                pkt, fix if fix is not None else payload, clear_urg=urg, seq=new_seq
             )
         else:
             packet = forge.rewrite(pkt, fix, clear_urg=urg) if fix is not None or urg else None
@@ -841,10 +860,16 @@ class Engine:
         segment forever). So the stream jumps to the acknowledged offset, as a second pickup: the rules miss
         the bytes in between, which the receiver already has; out-of-order segments are dropped (the
         sender retransmits what the receiver lacks). Nothing is forwarded unchecked: bytes below the new
-        offset are cut from later segments. Not done while a rule holds bytes or after the peer's FIN.
+        offset are cut from later segments. Not done while a rule holds bytes, after the peer's FIN, or
+        further than the largest possible TCP window. (A forged ACK within that range still moves the
+        stream, and the real sender's bytes below it are then cut: that stalls the connection, it does
+        not let bytes through unchecked. The window scale of a connection picked up mid-stream is
+        unknown, so the advertised window cannot bound it more tightly.)
         """
         if not conn.midstream or ack_off <= o.next or o.hold_from >= 0 or o.held or o.fin_off >= 0:
             return False
+        if ack_off - o.next > 65535 << 14:
+            return False  # beyond the largest window TCP can advertise: no sender can have sent it
         self._drop_ooo(o)
         self.buffered -= len(o.buf)
         o.skip_to(ack_off)

@@ -763,6 +763,29 @@ def test_midstream_pickup_behind_the_receivers_ack_continues_at_the_ack() -> Non
     assert conn_of(pb).action
 
 
+def test_retransmission_of_acknowledged_bytes_cut_to_nothing_keeps_its_old_seq() -> None:
+    # No plain listener: nothing is retained past the ACK. The server's ACK is lost after the gateway and
+    # the client retransmits. Cut to nothing, the segment must stay old (the server answers it with a
+    # duplicate ACK); at the server's next byte it would be taken silently and the client would stall.
+    pb = Playbook(RuleSet())
+    pb.handshake()
+    seq0 = pb.cnext
+    assert pb.client("PA", b"x" * 1000).verdict == ACCEPT
+    pb.server("A")
+    again = pb.client("PA", b"x" * 1000, seq=seq0)
+    assert again.verdict == ACCEPT and again.packet is not None
+    out = decode(again.packet)
+    assert out.payload == b"" and out.seq == seq0
+    # With a FIN the FIN keeps its place: the segment moves to where the FIN is.
+    fin_at = pb.cnext
+    assert pb.client("FA", b"y" * 10).verdict == ACCEPT
+    pb.server("A")
+    again = pb.client("FA", b"y" * 10, seq=fin_at)
+    assert again.packet is not None
+    out = decode(again.packet)
+    assert out.payload == b"" and out.seq == (fin_at + 10) & 0xFFFFFFFF
+
+
 def test_ack_of_unseen_bytes_is_dropped_on_a_connection_tracked_from_its_syn() -> None:
     pb = Playbook()
     pb.handshake()
@@ -810,7 +833,7 @@ def test_bytes_below_retention_are_never_forwarded() -> None:
     d = pb.client("PA", b"E" * 1000, seq=base)  # entirely below what is retained
     assert d.verdict == ACCEPT and d.packet is not None
     p = decode(d.packet)
-    assert p.payload == b"" and p.seq == base + 1000
+    assert p.payload == b"" and p.seq == base  # cut to nothing: stays old, so the server answers it
     n = 2000 - (kept_from - 100)  # from 100 bytes before the retention start to the end of the stream
     d = pb.client("PA", b"E" * n, seq=base + kept_from - 100)
     assert d.verdict == ACCEPT and d.packet is not None
@@ -926,6 +949,21 @@ def test_connection_picked_up_signed_mid_stream_keeps_passing_signed_segments() 
     assert pb.server("A", options=MD5).verdict == ACCEPT
     assert pb.client("PA", b"two", options=MD5).verdict == ACCEPT
     assert rec.data() == b"onetwo"
+
+
+def test_a_signed_mid_stream_pickup_is_tentative_until_the_peer_signs() -> None:
+    # An attacker makes the gateway forget the connection, then sends a signed segment first: that must
+    # not switch the check off. The unsigned server shows nothing was negotiated.
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    assert pb.client("PA", b"one", options=MD5).verdict == ACCEPT
+    rst = pb.client("RA", options=MD5)
+    assert rst.verdict == DROP and conn_of(pb).state is State.ESTABLISHED  # not trusted yet
+    assert pb.server("A").verdict == ACCEPT  # the server does not sign
+    assert pb.client("PA", b"cover", options=MD5).verdict == DROP
+    assert pb.client("RA", options=MD5).verdict == DROP
+    assert conn_of(pb).state is State.ESTABLISHED
+    assert rec.data() == b"one"
 
 
 def test_signature_kind_bytes_inside_other_options_are_no_signature() -> None:
