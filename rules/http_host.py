@@ -17,9 +17,14 @@ and frees the connection at once, and the packet carrying the host is dropped, s
 receives a complete request; the client gets nothing (no RST), sees a stalled request and eventually
 times out, which slows down naive retry loops. The host is kept in `flow.store["host"]`.
 
-Fail closed: a request line or header line longer than `MAX_LINE` (servers refuse those anyway, and a
-rule that stopped reading there could be evaded) is half-reset too, with its own alert. A stream that does
-not look like HTTP/1.x (TLS, HTTP/2 prior knowledge, anything else) is left alone from its first line on.
+Fail closed: a request line or header line longer than `MAX_LINE`, a `Content-Length` that is not a
+plain decimal number, a chunk size that is not plain hex, and a line that is not an HTTP/1.x request line
+where a later request should start are half-reset too, with their own alert (servers refuse those
+anyway, and a rule that stopped reading there could be evaded: a lenient server would go on parsing
+requests the rule no longer looks at). A stream whose first line does not look like HTTP/1.x (TLS,
+HTTP/2 prior knowledge, anything else) is left alone, as is a connection picked up mid-stream
+(`flow.midstream`: after a restart its first bytes seen may be the middle of a body) from its first line
+that does not parse.
 A line the stream ends in without its line feed is no request or header (no server acts on it).
 
 Cost: between requests the parser keeps nothing but the host; in the middle of one it keeps its state
@@ -79,6 +84,16 @@ def _too_long(flow, line, direction):
     return False
 
 
+def _broken(flow, what, direction):
+    """Fail closed on framing the rule cannot follow: alert and half-reset. Returns False (stop)."""
+    flow.alert(f"HTTP framing broken: {what}", severity="medium", direction=direction)
+    flow.halfreset()
+    return False
+
+
+HEX = b"0123456789abcdefABCDEF"
+
+
 def _check_host(flow, host, direction):
     """Remember the host; half-reset and return True if it is blocked."""
     # Interned: the many connections to one site share one string instead of a copy each.
@@ -91,8 +106,9 @@ def _check_host(flow, host, direction):
     return True
 
 
-def _line(flow, req, line, direction):
-    """Take one line (with its line feed, or `MAX_LINE` bytes without one). False: stop inspecting."""
+def _line(flow, req, line, direction, lenient):
+    """Take one line (with its line feed, or `MAX_LINE` bytes without one). False: stop inspecting.
+    `lenient`: a request line that is not HTTP/1.x only stops inspection (the stream's first line)."""
     phase = req.phase
     if phase == REQUEST:
         if _too_long(flow, line, direction):
@@ -101,7 +117,9 @@ def _line(flow, req, line, direction):
             return True  # empty lines before a request are allowed (RFC 9112, section 2.2)
         parts = line.split()
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return False  # not HTTP/1.x: stop inspecting this connection
+            if lenient:
+                return False  # not HTTP/1.x: stop inspecting this connection
+            return _broken(flow, "not an HTTP/1.x request line", direction)
         target = parts[1]
         if b"://" in target:
             authority = target.split(b"://", 1)[1].split(b"/", 1)[0].rsplit(b"@", 1)[-1]
@@ -125,17 +143,17 @@ def _line(flow, req, line, direction):
             if _check_host(flow, host_of(value), direction):
                 return False
         elif name == b"content-length":
-            try:
-                req.length = int(value.strip())
-            except ValueError:
-                return False  # the server will refuse it; nothing more to parse reliably
+            value = value.strip()
+            if not value.isdigit():  # ASCII digits only: int() would also take "+5", "1_0", " 5"
+                return _broken(flow, "Content-Length", direction)
+            req.length = int(value)
         elif name == b"transfer-encoding":
             req.chunked = b"chunked" in value.lower()
     elif phase == CHUNK_SIZE:
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            return False  # broken framing: nothing more to parse reliably
+        digits = line.split(b";", 1)[0].strip()
+        if not digits or digits.translate(None, HEX):  # plain hex only: int(, 16) takes "0x", "_"
+            return _broken(flow, "chunk size", direction)
+        size = int(digits, 16)
         if size == 0:
             req.phase = TRAILERS
         elif size > -2:
@@ -145,8 +163,8 @@ def _line(flow, req, line, direction):
     return True
 
 
-def _feed(flow, req, data, direction):
-    """Parse `data`, the next bytes of the client's stream. False: stop inspecting."""
+def _feed(flow, req, data, direction, base):
+    """Parse `data`, the client's stream from offset `base` on. False: stop inspecting."""
     i, n = 0, len(data)
     while i < n:
         if req.phase in (BODY, CHUNK_DATA):
@@ -168,9 +186,10 @@ def _feed(flow, req, data, direction):
             req.line += data[i:]
             return True
         line = req.line + data[i:end] if req.line else data[i:end]
+        lenient = flow.midstream or base + i - len(req.line) == 0  # the stream's first line
         req.line = b""
         i = end
-        if not _line(flow, req, line, direction):
+        if not _line(flow, req, line, direction, lenient):
             return False
     return True
 
@@ -187,7 +206,8 @@ def blocked_host(flow, stream, current, direction):
         req = Request()
     elif req.phase == STOPPED:
         return
-    if not _feed(flow, req, current.read(), direction):
+    base = current.pos  # the stream offset of the bytes read below
+    if not _feed(flow, req, current.read(), direction, base):
         req.phase = STOPPED
     if req.idle():
         store.pop(STATE, None)  # between requests: keep nothing

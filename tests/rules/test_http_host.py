@@ -178,12 +178,31 @@ def test_a_split_line_is_kept_only_until_it_completes() -> None:
     assert flow(pb).store == {"host": "a.example"}
 
 
-def test_broken_chunked_framing_stops_inspection() -> None:
+@pytest.mark.parametrize(
+    ("framing", "what"),
+    [
+        (b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (b"Transfer-Encoding: chunked\r\n\r\n0x5\r\n", "chunk size"),
+        (b"Content-Length: +5\r\n\r\n", "Content-Length"),
+        (b"Content-Length: 1_0\r\n\r\n", "Content-Length"),
+        (b"Content-Length: 5, 5\r\n\r\n", "Content-Length"),
+    ],
+)
+def test_broken_framing_fails_closed(framing: bytes, what: str) -> None:
+    # Stopping there would let a lenient server's next requests through unread.
     pb = http_playbook()
-    request = b"POST / HTTP/1.1\r\nHost: ok\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
-    assert pb.client("PA", request).verdict == ACCEPT
-    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: blocked.example\r\n\r\n").verdict == ACCEPT
-    assert actions(pb) == []
+    d = pb.client("PA", b"POST / HTTP/1.1\r\nHost: ok\r\n" + framing)
+    assert d.verdict == DROP
+    assert actions(pb) == ["halfreset"]
+    assert alerts(pb) == [f"HTTP framing broken: {what}"]
+
+
+def test_a_later_request_line_that_is_not_http_fails_closed() -> None:
+    pb = http_playbook()
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: ok\r\n\r\n").verdict == ACCEPT
+    assert pb.client("PA", b"\x16\x03\x01 binary\r\n").verdict == DROP
+    assert actions(pb) == ["halfreset"]
+    assert alerts(pb) == ["HTTP framing broken: not an HTTP/1.x request line"]
 
 
 def test_an_idle_connection_keeps_no_request_bytes_and_the_host_cheaply() -> None:
