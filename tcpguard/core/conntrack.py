@@ -87,8 +87,6 @@ class Connection:
     def __init__(
         self,
         cid: int,
-        key: FlowKey,
-        version: int,
         client: bytes,
         cport: int,
         server: bytes,
@@ -100,7 +98,6 @@ class Connection:
     ) -> None:
         # `key`, `version` and `ended` are derived (properties below) rather than stored: every slot is
         # 8 bytes on each tracked connection, and a table of idle connections is mostly these objects.
-        del key, version
         self.id = cid
         self.client = client
         self.cport = cport

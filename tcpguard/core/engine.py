@@ -267,11 +267,11 @@ class Engine:
         key = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
         conn = self.table.by_key.get(key)
         if conn is None:
-            return self._untracked(pkt, key, token)
+            return self._untracked(pkt, token)
         direction = UP if pkt.sport == conn.cport and pkt.src == conn.client else DOWN
         return self._track(conn, pkt, direction, token)
 
-    def _untracked(self, pkt: Packet, key: Any, token: object) -> Decision:
+    def _untracked(self, pkt: Packet, token: object) -> Decision:
         flags = pkt.flags
         if flags & RST:
             # Nothing to tear down; the receiver checks the sequence number itself.
@@ -280,14 +280,14 @@ class Engine:
             self.stats.invalid += 1
             return Decision(DROP, reason="invalid flag combination")
         if flags & SYN and not flags & ACK:
-            return self._open(pkt, key, token)
+            return self._open(pkt, token)
         pol = self.settings.policies.midstream
         self.stats.midstream += 1
         if pol == "accept":
             return Decision(ACCEPT, reason="midstream accepted untracked")
         if pol == "drop":
             return Decision(DROP, reason="midstream dropped")
-        return self._open(pkt, key, token, midstream=True)
+        return self._open(pkt, token, midstream=True)
 
     def _make_room(self) -> bool:
         """True if a new connection fits, evicting one if the policy allows."""
@@ -311,7 +311,7 @@ class Engine:
         self.table.remove(victim)
         return True
 
-    def _open(self, pkt: Packet, key: Any, token: object, midstream: bool = False) -> Decision:
+    def _open(self, pkt: Packet, token: object, midstream: bool = False) -> Decision:
         if not self._make_room():
             return Decision(DROP, reason="connection table full")
         flags = pkt.flags
@@ -336,7 +336,7 @@ class Engine:
             up, down = HalfStream(pkt.seq), HalfStream(-1)
             state = State.SYN_SENT
         conn = Connection(
-            self.table.new_id(), key, pkt.version, client, cport, server, sport, self.now, up, down, state
+            self.table.new_id(), client, cport, server, sport, self.now, up, down, state
         )
         conn.midstream = midstream
         conn._alert = self._alert_sink
@@ -414,7 +414,7 @@ class Engine:
             if nxt is StateAction.REOPEN:
                 self._finish(conn, "reopened")
                 self.table.remove(conn)
-                return self._open(pkt, conn.key, token)
+                return self._open(pkt, token)
             if nxt is StateAction.INVALID or pkt.seq != s.isn:
                 self.stats.invalid += 1
                 return Decision(DROP, flow_id=conn.id, reason=f"SYN invalid in {state.name}")

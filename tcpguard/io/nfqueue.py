@@ -417,16 +417,7 @@ class NfqueueAdapter:
             self._verdict(pkt, self.error_verdict, None)
             return
         verdict = dec.verdict
-        if verdict is _ACCEPT and dec.packet is None and self.repeat_mark is None:
-            # The common case, without the general `_verdict`: accepted as received.
-            st.accepted += 1
-            try:
-                pkt.accept()
-            except (RuntimeError, TypeError, OSError) as exc:
-                st.verdict_errors += 1
-                log.warning("verdict ACCEPT failed: %s", exc)
-            self._current_done = True
-        elif verdict is _HOLD:
+        if verdict is _HOLD:
             st.held += 1
             self._held[id(pkt)] = pkt
             st.holding = len(self._held)

@@ -59,11 +59,9 @@ class HeapTable:
 
 def make(cid: int, expires: float) -> Connection:
     client = bytes([10, 0, cid >> 8 & 0xFF, cid & 0xFF])
-    key = (client, 1000 + cid, b"\x0a\x02\x00\x01", 80)
     server = b"\x0a\x02\x00\x01"
-    conn = Connection(
-        cid, key, 4, client, 1000 + cid, server, 80, 0.0, HalfStream(1), HalfStream(2), State.ESTABLISHED
-    )
+    up, down = HalfStream(1), HalfStream(2)
+    conn = Connection(cid, client, 1000 + cid, server, 80, 0.0, up, down, State.ESTABLISHED)
     conn.expires = expires
     return conn
 
