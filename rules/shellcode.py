@@ -31,14 +31,6 @@ PATTERNS = (
 )
 
 
-def first_pattern(data):
-    """The first of PATTERNS found in `data`, or None."""
-    for pattern in PATTERNS:
-        if pattern in data:
-            return pattern
-    return None
-
-
 # A match ending in the new bytes starts at most len(pattern) - 1 bytes before them.
 LOOKBACK = max(len(p) for p in PATTERNS) - 1
 
@@ -46,7 +38,7 @@ LOOKBACK = max(len(p) for p in PATTERNS) - 1
 @rule(on=tcp_connection.events.receive_data, direction="up", lookback=LOOKBACK)
 def no_shellcode(flow, stream, current, direction):
     # `find` only reports a match that ends in the new bytes: one wholly before them was already seen
-    # (and reset the connection). Checking the patterns in order keeps first_pattern's precedence.
+    # (and reset the connection). The patterns are checked in order: the first one listed is reported.
     for pattern in PATTERNS:
         if current.find(pattern):
             flow.alert(

@@ -56,9 +56,14 @@ def test_near_misses_and_the_servers_direction_pass() -> None:
     assert actions(pb) == []
 
 
-def test_first_pattern() -> None:
-    assert MOD["first_pattern"](b"a cmd.exe /bin/sh") == b"/bin/sh"  # PATTERNS order, not position
-    assert MOD["first_pattern"](b"nothing") is None
+def test_the_first_listed_pattern_is_reported_not_the_first_in_the_bytes() -> None:
+    pb = playbook(RS)
+    pb.handshake()
+    assert pb.client("PA", b"a cmd.exe /bin/sh").verdict == DROP
+    assert alerts(pb) == ["shell-code pattern b'/bin/sh' from the client"]
+    clean = playbook(RS)
+    clean.handshake()
+    assert clean.client("PA", b"nothing").verdict == ACCEPT and alerts(clean) == []
 
 
 @pytest.mark.parametrize("pattern", MOD["PATTERNS"], ids=repr)
