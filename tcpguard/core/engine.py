@@ -335,9 +335,7 @@ class Engine:
             client, cport, server, sport = pkt.src, pkt.sport, pkt.dst, pkt.dport
             up, down = HalfStream(pkt.seq), HalfStream(-1)
             state = State.SYN_SENT
-        conn = Connection(
-            self.table.new_id(), client, cport, server, sport, self.now, up, down, state
-        )
+        conn = Connection(self.table.new_id(), client, cport, server, sport, self.now, up, down, state)
         conn.midstream = midstream
         conn._alert = self._alert_sink
         if flags & SYN and not flags & ACK:

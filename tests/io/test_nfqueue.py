@@ -19,6 +19,8 @@ import hashlib
 import json
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -54,6 +56,21 @@ class AcceptAll:
 
     def shutdown(self, now: float) -> Output:
         return Output()
+
+
+class AcceptStalling(AcceptAll):
+    """Accepts everything but stalls 3 ms on every 200th packet, so packets pile up in the queue and the
+    adapter reads (and answers) them in batches, as it does under load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+        self.count += 1
+        if self.count % 200 == 0:
+            time.sleep(0.003)
+        return Decision(Verdict.ACCEPT)
 
 
 class DropBlock(AcceptAll):
@@ -172,6 +189,7 @@ class ResetOnMarker(AcceptAll):
 
 HANDLERS: dict[str, type[AcceptAll]] = {
     "accept": AcceptAll,
+    "accept-stalling": AcceptStalling,
     "drop-block": DropBlock,
     "hold-alternate": HoldAlternate,
     "hold-until-tick": HoldUntilTick,
@@ -192,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mark", type=int, default=0x7467)
     ap.add_argument("--fail-open", action="store_true")
     ap.add_argument("--drain-verdict", choices=["accept", "drop"], default="drop")
+    ap.add_argument("--repeat", action="store_true", help="answer NF_REPEAT with --mark, as the daemon does")
     args = ap.parse_args(argv)
     handler = HANDLERS[args.handler]()
     with RawSender(mark=args.mark) as sender:
@@ -203,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             fail_open=args.fail_open,
             sender=sender,
             drain_verdict=Verdict[args.drain_verdict.upper()],
+            repeat_mark=args.mark if args.repeat else None,
         )
         signal.signal(signal.SIGTERM, lambda *_: adapter.stop())
         adapter.open()
@@ -426,6 +446,22 @@ def test_accept_all_transfer_is_byte_identical(setup: Setup, family: str) -> Non
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("repeat", [False, True], ids=["accept", "repeat"])
+def test_batch_verdicts_deliver_every_byte(setup: Setup, repeat: bool) -> None:
+    """Packets that pile up are answered with one batch verdict each pile; the kernel must take them
+    (a refused or wrong batch would leave packets queued and the transfer would stall or lose bytes)."""
+    setup.install()
+    setup.start_driver("accept-stalling", *(["--repeat"] if repeat else []))
+    data, out = setup.transfer(2 << 20)
+    q = setup.stop_driver()["queue"]
+    assert out.read_bytes() == data
+    _check_common(q)
+    assert q["accepted"] == q["packets"]
+    assert q["batches"] >= 1
+    assert q["batches"] * 2 <= q["batched"] <= q["accepted"]
+
+
+@pytest.mark.root
 def test_drop_handler_stops_blocked_bytes(setup: Setup) -> None:
     setup.install()
     setup.start_driver("drop-block")
@@ -574,6 +610,7 @@ class FakePacket:
         self.log = log if log is not None else []
         self.name = name
         self.mark = 0
+        self.id = 0
 
     def get_payload(self) -> bytes:
         return self.payload
@@ -793,3 +830,119 @@ def test_repeat_mode_marks_and_repeats_accepted_packets() -> None:
     adapter.process(FakePacket(b"a", log=log, name="p1"))
     adapter.process(FakePacket(b"b", log=log, name="p2"))
     assert log == ["repeat mark=0x7467 p1", "drop p2"]
+
+
+class FakeNetlink:
+    """Stands in for the queue's netlink socket: records what the adapter sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendto(self, data: bytes, addr: tuple[int, int]) -> int:
+        assert addr == (0, 0)  # the kernel
+        self.sent.append(data)
+        return len(data)
+
+
+def IdPacket(pid: int, log: list[str]) -> FakePacket:  # noqa: N802 (reads like the class it makes)
+    pkt = FakePacket(log=log, name=f"p{pid}")
+    pkt.id = pid
+    return pkt
+
+
+def _batching(
+    handler: Scripted, log: list[str] | None = None, **kw: Any
+) -> tuple[NfqueueAdapter, FakeNetlink]:
+    """An adapter in the state `_read_batch` puts it in while NetfilterQueue calls back."""
+    adapter, _ = _adapter(handler, log, **kw)
+    nl = FakeNetlink()
+    adapter._sock = nl  # type: ignore[assignment]
+    adapter._batching = True
+    return adapter, nl
+
+
+def _verdict_batch(queue: int, verdict: int, last_id: int, mark: int | None = None) -> bytes:
+    """NFQNL_MSG_VERDICT_BATCH laid out by hand from linux/netfilter/nfnetlink_queue.h."""
+    attrs = struct.pack("=HH", 12, 2) + struct.pack("!II", verdict, last_id)  # NFQA_VERDICT_HDR
+    if mark is not None:
+        attrs += struct.pack("=HH", 8, 3) + struct.pack("!I", mark)  # NFQA_MARK
+    body = struct.pack("=BBH", 0, 0, socket.htons(queue)) + attrs  # nfgenmsg: AF_UNSPEC, v0, queue
+    # nlmsghdr: (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH, NLM_F_REQUEST
+    return struct.pack("=IHHII", 16 + len(body), (3 << 8) | 3, 1, 0, 0) + body
+
+
+def test_unit_accepts_wait_for_the_batch_end_and_go_in_one_message() -> None:
+    log: list[str] = []
+    a, nl = _batching(Scripted(*[Decision(Verdict.ACCEPT)] * 3), queue_num=7)
+    for i in (11, 12, 13):
+        a.process(IdPacket(i, log))
+    assert log == [] and nl.sent == []  # nothing answered before the batch ends
+    a._flush()
+    assert nl.sent == [_verdict_batch(7, 1, 13)]  # NF_ACCEPT up to the last id
+    assert log == []  # no per-packet verdict on top
+    s = a.stats
+    assert (s.accepted, s.batches, s.batched) == (3, 1, 3)
+
+
+def test_unit_batch_repeats_with_the_mark() -> None:
+    a, nl = _batching(Scripted(*[Decision(Verdict.ACCEPT)] * 2), queue_num=3, repeat_mark=0x7467)
+    for i in (1, 2):
+        a.process(IdPacket(i, []))
+    a._flush()
+    assert nl.sent == [_verdict_batch(3, 4, 2, mark=0x7467)]  # NF_REPEAT, mark on every packet
+
+
+def test_unit_anything_but_a_plain_accept_keeps_the_order() -> None:
+    """A rewrite, a hold, a release or a forged packet first answers what was accepted before it."""
+    log: list[str] = []
+    p = [IdPacket(i, log) for i in range(1, 8)]
+    a, nl = _batching(
+        Scripted(
+            Decision(Verdict.ACCEPT),
+            Decision(Verdict.ACCEPT),
+            Decision(Verdict.ACCEPT, packet=b"new"),  # p3: flushes p1, p2 (one batch), then itself
+            Decision(Verdict.ACCEPT),
+            Decision(Verdict.DROP),  # p5: a drop answers at once and does not reorder accepts
+            Decision(Verdict.HOLD),  # p6: flushes p4 (alone: its own verdict), then is held
+            Decision(Verdict.ACCEPT, releases=[Release(p[5], Verdict.ACCEPT)]),  # p7
+            Decision(Verdict.ACCEPT),
+            Decision(Verdict.DROP, send=[b"rst"]),  # p9: a forged RST must not overtake p8
+        ),
+        log,
+    )
+    p += [IdPacket(8, log), IdPacket(9, log)]
+    for pkt in p:
+        a.process(pkt)
+    assert nl.sent == [_verdict_batch(0, 1, 2)]
+    assert log == [
+        "accept p3",
+        "drop p5",
+        "accept p4",
+        "accept p7",
+        "accept p6",
+        "accept p8",
+        "drop p9",
+        "send rst",
+    ]
+    a._flush()
+    assert len(nl.sent) == 1 and a.stats.batched == 2
+
+
+def test_unit_no_batch_while_a_packet_is_held() -> None:
+    """The kernel's batch answers every older queued packet, a held one too: so none while one is held."""
+    log: list[str] = []
+    held = IdPacket(1, log)
+    a, nl = _batching(Scripted(Decision(Verdict.HOLD), Decision(Verdict.ACCEPT), Decision(Verdict.ACCEPT)))
+    for pkt in (held, IdPacket(2, log), IdPacket(3, log)):
+        a.process(pkt)
+    a._flush()
+    assert nl.sent == []
+    assert log == ["accept p2", "accept p3"] and held.verdict is None
+    assert a.stats.holding == 1
+
+
+def test_unit_outside_a_batch_every_accept_is_immediate() -> None:
+    log: list[str] = []
+    a, _ = _adapter(Scripted(Decision(Verdict.ACCEPT)))
+    a.process(IdPacket(1, log))
+    assert log == ["accept p1"]
