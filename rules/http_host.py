@@ -196,10 +196,9 @@ def _feed(flow, req, data, direction, base):
 
 # lookback=0: the parser keeps a split line itself and only ever reads the new bytes (`current.read()`),
 # so the engine need not retain any of the client's acknowledged bytes for it.
-@rule(on=tcp_connection.events.receive_data, direction="up", lookback=0)
+# ports=: the engine calls the listener on connections to these ports only (the others cost nothing).
+@rule(on=tcp_connection.events.receive_data, direction="up", lookback=0, ports=HTTP_PORTS)
 def blocked_host(flow, stream, current, direction):
-    if flow.dstport not in HTTP_PORTS:
-        return
     store = flow.store
     req = store.get(STATE)
     if req is None:

@@ -127,10 +127,9 @@ def is_blocked(name):
     return any(name == b or name.endswith("." + b) for b in BLOCKED_NAMES)
 
 
-@rule(on=tcp_connection.events.receive_data, streamed=True, direction="up")
+# ports=: on connections to other ports the engine does not even start the listener's coroutine.
+@rule(on=tcp_connection.events.receive_data, streamed=True, direction="up", ports=TLS_PORTS)
 def blocked_sni(flow, stream, current, direction):
-    if TLS_PORTS is not None and flow.dstport not in TLS_PORTS:
-        return
     try:
         hello = read_client_hello(current)
         if hello is None:

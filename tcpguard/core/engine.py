@@ -358,6 +358,8 @@ class Engine:
             }
         )
         for r in self.rules.new_connection:
+            if r.ports is not None and sport not in r.ports:
+                continue
             self._call(conn, r, conn, pkt)
             if conn.action:
                 break
@@ -738,8 +740,11 @@ class Engine:
                     "length": s.next - start,
                 }
             )
+        sport = conn.sport
         for r in self.rules.receive_data:
             if r.direction is not None and r.direction != dname:
+                continue
+            if r.ports is not None and sport not in r.ports:
                 continue
             self._call(conn, r, conn, s, Cursor(s, start, blocking=False), dname)
             if conn.action:
@@ -751,6 +756,8 @@ class Engine:
         # are only a bit in `conn._gdone`, so a connection whose listeners all returned keeps no dict.
         for i, r in enumerate(streamed):
             if r.direction is not None and r.direction != dname:
+                continue
+            if r.ports is not None and sport not in r.ports:
                 continue
             if conn._gdone >> (2 * i + d) & 1:
                 continue  # this listener already finished on this direction
@@ -959,8 +966,10 @@ class Engine:
             return
         conn.end_reason = reason  # non-empty: `conn.ended` is true from here on
         self._end_readers(conn, kill=blocked)
+        sport = conn.sport
         for r in self.rules.end_connection:
-            self._call(conn, r, conn)
+            if r.ports is None or sport in r.ports:
+                self._call(conn, r, conn)
         self._emit(
             {
                 "event": "end_connection",

@@ -9,7 +9,7 @@ new `RuleSet` and the engine swaps it in whole.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -55,6 +55,9 @@ class Rule:
     # look-back). Each direction's stream retains the largest of its plain listeners' (engine._lookbacks),
     # so one that needs none (it keeps its own state) no longer makes every idle connection hold a tail.
     lookback: int = LOOKBACK
+    # The server ports of the connections the listener is called on (None: every connection). Checked
+    # before the call, so a listener for other ports costs nothing, and a streamed one no coroutine.
+    ports: frozenset[int] | None = None
 
 
 _collector: list[Rule] | None = None
@@ -78,6 +81,7 @@ def rule(
     name: str | None = None,
     direction: str | None = None,
     lookback: int | None = None,
+    ports: Iterable[int] | None = None,
 ) -> Callable[[F], F]:
     """Register the decorated function as a listener of event `on`.
 
@@ -88,6 +92,8 @@ def rule(
     started in an earlier segment if `N >= len(pattern) - 1`. Each stream keeps the largest look-back of
     the listeners of its direction after the receiver acknowledged the bytes, so declare the least you
     need (0 if the listener keeps its own state): an idle connection then holds fewer bytes.
+    `ports={80, 8080}` (any event) calls the listener only on connections whose server port (`flow.dstport`)
+    is one of these; the others never see it, and cost nothing for it (no call, no coroutine).
     """
     try:
         event = EventName(on)
@@ -101,6 +107,7 @@ def rule(
         streamed or event != EventName.RECEIVE_DATA or not isinstance(lookback, int) or lookback < 0
     ):
         raise ValueError("lookback= is a byte count >= 0, and only for plain receive_data listeners")
+    port_set = _port_set(ports)
 
     def deco(func: F) -> F:
         r = Rule(
@@ -111,6 +118,7 @@ def rule(
             module=func.__module__,
             direction=direction,
             lookback=LOOKBACK if lookback is None else lookback,
+            ports=port_set,
         )
         func.__tcpguard_rule__ = r  # type: ignore[attr-defined]
         if _collector is not None:
@@ -118,6 +126,20 @@ def rule(
         return func
 
     return deco
+
+
+def _port_set(ports: Iterable[int] | None) -> frozenset[int] | None:
+    if ports is None:
+        return None
+    if isinstance(ports, (str, bytes, int)):
+        raise ValueError(f"ports= is a collection of port numbers, like {{80, 8080}}, not {ports!r}")
+    out = frozenset(ports)
+    if not out:
+        raise ValueError("ports= is empty: the listener would never run (None means every port)")
+    bad = [p for p in out if type(p) is not int or not 0 <= p <= 65535]
+    if bad:
+        raise ValueError(f"ports= holds {bad[0]!r}: ports are integers 0-65535")
+    return out
 
 
 class RuleSet:

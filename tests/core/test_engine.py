@@ -817,6 +817,71 @@ def test_direction_filter_calls_a_listener_for_one_direction_only() -> None:
         rule(on=EV.new_connection, direction="up")
 
 
+@pytest.mark.parametrize("sport", [80, 8080])
+def test_ports_filter_calls_listeners_only_on_connections_to_those_server_ports(sport: int) -> None:
+    seen: list[str] = []
+
+    @rule(on=EV.new_connection, ports={80})
+    def opened(flow: Connection, tcp: Any) -> None:
+        seen.append("new")
+
+    @rule(on=EV.receive_data, ports=[80, 443])
+    def plain(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        seen.append(f"plain {direction} {current.read()!r}")
+
+    @rule(on=EV.receive_data, streamed=True, ports=range(80, 81))
+    def streamed(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        for chunk in current:
+            seen.append(f"streamed {direction} {chunk!r}")
+
+    @rule(on=EV.end_connection, ports={80})
+    def ended(flow: Connection) -> None:
+        seen.append("end")
+
+    @rule(on=EV.receive_data)
+    def everywhere(flow: Connection, stream: Any, current: Any, direction: str) -> None:
+        seen.append(f"all {direction}")
+
+    # The client sends from port 80 on the 8080 connection: the server's port is what counts.
+    rules = RuleSet.of(opened, plain, streamed, ended, everywhere)
+    pb = Playbook(rules, cport=80 if sport != 80 else 40000, sport=sport)
+    pb.handshake()
+    pb.client("PA", b"GET")
+    if sport == 8080:
+        assert conn_of(pb)._greenlets is None  # no coroutine started for the port-80 listener
+    pb.server("PA", b"200")
+    pb.client("RA")
+    if sport == 80:
+        assert seen == [
+            "new",
+            "plain up b'GET'",
+            "all up",
+            "streamed up b'GET'",
+            "plain down b'200'",
+            "all down",
+            "streamed down b'200'",
+            "end",
+        ]
+    else:
+        assert seen == ["all up", "all down"]
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        (80, "collection of port numbers"),
+        ("80", "collection of port numbers"),
+        (set(), "empty"),
+        ({80, 70000}, "70000"),
+        ({80, "443"}, "'443'"),
+        ({True}, "True"),
+    ],
+)
+def test_ports_filter_rejects_what_is_not_a_set_of_ports(ports: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        rule(on=EV.new_connection, ports=ports)
+
+
 def test_bytes_below_retention_are_never_forwarded() -> None:
     """A retransmission of bytes the engine no longer retains cannot be checked against the first copy:
     that part is cut off (the receiver acknowledged it), the rest is checked as usual."""

@@ -119,6 +119,8 @@ def test_not_tls_and_other_ports_are_left_alone() -> None:
     other = tls_playbook(8000)
     assert other.client("PA", client_hello("blocked.example")).verdict == ACCEPT
     assert actions(pb) == actions(other) == []
+    # On another port the listener's coroutine is never started (ports= in the rule).
+    assert flow(other)._greenlets is None and flow(other)._gdone == 0
 
 
 def test_stream_ending_inside_the_hello_fails_closed() -> None:
