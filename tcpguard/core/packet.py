@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from zlib import adler32
 
 from tcpguard.core.errors import DecodeError
 
@@ -446,6 +447,9 @@ def parse_options(opts: bytes) -> TcpOptions:
 # of magnitude faster than summing words in a Python loop.
 
 
+_SPLIT_AT = 224  # below it the single big integer is faster (measured, see sum16_mod)
+
+
 def ones_sum(data: bytes) -> int:
     """One's-complement sum of `data` as 16-bit words, folded into 1..0xFFFF (0 only for all-zero input)."""
     if len(data) & 1:
@@ -467,15 +471,33 @@ def _pseudo_header(pkt: Packet, length: int) -> bytes:
     return pkt.src + pkt.pdst + struct.pack("!IxxxB", length, PROTO_TCP)
 
 
+def sum16_mod(data: bytes) -> int:
+    """`data` as big-endian 16-bit words (an odd last byte padded with zero), summed modulo 0xFFFF.
+
+    Up to `_SPLIT_AT` bytes: one big integer and `%`. Longer: CPython 3.11's `%` by a one-digit divisor
+    also builds the whole quotient, which made it two thirds of a full-size segment's check, so a long
+    buffer is summed in 512-byte chunks instead, each as two byte sums (its even bytes, the words' high
+    halves, and its odd bytes) that zlib's Adler-32 computes in C: its A half is 0 plus the byte sum
+    modulo 65521, exact for 256 bytes (at most 65,280). Compiled: 3.6 -> 1.6 us on a 1,460-byte segment,
+    1.1 -> 0.5 us on 400 bytes; the two paths cost the same at about 220 bytes.
+    """
+    n = len(data)
+    if n < _SPLIT_AT:
+        return int.from_bytes(data + b"\x00" if n & 1 else data, "big") % 0xFFFF
+    total = 0
+    for i in range(0, n, 512):
+        chunk = data[i : i + 512]
+        total += (adler32(chunk[0::2], 0) & 0xFFFF) * 256 + (adler32(chunk[1::2], 0) & 0xFFFF)
+    return total % 0xFFFF
+
+
 def checksums_ok(pkt: Packet) -> bool:
     """True if the IPv4 header checksum (if any) and the TCP checksum verify."""
     raw = pkt.raw
     if pkt.version == 4 and int.from_bytes(raw[: pkt.ip_hlen], "big") % 0xFFFF != 0:
         return False
     seg = raw[pkt.ip_hlen :]
-    total = int.from_bytes(_pseudo_header(pkt, len(seg)), "big") + int.from_bytes(
-        seg + b"\x00" if len(seg) & 1 else seg, "big"
-    )
+    total = int.from_bytes(_pseudo_header(pkt, len(seg)), "big") + sum16_mod(seg)
     return total % 0xFFFF == 0
 
 

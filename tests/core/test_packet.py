@@ -36,7 +36,7 @@ from scapy.layers.inet6 import (
 from scapy.layers.ipsec import AH
 
 from tcpguard.core.errors import DecodeError
-from tcpguard.core.packet import Packet, TcpOptions, checksums_ok, decode
+from tcpguard.core.packet import Packet, TcpOptions, checksums_ok, decode, sum16_mod
 
 V4_SRC, V4_DST = "192.0.2.1", "198.51.100.7"
 V6_SRC, V6_DST = "2001:db8::1", "2001:db8:ffff::2"
@@ -384,6 +384,28 @@ def test_checksums_ok_for_scapy_packets(payload: bytes, ipv6: bool, with_options
         ip_opts = [IPOption_RR(routers=["10.9.8.7"])] if with_options else None
         raw = v4(payload, ip_options=ip_opts, flags="PA", options=opts)
     assert checksums_ok(decode(raw))
+
+
+def _sum16_reference(data: bytes) -> int:
+    """RFC 1071's loop: 16-bit big-endian words, odd byte padded, summed, reduced modulo 0xFFFF."""
+    padded = data + b"\x00" if len(data) & 1 else data
+    return sum((padded[i] << 8) | padded[i + 1] for i in range(0, len(padded), 2)) % 0xFFFF
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.one_of(st.binary(max_size=3000), st.integers(0, 3000).map(lambda n: b"\xff" * n)))
+def test_sum16_mod_equals_the_word_sum_at_every_length(data: bytes) -> None:
+    """The chunked path (long buffers) and the big-integer path (short ones) agree with the plain word sum,
+    also for all-0xFF buffers, whose chunk byte sums are the largest possible."""
+    assert sum16_mod(data) == _sum16_reference(data)
+
+
+@pytest.mark.parametrize(
+    "n", [0, 1, 2, 223, 224, 225, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 1460, 1461]
+)
+def test_sum16_mod_at_the_chunk_and_path_boundaries(n: int) -> None:
+    for data in (b"\xff" * n, bytes(range(256)) * (n // 256) + bytes(range(n % 256))):
+        assert sum16_mod(data) == _sum16_reference(data)
 
 
 def _flipped_rejected(raw: bytes, index: int, mask: int) -> bool:
