@@ -72,8 +72,17 @@ def host_of(value):
 
 
 def is_blocked(host):
-    name = host.decode("ascii", "replace")
-    return any(name == b or name.endswith("." + b) for b in BLOCKED_HOSTS)
+    return _blocked_name(host.decode("ascii", "replace"))
+
+
+def _blocked_name(name):
+    """`name` or a parent domain of it is in BLOCKED_HOSTS: one set lookup per label, whatever its size."""
+    while name not in BLOCKED_HOSTS:
+        dot = name.find(".")
+        if dot < 0:
+            return False
+        name = name[dot + 1 :]
+    return True
 
 
 def _too_long(flow, line, direction):
@@ -99,11 +108,58 @@ def _check_host(flow, host, direction):
     # Interned: the many connections to one site share one string instead of a copy each.
     name = sys.intern(host.decode("ascii", "replace"))
     flow.store["host"] = name
-    if not is_blocked(host):
+    if not _blocked_name(name):
         return False
     flow.alert(f"HTTP request to blocked host {name}", severity="medium", direction=direction)
     flow.halfreset()
     return True
+
+
+FIELDS = {b"host", b"content-length", b"transfer-encoding"}  # the header fields the parser acts on
+
+
+def _field(flow, req, line, direction):
+    """One header line of the request being read (its CRLF may be there or not). False: stop inspecting."""
+    name, _, value = line.partition(b":")
+    name = name.strip().lower()
+    if name not in FIELDS:
+        return True
+    if name == b"host":
+        if _check_host(flow, host_of(value), direction):
+            return False
+    elif name == b"content-length":
+        value = value.strip()
+        if not value.isdigit():  # ASCII digits only: int() would also take "+5", "1_0", " 5"
+            return _broken(flow, "Content-Length", direction)
+        req.length = int(value)
+    elif name == b"transfer-encoding":
+        req.chunked = b"chunked" in value.lower()
+    return True
+
+
+def _whole_head(data, i):
+    """Where the request head starting at `i` ends (its CRLF CRLF), if all of it is in `data` and every
+    line of it ends in CRLF; else -1. Most requests arrive whole: `_head` then reads them in one go."""
+    end = data.find(b"\r\n\r\n", i, i + MAX_LINE)
+    if end <= i or data.startswith(b"\r\n", i):
+        return -1  # not whole, or empty lines before the request: the line-by-line path
+    if data.count(b"\n", i, end) != data.count(b"\r\n", i, end):
+        return -1  # a bare line feed somewhere: the line-by-line path splits those
+    return end
+
+
+def _head(flow, req, head, direction, lenient):
+    """A whole request head (`head`: up to, not including, the CRLF CRLF that ends it). The same steps as
+    `_line` on each of its lines in turn, without the per-line bookkeeping of `_feed`."""
+    lines = head.split(b"\r\n")
+    if not _line(flow, req, lines[0] + b"\r\n", direction, lenient):
+        return False
+    for k in range(1, len(lines)):
+        line = lines[k]
+        # Most header lines are none of FIELDS: tell that here, before a call (what `_field` does first).
+        if line.partition(b":")[0].strip().lower() in FIELDS and not _field(flow, req, line, direction):
+            return False
+    return _line(flow, req, b"\r\n", direction, lenient)  # the empty line: body, chunks or next request
 
 
 def _line(flow, req, line, direction, lenient):
@@ -137,18 +193,7 @@ def _line(flow, req, line, direction, lenient):
             else:
                 req.phase = REQUEST
             return True
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"host":
-            if _check_host(flow, host_of(value), direction):
-                return False
-        elif name == b"content-length":
-            value = value.strip()
-            if not value.isdigit():  # ASCII digits only: int() would also take "+5", "1_0", " 5"
-                return _broken(flow, "Content-Length", direction)
-            req.length = int(value)
-        elif name == b"transfer-encoding":
-            req.chunked = b"chunked" in value.lower()
+        return _field(flow, req, line, direction)
     elif phase == CHUNK_SIZE:
         digits = line.split(b";", 1)[0].strip()
         if not digits or digits.translate(None, HEX):  # plain hex only: int(, 16) takes "0x", "_"
@@ -175,6 +220,14 @@ def _feed(flow, req, data, direction, base):
                 return True
             req.phase = REQUEST if req.phase == BODY else CHUNK_SIZE
             continue
+        if req.phase == REQUEST and not req.line:
+            end = _whole_head(data, i)
+            if end >= 0:
+                lenient = flow.midstream or base + i == 0  # the stream's first line
+                if not _head(flow, req, data[i:end], direction, lenient):
+                    return False
+                i = end + 4
+                continue
         # A line ends at its line feed, or after MAX_LINE bytes without one (readline's limit).
         room = MAX_LINE - len(req.line)
         j = data.find(b"\n", i, i + room)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .samples import ACCEPT, DROP, Playbook, actions, alerts, flow, forged, load, playbook, send_pieces
 
@@ -212,3 +214,77 @@ def test_an_idle_connection_keeps_no_request_bytes_and_the_host_cheaply() -> Non
     assert flow(pb).up.buf == b""  # lookback=0: the parser needs none of the acknowledged bytes
     assert flow(pb)._store == ("host", "example.org")  # packed between packets (64 bytes, not 184)
     assert flow(pb).store == {"host": "example.org"}
+
+
+# Pieces that requests (and attempts to confuse a parser) are made of: line ends of every kind, header
+# names in odd spellings, framing headers with good and bad values, blocked and allowed hosts.
+TOKENS = [
+    b"GET / HTTP/1.1",
+    b"POST /x HTTP/1.0",
+    b"GET http://ads.example/ HTTP/1.1",
+    b"BREW / HTCPCP/1.0",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b"\t",
+    b":",
+    b"Host",
+    b"host",
+    b" HOST ",
+    b"X-Host",
+    b"Hos t",
+    b" blocked.example",
+    b"ok.example",
+    b"www.ads.example.",
+    b"Content-Length",
+    b"content-length",
+    b"2",
+    b"0",
+    b"+2",
+    b"Transfer-Encoding",
+    b"chunked",
+    b"ab",
+    b"1\r\nx\r\n0\r\n\r\n",
+]
+
+
+def _outcome(pieces: list[bytes]) -> tuple[list[str], list[str], dict[str, Any], bool]:
+    pb, verdicts = played(pieces)
+    store = {
+        k: tuple(getattr(v, f) for f in v.__slots__) if isinstance(v, MOD["Request"]) else v
+        for k, v in flow(pb).store.items()
+    }
+    return alerts(pb), actions(pb), store, DROP in verdicts
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(TOKENS), max_size=40).map(b"".join))
+def test_a_stream_in_one_segment_reads_like_the_same_stream_byte_by_byte(data: bytes) -> None:
+    """Whole request heads in one segment take the one-go path (`_head`), heads cut into single bytes the
+    line-by-line path: both must find the same hosts, fail closed on the same framing, keep the same state."""
+    if not data:
+        return
+    whole = _outcome([data])
+    by_byte = _outcome([data[i : i + 1] for i in range(len(data))])
+    assert whole == by_byte
+
+
+def test_the_one_go_path_reads_a_whole_head_and_the_line_path_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The equivalence above is only worth something if both paths run: count them."""
+    calls = {"head": 0}
+    real = MOD["_head"]
+
+    def counting(*args: Any) -> Any:
+        calls["head"] += 1
+        return real(*args)
+
+    monkeypatch.setitem(MOD, "_head", counting)
+    played([KEEP_ALIVE])
+    # Four requests; the first starts with an empty line and takes the line path.
+    assert calls["head"] == 3
+    calls["head"] = 0
+    played([KEEP_ALIVE[i : i + 1] for i in range(len(KEEP_ALIVE))])
+    assert calls["head"] == 0
