@@ -57,11 +57,12 @@ from tcpguard.io.pcap import iter_frames  # noqa: E402
 class FakeQueued:
     """Stands in for a `netfilterqueue.Packet`: what the adapter calls on it, and nothing else."""
 
-    __slots__ = ("payload", "verdict")
+    __slots__ = ("id", "payload", "verdict")
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, pid: int) -> None:
         self.payload = payload
         self.verdict = -1
+        self.id = pid  # the kernel's queue id: 1, 2, ... in the order packets are queued
 
     def get_payload(self) -> bytes:
         return self.payload
@@ -116,8 +117,8 @@ def run_throughput(args: argparse.Namespace) -> None:
         engine = Engine(_settings(len(packets)), rules)
         adapter = NfqueueAdapter(engine)
         process = adapter.process
-        for raw, _ts in packets:
-            process(FakeQueued(raw))
+        for n, (raw, _ts) in enumerate(packets, 1):
+            process(FakeQueued(raw, n))
 
     def replay_run() -> None:
         replay(cap, rules, _settings(len(packets)))

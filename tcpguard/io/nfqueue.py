@@ -23,7 +23,11 @@ too, so while a packet is held the waiting accepts get one verdict each instead.
 batch is one packet and nothing waits; under load a packet waits at most for the rest of its batch
 (`batch` packets). Measured on the bench's rr traffic: one system call per packet fewer, and the kernel
 forwarding a batch in one go wakes each receiving process once per batch (tcpguard-1 went from 30 to 17
-µs of gateway CPU per packet, docs/BENCHMARKS.md).
+µs of gateway CPU per packet, docs/BENCHMARKS.md). Because a batch answers every older queued packet, the
+adapter also follows the kernel's packet ids (1, 2, ... per binding): an id that never reached it (a
+message the kernel lost, or one cut short by the receive buffer) is dropped explicitly before anything
+later is answered, so no batch can accept a packet nobody inspected. The kernel answers only a refused
+verdict message, with an error the adapter counts (`refused`).
 
 Choices documented here:
 
@@ -85,6 +89,7 @@ _NLM_F_REQUEST = 0x1
 _NLM_F_ACK = 0x4
 _NFNL_SUBSYS_QUEUE = 3
 _NFQNL_MSG_CONFIG = 2
+_NFQNL_MSG_VERDICT = 1
 _NFQNL_MSG_VERDICT_BATCH = 3
 _NFQA_VERDICT_HDR = 2
 _NFQA_MARK = 3
@@ -92,8 +97,12 @@ _NFQA_CFG_MASK = 4
 _NFQA_CFG_FLAGS = 5
 _NFQA_CFG_F_FAIL_OPEN = 0x1
 _NLMSGHDR = struct.Struct("=IHHII")
+_NF_DROP = 0
 _NF_ACCEPT = 1
 _NF_REPEAT = 4
+# nlmsg_seq of the verdict messages we send ourselves: the kernel echoes it in the error it returns if it
+# refuses one (it sends nothing when it takes one, since we do not ask for acknowledgements).
+_OUR_SEQ = 0x74670001
 
 
 class QueuedPacket(Protocol):
@@ -136,7 +145,10 @@ class QueueStats:
     from the handler; verdict_errors: verdicts NetfilterQueue refused; timer_ticks/timer_errors: timer
     calls; truncated: packets longer than the copy range; largest: largest packet seen; nl_enobufs: times
     the kernel reported lost queue messages; batches/batched: batch verdict messages sent and the accepted
-    packets they answered (the rest of the accepts went one message each).
+    packets they answered (the rest of the accepts went one message each); unseen: queue ids that never
+    reached us (a message lost by the kernel or cut short by the receive buffer), dropped explicitly so
+    that no later batch verdict can accept them uninspected; refused: verdict messages of our own the
+    kernel answered with an error.
     """
 
     packets: int = 0
@@ -161,6 +173,8 @@ class QueueStats:
     nl_enobufs: int = 0
     batches: int = 0
     batched: int = 0
+    unseen: int = 0
+    refused: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -179,11 +193,33 @@ class _BatchReader:
             raise BlockingIOError(errno.EAGAIN, "batch done")
         self.left -= 1
         try:
-            return self.sock.recv(size)
+            data = self.sock.recv(size)
         except OSError as exc:
             if exc.errno == errno.ENOBUFS:
                 self.stats.nl_enobufs += 1
             raise
+        if data[4:6] == _NLMSG_ERROR_TYPE:  # queued packets are type 0x0300: one slice and compare
+            _note_error(data, self.stats)
+        return data
+
+
+_NLMSG_ERROR_TYPE = struct.pack("=H", _NLMSG_ERROR)
+
+
+def _note_error(data: bytes, stats: QueueStats) -> None:
+    """A netlink error message read from the queue's socket: count and log it if it refuses our own
+    verdict message (NetfilterQueue, which reads the same socket, ignores it)."""
+    if len(data) < _NLMSGHDR.size + 4 + _NLMSGHDR.size:
+        return
+    (code,) = struct.unpack_from("=i", data, _NLMSGHDR.size)
+    _, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, _NLMSGHDR.size + 4)  # the refused message's header
+    if code != 0 and seq == _OUR_SEQ:
+        stats.refused += 1
+        log.warning(
+            "the kernel refused a verdict message (type %#x): %s",
+            mtype,
+            os.strerror(-code) if code < 0 else code,
+        )
 
 
 class _Replay:
@@ -207,16 +243,19 @@ def _fail_open_message(queue_num: int, seq: int) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body
 
 
-def _batch_verdict_prefix(queue_num: int, verdict: int, mark: int | None) -> tuple[bytes, bytes]:
-    """The constant parts of an NFQNL_MSG_VERDICT_BATCH message: everything before the packet id, after it.
+def _batch_verdict_prefix(
+    queue_num: int, verdict: int, mark: int | None, msg: int = _NFQNL_MSG_VERDICT_BATCH
+) -> tuple[bytes, bytes]:
+    """The constant parts of a verdict message: everything before the packet id, and after it.
 
-    The kernel answers every queued packet of this queue whose id is not after the given one with the
-    verdict (and the mark, if present), in queue order (nfqnl_recv_verdict_batch).
+    NFQNL_MSG_VERDICT_BATCH: the kernel answers every queued packet of this queue whose id is not after
+    the given one with the verdict (and the mark, if present), in queue order (nfqnl_recv_verdict_batch).
+    NFQNL_MSG_VERDICT: the one packet with that id.
     """
     mark_attr = b"" if mark is None else struct.pack("=HH", 8, _NFQA_MARK) + struct.pack("!I", mark)
     size = _NLMSGHDR.size + 4 + 12 + len(mark_attr)
     head = (
-        _NLMSGHDR.pack(size, (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_VERDICT_BATCH, _NLM_F_REQUEST, 0, 0)
+        _NLMSGHDR.pack(size, (_NFNL_SUBSYS_QUEUE << 8) | msg, _NLM_F_REQUEST, _OUR_SEQ, 0)
         + struct.pack("=BB", socket.AF_UNSPEC, 0)
         + struct.pack("!H", queue_num)
         + struct.pack("=HH", 12, _NFQA_VERDICT_HDR)
@@ -323,6 +362,11 @@ class NfqueueAdapter:
         self._batch_head, self._batch_tail = _batch_verdict_prefix(
             queue_num, _NF_ACCEPT if repeat_mark is None else _NF_REPEAT, repeat_mark
         )
+        self._drop_upto = _batch_verdict_prefix(queue_num, _NF_DROP, None)[0]
+        self._drop_one = _batch_verdict_prefix(queue_num, _NF_DROP, None, _NFQNL_MSG_VERDICT)[0]
+        # The id the next queued packet must have (the kernel numbers a queue's packets 1, 2, ...; -1:
+        # not known yet). A packet with a later id means the ones between never reached us.
+        self._next_id = -1
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -332,6 +376,7 @@ class NfqueueAdapter:
         nfq = NetfilterQueue()
         nfq.bind(self.queue_num, self.process, max_len=self.max_len, mode=COPY_PACKET, range=self.copy_range)
         self._nfq = nfq
+        self._next_id = 1  # a new binding is a new kernel queue instance, whose first packet is id 1
         try:
             self._sock = socket.socket(fileno=os.dup(nfq.get_fd()))
             if self.fail_open:
@@ -430,7 +475,7 @@ class NfqueueAdapter:
                 self._fatal = exc
                 self._stopping = True
             if not self._current_done and id(pkt) not in self._held:
-                self._verdict(pkt, self.error_verdict, None)
+                self._error_verdict(pkt)
         finally:
             self._current = None
 
@@ -439,6 +484,10 @@ class NfqueueAdapter:
         # does not need), measured with tools/profile_engine.py --path adapter.
         st = self.stats
         st.packets += 1
+        pid = pkt.id
+        if pid != self._next_id and self._next_id >= 0:
+            self._unseen(self._next_id, pid)
+        self._next_id = (pid + 1) & 0xFFFFFFFF
         raw = pkt.get_payload()
         size = len(raw)
         if size > st.largest:  # noqa: PLR1730 (no call on the per-packet path)
@@ -459,7 +508,7 @@ class NfqueueAdapter:
         except Exception:
             self.stats.handler_errors += 1
             log.exception("handler failed on a packet; verdict %s", self.error_verdict.name)
-            self._verdict(pkt, self.error_verdict, None)
+            self._error_verdict(pkt)
             return
         verdict = dec.verdict
         if verdict is _ACCEPT and self._batching and dec.packet is None and not dec.releases and not dec.send:
@@ -506,6 +555,8 @@ class NfqueueAdapter:
         if self._draining:
             return
         self._draining = True
+        if self._pending:
+            self._flush()  # accepted by the engine already (left over only by an interrupted flush)
         try:
             out = self.handler.shutdown(self.clock())
         except Exception:
@@ -606,8 +657,49 @@ class NfqueueAdapter:
                 self.stats.batches += 1
                 self.stats.batched += len(pending)
                 return
-        for pkt in pending:
-            self._verdict(pkt, _ACCEPT, None)
+        done = 0
+        try:
+            for pkt in pending:
+                self._verdict(pkt, _ACCEPT, None)
+                done += 1
+        finally:
+            if done < len(pending):
+                # Interrupted (an exception a verdict does not catch): the rest waits for the next flush
+                # or the drain instead of staying in the kernel's queue unanswered.
+                self._pending[:0] = pending[done:]
+
+    def _unseen(self, first: int, upto: int) -> None:
+        """Queue ids `first`..`upto - 1` never reached us: the kernel lost their messages (ENOBUFS: then
+        it did not queue them either) or the receive buffer cut them short (then it holds them). Either
+        way nobody inspected them, so they are dropped now, as they always were in effect (left unanswered
+        until the unbind): a later batch verdict, which answers every older queued packet, must not
+        accept them."""
+        n = (upto - first) & 0xFFFFFFFF
+        self.stats.unseen += n
+        log.warning("%d queued packet(s) never reached tcpguard (ids %d-%d): dropped", n, first, upto - 1)
+        if self._pending:
+            self._flush()  # their ids are all before `first`
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            if not self._held:
+                # Every packet before `upto` that is still queued is one of them: one message.
+                sock.sendto(self._drop_upto + ((upto - 1) & 0xFFFFFFFF).to_bytes(4, "big"), (0, 0))
+            else:
+                # A held packet is older than them: one message each. At most max_len of them can be
+                # queued (the queue's length bound), and the kernel queued them in id order.
+                for k in range(max(0, n - self.max_len), n):
+                    pid = (first + k) & 0xFFFFFFFF
+                    sock.sendto(self._drop_one + pid.to_bytes(4, "big"), (0, 0))
+        except OSError as exc:
+            log.warning("dropping unseen packets failed: %s", exc)
+
+    def _error_verdict(self, pkt: QueuedPacket) -> None:
+        """The verdict of a packet whose handling failed; an ACCEPT goes after the accepts before it."""
+        if self._pending and self.error_verdict is _ACCEPT:
+            self._flush()
+        self._verdict(pkt, self.error_verdict, None)
 
     def _drain_pipe(self) -> None:
         with contextlib.suppress(BlockingIOError):

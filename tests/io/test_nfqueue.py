@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import itertools
 import json
 import select
 import signal
@@ -32,7 +33,14 @@ import pytest
 
 from tcpguard.core.decision import Decision, Output, Release, Verdict
 from tcpguard.io.iptables import IptablesManager, IptablesSpec
-from tcpguard.io.nfqueue import NFQ_MAX_COPY, NfqueueAdapter, QueueStats, _fail_open_message
+from tcpguard.io.nfqueue import (
+    _OUR_SEQ,
+    NFQ_MAX_COPY,
+    NfqueueAdapter,
+    QueueStats,
+    _fail_open_message,
+    _note_error,
+)
 from tcpguard.io.rawsend import RawSender
 from tests.netns import SERVER_V4, SERVER_V6, Lab
 
@@ -453,12 +461,30 @@ def test_batch_verdicts_deliver_every_byte(setup: Setup, repeat: bool) -> None:
     setup.install()
     setup.start_driver("accept-stalling", *(["--repeat"] if repeat else []))
     data, out = setup.transfer(2 << 20)
+    # The kernel's own view, before the driver unbinds: nothing left waiting for a verdict (a refused
+    # or short batch would leave packets there for good), and how many ids it handed out.
+    waiting, ids = _kernel_queue(setup.lab)
+    deadline = time.monotonic() + 5
+    while waiting and time.monotonic() < deadline:  # the connection's last packets may be in flight
+        time.sleep(0.1)
+        waiting, ids = _kernel_queue(setup.lab)
     q = setup.stop_driver()["queue"]
     assert out.read_bytes() == data
     _check_common(q)
+    assert waiting == 0
+    assert q["packets"] >= ids and q["unseen"] == q["refused"] == 0  # every id reached the adapter
     assert q["accepted"] == q["packets"]
     assert q["batches"] >= 1
-    assert q["batches"] * 2 <= q["batched"] <= q["accepted"]
+
+
+def _kernel_queue(lab: Lab) -> tuple[int, int]:
+    """(packets waiting for a verdict, last id handed out) of queue 0, from nfnetlink_queue's proc file."""
+    out = lab.run("gw", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    for line in out.splitlines():
+        cols = line.split()
+        if cols and cols[0] == "0":
+            return int(cols[2]), int(cols[7])
+    raise AssertionError(f"queue 0 is not bound: {out!r}")
 
 
 @pytest.mark.root
@@ -595,6 +621,9 @@ print(json.dumps([ok, ok2, mark, s.stats.as_dict()]))
 
 
 # ================================================================================ unit tests (fakes)
+_QUEUE_IDS = itertools.count(1)
+
+
 class FakePacket:
     def __init__(
         self,
@@ -610,7 +639,7 @@ class FakePacket:
         self.log = log if log is not None else []
         self.name = name
         self.mark = 0
-        self.id = 0
+        self.id = next(_QUEUE_IDS)  # the kernel numbers queued packets in order
 
     def get_payload(self) -> bytes:
         return self.payload
@@ -861,14 +890,15 @@ def _batching(
     return adapter, nl
 
 
-def _verdict_batch(queue: int, verdict: int, last_id: int, mark: int | None = None) -> bytes:
+def _verdict_batch(queue: int, verdict: int, last_id: int, mark: int | None = None, msg: int = 3) -> bytes:
     """NFQNL_MSG_VERDICT_BATCH laid out by hand from linux/netfilter/nfnetlink_queue.h."""
     attrs = struct.pack("=HH", 12, 2) + struct.pack("!II", verdict, last_id)  # NFQA_VERDICT_HDR
     if mark is not None:
         attrs += struct.pack("=HH", 8, 3) + struct.pack("!I", mark)  # NFQA_MARK
     body = struct.pack("=BBH", 0, 0, socket.htons(queue)) + attrs  # nfgenmsg: AF_UNSPEC, v0, queue
-    # nlmsghdr: (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH, NLM_F_REQUEST
-    return struct.pack("=IHHII", 16 + len(body), (3 << 8) | 3, 1, 0, 0) + body
+    # nlmsghdr: (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH (or _VERDICT), NLM_F_REQUEST, and our
+    # own sequence number (any value: it tags the kernel's error answer, should there be one)
+    return struct.pack("=IHHII", 16 + len(body), (3 << 8) | msg, 1, _OUR_SEQ, 0) + body
 
 
 def test_unit_accepts_wait_for_the_batch_end_and_go_in_one_message() -> None:
@@ -946,3 +976,83 @@ def test_unit_outside_a_batch_every_accept_is_immediate() -> None:
     a, _ = _adapter(Scripted(Decision(Verdict.ACCEPT)))
     a.process(IdPacket(1, log))
     assert log == ["accept p1"]
+
+
+def test_unit_ids_that_never_arrived_are_dropped_before_any_batch_can_accept_them() -> None:
+    """A queue id skipped (its message lost or cut short) may still be in the kernel's queue: the next
+    batch verdict, which answers every older queued packet, would accept it uninspected. So the accepts
+    before the gap go first, then one batch DROP up to the gap's end."""
+    log: list[str] = []
+    a, nl = _batching(Scripted(*[Decision(Verdict.ACCEPT)] * 4), log, queue_num=2)
+    for i in (1, 2, 5, 6):  # 3 and 4 never arrive
+        a.process(IdPacket(i, log))
+    a._flush()
+    assert nl.sent == [_verdict_batch(2, 1, 2), _verdict_batch(2, 0, 4), _verdict_batch(2, 1, 6)]
+    assert a.stats.unseen == 2 and log == []
+
+
+def test_unit_with_a_packet_held_unseen_ids_are_dropped_one_by_one() -> None:
+    log: list[str] = []
+    held = IdPacket(1, log)
+    a, nl = _batching(Scripted(Decision(Verdict.HOLD), Decision(Verdict.ACCEPT)), log, queue_num=2)
+    a.process(held)
+    a.process(IdPacket(4, log))  # 2 and 3 never arrive
+    assert nl.sent == [_verdict_batch(2, 0, 2, msg=1), _verdict_batch(2, 0, 3, msg=1)]  # NFQNL_MSG_VERDICT
+    assert held.verdict is None and a.stats.unseen == 2
+
+
+def test_unit_ids_wrap_around_without_a_gap() -> None:
+    a, nl = _batching(Scripted(*[Decision(Verdict.ACCEPT)] * 2))
+    a.process(IdPacket(0xFFFFFFFF, []))
+    a.process(IdPacket(0, []))
+    a._flush()
+    assert a.stats.unseen == 0 and nl.sent == [_verdict_batch(0, 1, 0)]
+
+
+def test_unit_an_accept_error_verdict_goes_after_the_accepts_before_it() -> None:
+    log: list[str] = []
+    a, nl = _batching(
+        Scripted(Decision(Verdict.ACCEPT), ValueError("bug"), Decision(Verdict.ACCEPT)),
+        log,
+        error_verdict=Verdict.ACCEPT,
+    )
+    for i in (1, 2, 3):
+        a.process(IdPacket(i, log))
+    assert log == ["accept p1", "accept p2"]  # p1 alone: its own verdict, then p2's error verdict
+    a._flush()
+    assert log == ["accept p1", "accept p2", "accept p3"] and nl.sent == []
+
+
+def test_unit_an_interrupted_flush_keeps_the_rest_for_the_drain() -> None:
+    log: list[str] = []
+
+    class Interrupting(FakePacket):
+        def accept(self) -> None:
+            raise KeyboardInterrupt
+
+    a, _ = _batching(Scripted(*[Decision(Verdict.ACCEPT)] * 3), log)
+    a._held[1] = FakePacket()  # a held packet forces one verdict per packet
+    first = Interrupting(log=log, name="p1")
+    rest = [IdPacket(first.id + 1, log), IdPacket(first.id + 2, log)]
+    for pkt in (first, *rest):
+        a.process(pkt)
+    with pytest.raises(KeyboardInterrupt):
+        a._flush()
+    assert a._pending == [first, *rest]  # nothing lost: the drain answers them
+    first.accept = lambda: first._set("accept")  # type: ignore[method-assign]
+    a._held.clear()
+    a._sock = None
+    a.drain()
+    assert log == ["accept p1", f"accept p{first.id + 1}", f"accept p{first.id + 2}"]
+
+
+def test_unit_a_refused_verdict_message_is_counted() -> None:
+    stats = QueueStats()
+    refused = struct.pack("=IHHII", 16, (3 << 8) | 3, 1, _OUR_SEQ, 0)
+    error = struct.pack("=IHHII", 36, 2, 0, _OUR_SEQ, 0) + struct.pack("=i", -2) + refused  # ENOENT
+    _note_error(error, stats)
+    assert stats.refused == 1
+    theirs = struct.pack("=IHHII", 16, (3 << 8) | 3, 1, 12345, 0)
+    _note_error(struct.pack("=IHHII", 36, 2, 0, 12345, 0) + struct.pack("=i", -2) + theirs, stats)
+    _note_error(struct.pack("=IHHII", 36, 2, 0, _OUR_SEQ, 0) + struct.pack("=i", 0) + refused, stats)
+    assert stats.refused == 1  # another sender's error, and an acknowledgement, are not ours
