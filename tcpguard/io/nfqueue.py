@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import select
 import socket
@@ -367,6 +368,7 @@ class NfqueueAdapter:
         # The id the next queued packet must have (the kernel numbers a queue's packets 1, 2, ...; -1:
         # not known yet). A packet with a later id means the ones between never reached us.
         self._next_id = -1
+        self._unseen_logged = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -676,7 +678,15 @@ class NfqueueAdapter:
         accept them."""
         n = (upto - first) & 0xFFFFFFFF
         self.stats.unseen += n
-        log.warning("%d queued packet(s) never reached tcpguard (ids %d-%d): dropped", n, first, upto - 1)
+        now = self.clock()
+        if now - self._unseen_logged >= 1.0:  # an overloaded queue loses messages often: one line a second
+            self._unseen_logged = now
+            log.warning(
+                "queued packets never reached tcpguard (ids %d-%d; %d in all so far): dropped",
+                first,
+                upto - 1,
+                self.stats.unseen,
+            )
         if self._pending:
             self._flush()  # their ids are all before `first`
         sock = self._sock
