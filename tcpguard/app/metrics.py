@@ -203,6 +203,16 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "Packets whose processing raised (verdicted by the adapter).",
         ("adapter", "handler_errors"),
     ),
+    (
+        "tcpguard_queue_unseen",
+        "Queued packets whose message never reached tcpguard (dropped explicitly).",
+        ("adapter", "unseen"),
+    ),
+    (
+        "tcpguard_verdicts_refused",
+        "Verdict messages of tcpguard's own that the kernel refused.",
+        ("adapter", "refused"),
+    ),
     ("tcpguard_reloads", "Successful reloads.", ("reloads",)),
     ("tcpguard_reload_failures", "Reloads refused (bad config or rules).", ("reload_failures",)),
 )

@@ -44,7 +44,7 @@ def worker_doc(q: int) -> dict[str, Any]:
         "reloads": 1,
         "reload_failures": 0,
         "engine": {"packets": 10 + q, "bad_checksum": 1},
-        "adapter": {"sent": 2, "send_errors": 0, "handler_errors": 0},
+        "adapter": {"sent": 2, "send_errors": 0, "handler_errors": 0, "unseen": 3, "refused": 0},
         "dumps": {"errors": 0, "files": {"dropped": {"packets": 3}}},
     }
 
@@ -81,6 +81,8 @@ def test_endpoint_serves_the_status_document_as_metrics() -> None:
     assert m[("tcpguard_rule_errors_total", q0)] == 1
     assert m[("tcpguard_connections_opened_total", q0)] == 4
     assert m[("tcpguard_queue_kernel_dropped_total", q0)] == 5
+    assert m[("tcpguard_queue_unseen_total", q0)] == 3
+    assert m[("tcpguard_verdicts_refused_total", q0)] == 0
     assert m[("tcpguard_packets_held", q0)] == 0
     assert m[("tcpguard_worker_rss_bytes", q0)] == 123456
     assert m[("tcpguard_connections", (("queue", "1"), ("state", "ESTABLISHED")))] == 2
