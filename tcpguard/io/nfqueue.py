@@ -102,8 +102,11 @@ _NF_DROP = 0
 _NF_ACCEPT = 1
 _NF_REPEAT = 4
 # nlmsg_seq of the verdict messages we send ourselves: the kernel echoes it in the error it returns if it
-# refuses one (it sends nothing when it takes one, since we do not ask for acknowledgements).
+# refuses one (it sends nothing when it takes one, since we do not ask for acknowledgements). Drops of
+# unseen ids have their own: the kernel answers ENOENT when it never queued them (a message it lost for
+# ENOBUFS), which is expected and not counted.
 _OUR_SEQ = 0x74670001
+_UNSEEN_SEQ = 0x74670002
 
 
 class QueuedPacket(Protocol):
@@ -245,7 +248,7 @@ def _fail_open_message(queue_num: int, seq: int) -> bytes:
 
 
 def _batch_verdict_prefix(
-    queue_num: int, verdict: int, mark: int | None, msg: int = _NFQNL_MSG_VERDICT_BATCH
+    queue_num: int, verdict: int, mark: int | None, msg: int = _NFQNL_MSG_VERDICT_BATCH, seq: int = _OUR_SEQ
 ) -> tuple[bytes, bytes]:
     """The constant parts of a verdict message: everything before the packet id, and after it.
 
@@ -256,7 +259,7 @@ def _batch_verdict_prefix(
     mark_attr = b"" if mark is None else struct.pack("=HH", 8, _NFQA_MARK) + struct.pack("!I", mark)
     size = _NLMSGHDR.size + 4 + 12 + len(mark_attr)
     head = (
-        _NLMSGHDR.pack(size, (_NFNL_SUBSYS_QUEUE << 8) | msg, _NLM_F_REQUEST, _OUR_SEQ, 0)
+        _NLMSGHDR.pack(size, (_NFNL_SUBSYS_QUEUE << 8) | msg, _NLM_F_REQUEST, seq, 0)
         + struct.pack("=BB", socket.AF_UNSPEC, 0)
         + struct.pack("!H", queue_num)
         + struct.pack("=HH", 12, _NFQA_VERDICT_HDR)
@@ -363,8 +366,8 @@ class NfqueueAdapter:
         self._batch_head, self._batch_tail = _batch_verdict_prefix(
             queue_num, _NF_ACCEPT if repeat_mark is None else _NF_REPEAT, repeat_mark
         )
-        self._drop_upto = _batch_verdict_prefix(queue_num, _NF_DROP, None)[0]
-        self._drop_one = _batch_verdict_prefix(queue_num, _NF_DROP, None, _NFQNL_MSG_VERDICT)[0]
+        self._drop_upto = _batch_verdict_prefix(queue_num, _NF_DROP, None, seq=_UNSEEN_SEQ)[0]
+        self._drop_one = _batch_verdict_prefix(queue_num, _NF_DROP, None, _NFQNL_MSG_VERDICT, _UNSEEN_SEQ)[0]
         # The id the next queued packet must have (the kernel numbers a queue's packets 1, 2, ...; -1:
         # not known yet). A packet with a later id means the ones between never reached us.
         self._next_id = -1

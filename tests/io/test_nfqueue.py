@@ -35,6 +35,7 @@ from tcpguard.core.decision import Decision, Output, Release, Verdict
 from tcpguard.io.iptables import IptablesManager, IptablesSpec
 from tcpguard.io.nfqueue import (
     _OUR_SEQ,
+    _UNSEEN_SEQ,
     NFQ_MAX_COPY,
     NfqueueAdapter,
     QueueStats,
@@ -890,7 +891,9 @@ def _batching(
     return adapter, nl
 
 
-def _verdict_batch(queue: int, verdict: int, last_id: int, mark: int | None = None, msg: int = 3) -> bytes:
+def _verdict_batch(
+    queue: int, verdict: int, last_id: int, mark: int | None = None, msg: int = 3, seq: int = _OUR_SEQ
+) -> bytes:
     """NFQNL_MSG_VERDICT_BATCH laid out by hand from linux/netfilter/nfnetlink_queue.h."""
     attrs = struct.pack("=HH", 12, 2) + struct.pack("!II", verdict, last_id)  # NFQA_VERDICT_HDR
     if mark is not None:
@@ -898,7 +901,7 @@ def _verdict_batch(queue: int, verdict: int, last_id: int, mark: int | None = No
     body = struct.pack("=BBH", 0, 0, socket.htons(queue)) + attrs  # nfgenmsg: AF_UNSPEC, v0, queue
     # nlmsghdr: (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH (or _VERDICT), NLM_F_REQUEST, and our
     # own sequence number (any value: it tags the kernel's error answer, should there be one)
-    return struct.pack("=IHHII", 16 + len(body), (3 << 8) | msg, 1, _OUR_SEQ, 0) + body
+    return struct.pack("=IHHII", 16 + len(body), (3 << 8) | msg, 1, seq, 0) + body
 
 
 def test_unit_accepts_wait_for_the_batch_end_and_go_in_one_message() -> None:
@@ -987,7 +990,8 @@ def test_unit_ids_that_never_arrived_are_dropped_before_any_batch_can_accept_the
     for i in (1, 2, 5, 6):  # 3 and 4 never arrive
         a.process(IdPacket(i, log))
     a._flush()
-    assert nl.sent == [_verdict_batch(2, 1, 2), _verdict_batch(2, 0, 4), _verdict_batch(2, 1, 6)]
+    drop = _verdict_batch(2, 0, 4, seq=_UNSEEN_SEQ)  # its own tag: ENOENT for it is expected, not counted
+    assert nl.sent == [_verdict_batch(2, 1, 2), drop, _verdict_batch(2, 1, 6)]
     assert a.stats.unseen == 2 and log == []
 
 
@@ -997,7 +1001,8 @@ def test_unit_with_a_packet_held_unseen_ids_are_dropped_one_by_one() -> None:
     a, nl = _batching(Scripted(Decision(Verdict.HOLD), Decision(Verdict.ACCEPT)), log, queue_num=2)
     a.process(held)
     a.process(IdPacket(4, log))  # 2 and 3 never arrive
-    assert nl.sent == [_verdict_batch(2, 0, 2, msg=1), _verdict_batch(2, 0, 3, msg=1)]  # NFQNL_MSG_VERDICT
+    one = [_verdict_batch(2, 0, i, msg=1, seq=_UNSEEN_SEQ) for i in (2, 3)]  # NFQNL_MSG_VERDICT each
+    assert nl.sent == one
     assert held.verdict is None and a.stats.unseen == 2
 
 
@@ -1055,4 +1060,7 @@ def test_unit_a_refused_verdict_message_is_counted() -> None:
     theirs = struct.pack("=IHHII", 16, (3 << 8) | 3, 1, 12345, 0)
     _note_error(struct.pack("=IHHII", 36, 2, 0, 12345, 0) + struct.pack("=i", -2) + theirs, stats)
     _note_error(struct.pack("=IHHII", 36, 2, 0, _OUR_SEQ, 0) + struct.pack("=i", 0) + refused, stats)
-    assert stats.refused == 1  # another sender's error, and an acknowledgement, are not ours
+    unseen = struct.pack("=IHHII", 16, (3 << 8) | 3, 1, _UNSEEN_SEQ, 0)
+    _note_error(struct.pack("=IHHII", 36, 2, 0, _UNSEEN_SEQ, 0) + struct.pack("=i", -2) + unseen, stats)
+    # Another sender's error, an acknowledgement, and ENOENT for a drop of ids the kernel never queued.
+    assert stats.refused == 1
