@@ -1672,7 +1672,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         lat_count=500 if short else 3000,
         mem_count=args.mem_count or (10_000 if short else 100_000),
         # --short: enough connections that their memory shows above the allocator's slack (with 300 the
-        # RSS delta was sometimes 0).
+        # RSS delta was once not positive).
         hold_count=args.hold if args.hold is not None else (2_000 if short else 15_000),
         capture_packets=args.packets or (20_000 if short else 200_000),
         rules=Path(args.rules).resolve(),
