@@ -75,16 +75,17 @@ def is_blocked(host):
     return _blocked_name(host.decode("ascii", "replace"))
 
 
-LONGEST = max(map(len, BLOCKED_HOSTS), default=0)
+MAX_NAME = 253  # the longest DNS name: no entry of BLOCKED_HOSTS that can match a real host is longer
 
 
 def _blocked_name(name):
     """`name` or a parent domain of it is in BLOCKED_HOSTS: one set lookup per label, whatever its size.
 
-    Only names no longer than the longest entry can match: a longer one starts at its first label that
-    ends within that length, so a 16 KB `a.a.a...` host costs no more than a short one."""
-    if len(name) > LONGEST:
-        dot = name.find(".", len(name) - LONGEST - 1)
+    A name longer than MAX_NAME can only match through a parent domain no longer than that, so the walk
+    starts at its first label that ends within that length: a 16 KB `a.a.a...` host costs no more than a
+    real one (each step copies the rest of the name)."""
+    if len(name) > MAX_NAME:
+        dot = name.find(".", len(name) - MAX_NAME - 1)
         if dot < 0:
             return False
         name = name[dot + 1 :]
