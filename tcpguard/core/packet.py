@@ -452,9 +452,7 @@ _SPLIT_AT = 224  # below it the single big integer is faster (measured, see sum1
 
 def ones_sum(data: bytes) -> int:
     """One's-complement sum of `data` as 16-bit words, folded into 1..0xFFFF (0 only for all-zero input)."""
-    if len(data) & 1:
-        data = data + b"\x00"
-    r = int.from_bytes(data, "big") % 0xFFFF
+    r = sum16_mod(data)
     if r == 0 and any(data):
         return 0xFFFF
     return r
@@ -494,7 +492,7 @@ def sum16_mod(data: bytes) -> int:
 def checksums_ok(pkt: Packet) -> bool:
     """True if the IPv4 header checksum (if any) and the TCP checksum verify."""
     raw = pkt.raw
-    if pkt.version == 4 and int.from_bytes(raw[: pkt.ip_hlen], "big") % 0xFFFF != 0:
+    if pkt.version == 4 and sum16_mod(raw[: pkt.ip_hlen]) != 0:
         return False
     seg = raw[pkt.ip_hlen :]
     total = int.from_bytes(_pseudo_header(pkt, len(seg)), "big") + sum16_mod(seg)

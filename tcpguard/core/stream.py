@@ -138,10 +138,7 @@ class HalfStream:
     def forwarded(self, end: int, fin: bool) -> None:
         """A packet carrying bytes up to `end` (and a FIN at `end` if `fin`) was forwarded."""
         e = end + 1 if fin else end
-        if e > self.sent:
-            # The same int object as `next` when equal (usually): pure Python boxes each offset, and an
-            # idle connection keeps every slot's object (no effect compiled, where ints are unboxed).
-            self.sent = self.next if e == self.next else e
+        self.sent = max(self.sent, e)
 
     # -- reading, for cursors and rules ----------------------------------------------------------------
     def data(self, start: int, end: int) -> bytes:
@@ -295,7 +292,7 @@ class HalfStream:
         if off > self.acked:
             # Never past what was forwarded: an ACK of bytes the receiver cannot have is forged or
             # broken, and must not free bytes that first-copy checks still need.
-            self.acked = self.sent if off >= self.sent else off  # min(), sharing `sent`'s int when equal
+            self.acked = min(off, self.sent)
         edge = off + window
         self.wnd_end = max(self.wnd_end, edge)
 
@@ -308,8 +305,7 @@ class HalfStream:
             keep = min(keep, r.pos)
         if 0 <= self.hold_from < keep:
             keep = self.hold_from
-        if lookback:
-            keep -= lookback  # (not with 0: `buf_start` then shares the int object of `acked`/`next`)
+        keep -= lookback
         if keep > self.buf_start:
             buf = self.buf
             cut = keep - self.buf_start
