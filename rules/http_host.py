@@ -71,14 +71,10 @@ def host_of(value):
     return host.split(b":", 1)[0].rstrip(b".")
 
 
-def is_blocked(host):
-    return _blocked_name(host.decode("ascii", "replace"))
-
-
 MAX_NAME = 253  # the longest DNS name: no entry of BLOCKED_HOSTS that can match a real host is longer
 
 
-def _blocked_name(name):
+def is_blocked(name):
     """`name` or a parent domain of it is in BLOCKED_HOSTS: one set lookup per label, whatever its size.
 
     A name longer than MAX_NAME can only match through a parent domain no longer than that, so the walk
@@ -120,7 +116,7 @@ def _check_host(flow, host, direction):
     # Interned: the many connections to one site share one string instead of a copy each.
     name = sys.intern(host.decode("ascii", "replace"))
     flow.store["host"] = name
-    if not _blocked_name(name):
+    if not is_blocked(name):
         return False
     flow.alert(f"HTTP request to blocked host {name}", severity="medium", direction=direction)
     flow.halfreset()
@@ -130,12 +126,14 @@ def _check_host(flow, host, direction):
 FIELDS = {b"host", b"content-length", b"transfer-encoding"}  # the header fields the parser acts on
 
 
-def _field(flow, req, line, direction):
-    """One header line of the request being read (its CRLF may be there or not). False: stop inspecting."""
+def _name_value(line):
+    """A header line's field name (lower case, no surrounding white space) and its raw value."""
     name, _, value = line.partition(b":")
-    name = name.strip().lower()
-    if name not in FIELDS:
-        return True
+    return name.strip().lower(), value
+
+
+def _field(flow, req, name, value, direction):
+    """One header field, `name` one of FIELDS, of the request being read. False: stop inspecting."""
     if name == b"host":
         if _check_host(flow, host_of(value), direction):
             return False
@@ -167,9 +165,9 @@ def _head(flow, req, head, direction, lenient):
     if not _line(flow, req, lines[0] + b"\r\n", direction, lenient):
         return False
     for k in range(1, len(lines)):
-        line = lines[k]
-        # Most header lines are none of FIELDS: tell that here, before a call (what `_field` does first).
-        if line.partition(b":")[0].strip().lower() in FIELDS and not _field(flow, req, line, direction):
+        name, _, value = lines[k].partition(b":")  # `_name_value`, inline: most requests come this way
+        name = name.strip().lower()
+        if name in FIELDS and not _field(flow, req, name, value, direction):
             return False
     return _line(flow, req, b"\r\n", direction, lenient)  # the empty line: body, chunks or next request
 
@@ -205,7 +203,8 @@ def _line(flow, req, line, direction, lenient):
             else:
                 req.phase = REQUEST
             return True
-        return _field(flow, req, line, direction)
+        name, value = _name_value(line)
+        return name not in FIELDS or _field(flow, req, name, value, direction)
     elif phase == CHUNK_SIZE:
         digits = line.split(b";", 1)[0].strip()
         if not digits or digits.translate(None, HEX):  # plain hex only: int(, 16) takes "0x", "_"
