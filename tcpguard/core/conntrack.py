@@ -30,7 +30,7 @@ from tcpguard.core.stream import HalfStream
 
 FlowKey = tuple[bytes, int, bytes, int]
 
-DIRECTION_NAMES = ("up", "down")
+DIRECTION_NAMES: Final = ("up", "down")
 
 
 def flow_key(src: bytes, sport: int, dst: bytes, dport: int) -> FlowKey:

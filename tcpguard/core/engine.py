@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Final
 
 import greenlet
 
@@ -58,11 +58,11 @@ log = logging.getLogger("tcpguard.engine")
 
 EventSink = Callable[[dict[str, Any]], None]
 
-ACCEPT = Verdict.ACCEPT
-DROP = Verdict.DROP
-HOLD = Verdict.HOLD
+ACCEPT: Final = Verdict.ACCEPT
+DROP: Final = Verdict.DROP
+HOLD: Final = Verdict.HOLD
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
-_ESTABLISHED = State.ESTABLISHED
+_ESTABLISHED: Final = State.ESTABLISHED
 
 
 @dataclass(slots=True)
@@ -125,7 +125,7 @@ class Engine:
         self.buffered = 0  # bytes in all stream buffers, updated as connections change
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self.alert_hook: Callable[[dict[str, Any]], None] | None = None
-        self._timeout = {st: float(getattr(self.settings.timeouts, name)) for st, name in TIMEOUT_OF.items()}
+        self._read_settings()
         # For a rule-time watchdog outside the core: the rule running now (None between calls) and a
         # counter of calls, so the watchdog can tell one long call from many short ones.
         self.in_rule: Rule | None = None
@@ -149,7 +149,27 @@ class Engine:
         """Swap limits, timeouts and policies (reload). They apply from the next packet on; a connection's
         current timeout is re-armed with the new values at its next packet."""
         self.settings = settings
-        self._timeout = {st: float(getattr(settings.timeouts, name)) for st, name in TIMEOUT_OF.items()}
+        self._read_settings()
+
+    def _read_settings(self) -> None:
+        """Copy what every packet reads out of the settings into the engine's own attributes.
+
+        The settings are interpreted dataclasses (the configuration loader introspects them), so from the
+        compiled core each attribute read is a generic lookup; the dozen a data segment needs cost 0.3-0.5
+        us per packet. Hence the settings are read here, at construction and `replace_settings`: change
+        them through `replace_settings`, not in place under a running engine.
+        """
+        st = self.settings
+        self._timeout = {s: float(getattr(st.timeouts, name)) for s, name in TIMEOUT_OF.items()}
+        pol, lim = st.policies, st.limits
+        self._verify_checksums: bool = pol.verify_checksums
+        self._verify_acks: bool = pol.verify_acks
+        self._hold_ooo: bool = pol.out_of_order == "hold"
+        self._max_ooo_bytes: int = lim.max_ooo_bytes
+        self._max_ooo_segments: int = lim.max_ooo_segments
+        self._max_held_packets: int = lim.max_held_packets
+        self._max_stream_buffer: int = lim.max_stream_buffer
+        self._max_total_buffer: int = lim.max_total_buffer
 
     def handle_packet(self, raw: bytes, now: float, token: object = None) -> Decision:
         """Judge one raw IP packet. `token` identifies it if the engine holds it."""
@@ -249,19 +269,20 @@ class Engine:
 
     # ================================================================ per packet
     def _handle(self, raw: bytes, token: object) -> Decision:
-        pol = self.settings.policies
         try:
             pkt = decode(raw)
         except DecodeError as e:
             self.stats.malformed += 1
-            return Decision(DROP if pol.malformed == "drop" else ACCEPT, reason=f"malformed: {e}")
+            drop = self.settings.policies.malformed == "drop"
+            return Decision(DROP if drop else ACCEPT, reason=f"malformed: {e}")
         if not pkt.is_tcp:
             if pkt.fragment:
                 self.stats.fragments += 1
-                return Decision(DROP if pol.fragments == "drop" else ACCEPT, reason="fragment")
+                drop = self.settings.policies.fragments == "drop"
+                return Decision(DROP if drop else ACCEPT, reason="fragment")
             self.stats.non_tcp += 1
             return Decision(ACCEPT, reason="not tcp")
-        if pol.verify_checksums and not checksums_ok(pkt):
+        if self._verify_checksums and not checksums_ok(pkt):
             self.stats.bad_checksum += 1
             return Decision(DROP, reason="bad checksum")
         key = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
@@ -483,8 +504,7 @@ class Engine:
                 return Decision(DROP, flow_id=conn.id, reason=f"segment invalid in {state.name}")
         if flags & ACK and o.isn >= 0:
             ack_off = o.offset(pkt.ack)
-            verify = self.settings.policies.verify_acks
-            if ack_off > o.sent and verify and not self._skip_unseen(conn, o, ack_off):
+            if ack_off > o.sent and self._verify_acks and not self._skip_unseen(conn, o, ack_off):
                 # It acknowledges bytes the gateway never forwarded: the receiver drops such a segment
                 # (RFC 5961 5.2), so the rules must not see its data (insertion) and it must not move
                 # retention either.
@@ -570,7 +590,6 @@ class Engine:
 
     def _data(self, conn: Connection, pkt: Packet, s: HalfStream, d: int, token: object) -> Decision:
         """Run the payload (and FIN) through the reassembler and the rules; decide this packet."""
-        lim = self.settings.limits
         off = s.offset(pkt.seq)
         fin = bool(pkt.flags & FIN)
         urg = bool(pkt.flags & URG)
@@ -592,9 +611,9 @@ class Engine:
             payload,
             fin,
             token,
-            self.settings.policies.out_of_order == "hold",
-            lim.max_ooo_bytes,
-            lim.max_ooo_segments,
+            self._hold_ooo,
+            self._max_ooo_bytes,
+            self._max_ooo_segments,
         )
         self.buffered += s.buffered() - before
         if status == SEG_DROP:
@@ -615,7 +634,7 @@ class Engine:
             packet = forge.rewrite(pkt, fix, clear_urg=urg) if fix is not None or urg else None
         if status == SEG_HOLD:
             assert held is not None
-            if self.held_packets >= lim.max_held_packets:
+            if self.held_packets >= self._max_held_packets:
                 # Undo the hold and drop: the sender retransmits once the gap fills.
                 assert isinstance(s.ooo, list)
                 s.ooo.remove(held)
@@ -637,11 +656,11 @@ class Engine:
         if conn.action:
             return self._block_now(conn, "rule")
         # Out-of-order bytes have their own bound (checked when they are held).
-        if len(s.buf) > lim.max_stream_buffer or self.buffered > lim.max_total_buffer:
+        if len(s.buf) > self._max_stream_buffer or self.buffered > self._max_total_buffer:
             return self._limit(conn, s)
         end = off + len(payload)
         if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
-            if self.held_packets >= lim.max_held_packets:
+            if self.held_packets >= self._max_held_packets:
                 # A rule wants to hold more than the kernel queue may keep: the limit policy decides.
                 return self._limit(conn, s)
             held_list = list(s.held)

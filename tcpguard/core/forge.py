@@ -13,11 +13,12 @@ included, are kept; lengths and checksums are recomputed.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from tcpguard.core.packet import ACK, PROTO_TCP, RST, URG, Packet, checksum, tcp_checksum
 
-_TCP_NOOPT = struct.Struct("!HHIIBBHHH")
-DEFAULT_TTL = 64
+_TCP_NOOPT: Final = struct.Struct("!HHIIBBHHH")
+DEFAULT_TTL: Final = 64
 
 
 def ip_header(version: int, src: bytes, dst: bytes, payload_len: int, ttl: int = DEFAULT_TTL) -> bytes:

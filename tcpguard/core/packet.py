@@ -21,34 +21,35 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Final
 from zlib import adler32
 
 from tcpguard.core.errors import DecodeError
 
 # TCP flag bits.
-FIN = 0x01
-SYN = 0x02
-RST = 0x04
-PSH = 0x08
-ACK = 0x10
-URG = 0x20
-ECE = 0x40
-CWR = 0x80
+FIN: Final = 0x01
+SYN: Final = 0x02
+RST: Final = 0x04
+PSH: Final = 0x08
+ACK: Final = 0x10
+URG: Final = 0x20
+ECE: Final = 0x40
+CWR: Final = 0x80
 
-PROTO_TCP = 6
+PROTO_TCP: Final = 6
 
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")
-_IPV6 = struct.Struct("!IHBB16s16s")
-_TCP = struct.Struct("!HHIIBBHHH")
-_V4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
-_new_packet = object.__new__
+_IPV4: Final = struct.Struct("!BBHHHBBH4s4s")
+_IPV6: Final = struct.Struct("!IHBB16s16s")
+_TCP: Final = struct.Struct("!HHIIBBHHH")
+_V4_TCP: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
+_new_packet: Final = object.__new__
 
 # IPv6 extension headers that carry a generic (next header, length) prefix.
-_V6_EXT_GENERIC = frozenset({0, 43, 60, 135, 139, 140})
-_V6_FRAGMENT = 44
-_V6_ROUTING = 43
-_V6_AH = 51
-_V6_MAX_EXT = 16
+_V6_EXT_GENERIC: Final = frozenset({0, 43, 60, 135, 139, 140})
+_V6_FRAGMENT: Final = 44
+_V6_ROUTING: Final = 43
+_V6_AH: Final = 51
+_V6_MAX_EXT: Final = 16
 
 
 @dataclass(slots=True)
@@ -171,7 +172,7 @@ def _is_native() -> bool:
     return False
 
 
-_NATIVE = _is_native()
+_NATIVE: Final = _is_native()
 
 
 def flags_text(flags: int) -> str:
@@ -447,7 +448,7 @@ def parse_options(opts: bytes) -> TcpOptions:
 # of magnitude faster than summing words in a Python loop.
 
 
-_SPLIT_AT = 224  # below it the single big integer is faster (measured, see sum16_mod)
+_SPLIT_AT: Final = 224  # below it the single big integer is faster (measured, see sum16_mod)
 
 
 def ones_sum(data: bytes) -> int:

@@ -7,9 +7,11 @@ is the reference for turning 32-bit wrapping sequence numbers into such offsets 
 
 from __future__ import annotations
 
-MOD = 1 << 32
-HALF = 1 << 31
-MASK = MOD - 1
+from typing import Final
+
+MOD: Final = 1 << 32
+HALF: Final = 1 << 31
+MASK: Final = MOD - 1
 
 
 def unwrap(seq: int, isn: int, near: int) -> int:

@@ -34,18 +34,18 @@ Data on SYN, data on RST and the urgent pointer are normalised by the engine bef
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tcpguard.core.seq import HALF, MASK, MOD
 
 if TYPE_CHECKING:
     from tcpguard.core.cursor import Cursor
 
-LOOKBACK = 256
+LOOKBACK: Final = 256
 # The buffer of a stream that retains nothing. Shared: an idle connection would otherwise carry two empty
 # bytearrays (56 bytes each); a stream gets its own bytearray when bytes arrive and drops it when a trim
 # leaves nothing to retain.
-EMPTY = b""
+EMPTY: Final = b""
 
 
 class Held:
@@ -72,7 +72,9 @@ class Held:
 #   held       HOLD: the record of the held out-of-order segment; OK: the first record of the held segments
 #              that became contiguous (appended to `HalfStream.held`), or None
 # A plain tuple: one is made per data segment, and a tuple costs far less than an object.
-OK, DROP, HOLD = 0, 1, 2
+OK: Final = 0
+DROP: Final = 1
+HOLD: Final = 2
 SegmentResult = tuple[int, "bytes | None", int, str, "Held | None"]
 
 
