@@ -32,7 +32,9 @@ def _stale() -> list[str]:
     out = []
     for name, digest in record.items():
         try:
-            now = hashlib.sha256((_HERE / f"{name}.py").read_bytes()).hexdigest()
+            # A compiled module is recorded by its name, a hand-written C source by its file name.
+            source = _HERE / (name if name.endswith(".c") else f"{name}.py")
+            now = hashlib.sha256(source.read_bytes()).hexdigest()
         except OSError:
             continue  # an installed wheel may ship without sources
         if now != digest:

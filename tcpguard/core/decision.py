@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any
 
 
 class Verdict(enum.IntEnum):

@@ -20,10 +20,12 @@ Choices made here:
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 from zlib import adler32
 
+from tcpguard.core import MODE as CORE_MODE
 from tcpguard.core.errors import DecodeError
 
 # TCP flag bits.
@@ -448,12 +450,13 @@ def parse_options(opts: bytes) -> TcpOptions:
 # of magnitude faster than summing words in a Python loop.
 
 
-_SPLIT_AT: Final = 224  # below it the single big integer is faster (measured, see sum16_mod)
+_SPLIT_AT: Final = 224  # below it the single big integer is faster (measured, see sum16_mod_py)
+_END: Final = 1 << 62  # "to the end" for sum16_mod_py
 
 
 def ones_sum(data: bytes) -> int:
     """One's-complement sum of `data` as 16-bit words, folded into 1..0xFFFF (0 only for all-zero input)."""
-    r = sum16_mod(data)
+    r = sum16_mod(data, 0, len(data))
     if r == 0 and any(data):
         return 0xFFFF
     return r
@@ -464,14 +467,9 @@ def checksum(data: bytes) -> int:
     return (~ones_sum(data)) & 0xFFFF
 
 
-def _pseudo_header(pkt: Packet, length: int) -> bytes:
-    if pkt.version == 4:
-        return pkt.src + pkt.pdst + struct.pack("!BBH", 0, PROTO_TCP, length)
-    return pkt.src + pkt.pdst + struct.pack("!IxxxB", length, PROTO_TCP)
-
-
-def sum16_mod(data: bytes) -> int:
-    """`data` as big-endian 16-bit words (an odd last byte padded with zero), summed modulo 0xFFFF.
+def sum16_mod_py(data: bytes, start: int = 0, end: int = _END) -> int:
+    """`data[start:end]` as big-endian 16-bit words (an odd last byte padded with zero), summed modulo
+    0xFFFF. The Python version of `sum16_mod`, used when the C one (_sum16.c) was not built.
 
     Up to `_SPLIT_AT` bytes: one big integer and `%`. Longer: CPython 3.11's `%` by a one-digit divisor
     also builds the whole quotient, which made it two thirds of a full-size segment's check, so a long
@@ -480,6 +478,11 @@ def sum16_mod(data: bytes) -> int:
     modulo 65521, exact for 256 bytes (at most 65,280). Compiled: 3.6 -> 1.6 us on a 1,460-byte segment,
     1.1 -> 0.5 us on 400 bytes; the two paths cost the same at about 220 bytes.
     """
+    if start < 0 or end < 0:
+        raise ValueError("start and end must not be negative")
+    if start or end < len(data):
+        # (A compiled slice with start > end fails with SystemError instead of giving b"".)
+        data = data[start:end] if start < end else b""
     n = len(data)
     if n < _SPLIT_AT:
         return int.from_bytes(data + b"\x00" if n & 1 else data, "big") % 0xFFFF
@@ -490,14 +493,37 @@ def sum16_mod(data: bytes) -> int:
     return total % 0xFFFF
 
 
+def _pick_sum16() -> Callable[[bytes, int, int], int]:
+    """The C word sum when it was built (setup.py; 5-20 times faster), else the Python one. A pure core
+    (TCPGUARD_PURE=1, or a build older than its sources: see tcpguard/core/__init__.py) is pure here too."""
+    if CORE_MODE != "compiled":
+        return sum16_mod_py
+    try:
+        from tcpguard.core._sum16 import sum16_mod as fast
+    except ImportError:
+        return sum16_mod_py
+    return fast
+
+
+# sum16_mod(data, start, end): `data[start:end]` as 16-bit words summed modulo 0xFFFF (see sum16_mod_py).
+sum16_mod: Final = _pick_sum16()
+SUM16_IMPL: Final = "python" if sum16_mod is sum16_mod_py else "c"
+
+
 def checksums_ok(pkt: Packet) -> bool:
-    """True if the IPv4 header checksum (if any) and the TCP checksum verify."""
+    """True if the IPv4 header checksum (if any) and the TCP checksum verify.
+
+    The pseudo-header's words are summed arithmetically: modulo 0xFFFF the addresses read as one integer
+    equal their word sum (2**16 is 1 modulo 0xFFFF), and protocol and length add as themselves in both the
+    IPv4 and the IPv6 layout.
+    """
     raw = pkt.raw
-    if pkt.version == 4 and sum16_mod(raw[: pkt.ip_hlen]) != 0:
+    hl = pkt.ip_hlen
+    n = len(raw)
+    if pkt.version == 4 and sum16_mod(raw, 0, hl) != 0:
         return False
-    seg = raw[pkt.ip_hlen :]
-    total = int.from_bytes(_pseudo_header(pkt, len(seg)), "big") + sum16_mod(seg)
-    return total % 0xFFFF == 0
+    pseudo = int.from_bytes(pkt.src + pkt.pdst, "big") + PROTO_TCP + (n - hl)
+    return (pseudo + sum16_mod(raw, hl, n)) % 0xFFFF == 0
 
 
 def tcp_checksum(pkt_version: int, src: bytes, dst: bytes, segment: bytes) -> int:

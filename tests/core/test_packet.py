@@ -36,7 +36,7 @@ from scapy.layers.inet6 import (
 from scapy.layers.ipsec import AH
 
 from tcpguard.core.errors import DecodeError
-from tcpguard.core.packet import Packet, TcpOptions, checksums_ok, decode, sum16_mod
+from tcpguard.core.packet import Packet, TcpOptions, checksums_ok, decode, sum16_mod, sum16_mod_py
 
 V4_SRC, V4_DST = "192.0.2.1", "198.51.100.7"
 V6_SRC, V6_DST = "2001:db8::1", "2001:db8:ffff::2"
@@ -392,20 +392,41 @@ def _sum16_reference(data: bytes) -> int:
     return sum((padded[i] << 8) | padded[i + 1] for i in range(0, len(padded), 2)) % 0xFFFF
 
 
+# Both word sums: the one in use (C when the core is compiled) and the Python one it falls back to.
+SUM16 = pytest.mark.parametrize("sum16", [sum16_mod, sum16_mod_py], ids=["in-use", "python"])
+
+
+@SUM16
 @settings(max_examples=300, deadline=None)
 @given(data=st.one_of(st.binary(max_size=3000), st.integers(0, 3000).map(lambda n: b"\xff" * n)))
-def test_sum16_mod_equals_the_word_sum_at_every_length(data: bytes) -> None:
+def test_sum16_mod_equals_the_word_sum_at_every_length(sum16: Any, data: bytes) -> None:
     """The chunked path (long buffers) and the big-integer path (short ones) agree with the plain word sum,
     also for all-0xFF buffers, whose chunk byte sums are the largest possible."""
-    assert sum16_mod(data) == _sum16_reference(data)
+    assert sum16(data, 0, len(data)) == _sum16_reference(data)
 
 
+@SUM16
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600), start=st.integers(0, 700), end=st.integers(0, 700))
+def test_sum16_mod_of_a_range_is_the_sum_of_that_slice(sum16: Any, data: bytes, start: int, end: int) -> None:
+    """start/end behave like a slice's bounds (clamped to the buffer; start past end is empty)."""
+    assert sum16(data, start, end) == _sum16_reference(data[start:end])
+
+
+@SUM16
+def test_sum16_mod_refuses_negative_bounds(sum16: Any) -> None:
+    for start, end in ((-1, 4), (0, -1)):
+        with pytest.raises(ValueError, match="negative"):
+            sum16(b"abcd", start, end)
+
+
+@SUM16
 @pytest.mark.parametrize(
     "n", [0, 1, 2, 223, 224, 225, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 1460, 1461]
 )
-def test_sum16_mod_at_the_chunk_and_path_boundaries(n: int) -> None:
+def test_sum16_mod_at_the_chunk_and_path_boundaries(sum16: Any, n: int) -> None:
     for data in (b"\xff" * n, bytes(range(256)) * (n // 256) + bytes(range(n % 256))):
-        assert sum16_mod(data) == _sum16_reference(data)
+        assert sum16(data, 0, n) == _sum16_reference(data)
 
 
 def _flipped_rejected(raw: bytes, index: int, mask: int) -> bool:
