@@ -273,10 +273,14 @@ class Index:
     def as_dict(self, root: Path | None = None) -> dict[str, Any]:
         """The JSON form used in index.json; file names relative to `root` when given."""
 
+        prefix = None if root is None else os.path.join(root, "")
+
         def rel(p: str | None) -> str | None:
-            if p is None or root is None:
+            if p is None or prefix is None:
                 return p
-            return os.path.relpath(p, root)
+            if p.startswith(prefix) and ".." not in p:
+                return p[len(prefix) :]  # the common case, a file under root, without relpath's walk
+            return os.path.relpath(p, prefix)
 
         d: dict[str, Any] = {
             "label": self.label,
@@ -917,8 +921,8 @@ class TCP:
             if linktype != b.linktype:
                 b.unwritten += 1
                 return
-            t = round(ts * 1e6)
-            buf += _pack_record(t // 1_000_000, t % 1_000_000, len(data), orig_len)
+            sec, usec = divmod(round(ts * 1e6), 1_000_000)
+            buf += _pack_record(sec, usec, len(data), orig_len)
             buf += data
         elif mode == _PCAPNG:
             ifaces = b.ifaces
