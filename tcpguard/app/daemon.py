@@ -87,6 +87,8 @@ from tcpguard.io.rawsend import RawSender
 log = logging.getLogger("tcpguard.daemon")
 
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+_ACCEPT = Verdict.ACCEPT
+_DROP = Verdict.DROP
 
 
 def iptables_spec(cfg: Config) -> IptablesSpec:
@@ -160,7 +162,8 @@ class Worker:
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload_error: str | None = None
-        self.traffic = Traffic()
+        # Released held packets by fate (only packets_/bytes_accepted and _dropped are used); see traffic.
+        self._released = Traffic()
         self.inbox = Inbox()
         self.adapter_stats: QueueStats | None = None
         self.started = time.monotonic()
@@ -172,35 +175,46 @@ class Worker:
 
     # ------------------------------------------------------------------ the packet path
     def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
-        t = self.traffic
-        size = len(raw)
-        t.packets_received += 1
-        t.bytes_received += size
+        # The engine counts every packet and the bytes of its direct verdicts (compiled, that costs next to
+        # nothing); this wrapper only has work for held packets, releases and dumps.
         dumps = self.dumps
         if dumps is not None:
             dumps.input(raw)
         dec = self.engine.handle_packet(raw, now, token)
+        if dec.verdict is not _ACCEPT or dec.releases or dumps is not None:
+            self._account(raw, token, dec, dumps)
+        return dec
+
+    @property
+    def traffic(self) -> Traffic:
+        """Packets and bytes by their final fate: the engine's direct verdicts plus the releases."""
+        est = self.engine.stats
+        rel = self._released
+        return Traffic(
+            packets_received=est.packets,
+            bytes_received=est.bytes,
+            packets_accepted=est.accepted + rel.packets_accepted,
+            bytes_accepted=est.bytes_accepted + rel.bytes_accepted,
+            packets_dropped=est.dropped + rel.packets_dropped,
+            bytes_dropped=est.bytes_dropped + rel.bytes_dropped,
+        )
+
+    def _account(self, raw: bytes, token: object, dec: Decision, dumps: PacketDumps | None) -> None:
         verdict = dec.verdict
-        if verdict == Verdict.ACCEPT:
-            t.packets_accepted += 1
-            t.bytes_accepted += size
-        elif verdict == Verdict.DROP:
-            t.packets_dropped += 1
-            t.bytes_dropped += size
+        if verdict is _DROP:
             if dumps is not None:
                 dumps.dropped(raw)
-        else:
+        elif verdict is not _ACCEPT:
             keep = raw if dumps is not None and dumps.wants_dropped else None
-            self._held[id(token)] = (token, size, keep)
+            self._held[id(token)] = (token, len(raw), keep)
         if dec.releases:
             self._account_releases(dec.releases)
         if dec.send and dumps is not None:
             dumps.reset(raw, dec.send)
-        return dec
 
     def _account_releases(self, releases: Sequence[Release]) -> None:
         """Count the final verdict of held packets (and dump the dropped ones)."""
-        t = self.traffic
+        t = self._released
         dumps = self.dumps
         for rel in releases:
             entry = self._held.pop(id(rel.token), None)

@@ -71,6 +71,11 @@ class Stats:
 
     accepted: int = 0
     bad_checksum: int = 0
+    # Bytes of the packets handed in, and of those answered at once with ACCEPT or DROP (a held packet's
+    # fate comes later, in a Release, which the adapter side counts: the engine does not keep sizes).
+    bytes: int = 0
+    bytes_accepted: int = 0
+    bytes_dropped: int = 0
     connections: int = 0
     dropped: int = 0
     evicted: int = 0
@@ -186,11 +191,15 @@ class Engine:
         if out is not None:
             dec.releases = out.releases
             dec.send = out.send
+        size = len(raw)
+        stats.bytes += size
         v = dec.verdict
         if v is ACCEPT:
             stats.accepted += 1
+            stats.bytes_accepted += size
         elif v is DROP:
             stats.dropped += 1
+            stats.bytes_dropped += size
         else:
             stats.held += 1
         if dec.packet is not None:
