@@ -94,6 +94,18 @@ def test_demo_expectation_agrees_with_tshark() -> None:
     assert len(verdicts) == len(rows)
     assert {i + 1 for i, v in enumerate(verdicts) if v == "D"} == dropped_expected
     assert set(verdicts) <= {"A", "D"}
+    # The engine's byte counters: IP packet lengths as tshark reads them (IPv4 total length, IPv6 payload
+    # length + its 40-byte header), of every frame and of the dropped ones (nothing is held here, so every
+    # other byte was accepted).
+    ip_len = {
+        int(n): int(v4) if v4 else 40 + int(v6)
+        for n, v4, v6 in _tshark(capture, "frame.number", "ip.len", "ipv6.plen")
+    }
+    dropped_bytes = sum(ip_len[n] for n in dropped_expected)
+    stats = expected["stats"]
+    assert stats["bytes"] == sum(ip_len.values())
+    assert stats["bytes_dropped"] == dropped_bytes
+    assert stats["bytes_accepted"] == sum(ip_len.values()) - dropped_bytes
     got = [
         {
             "frame": f["frame"],
