@@ -28,13 +28,14 @@ sum16_mod(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     Py_ssize_t start = 0, end = view.len;
+    /* Bounds past Py_ssize_t clamp (NULL: no OverflowError), like a slice's. */
     if (nargs >= 2) {
-        start = PyLong_AsSsize_t(args[1]);
+        start = PyNumber_AsSsize_t(args[1], NULL);
         if (start == -1 && PyErr_Occurred())
             goto fail;
     }
     if (nargs >= 3) {
-        end = PyLong_AsSsize_t(args[2]);
+        end = PyNumber_AsSsize_t(args[2], NULL);
         if (end == -1 && PyErr_Occurred())
             goto fail;
     }
@@ -44,6 +45,10 @@ sum16_mod(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (end > view.len)
         end = view.len;
+    if (start >= end) { /* an empty range; also keeps `i + 1` below from overflowing */
+        PyBuffer_Release(&view);
+        return PyLong_FromLong(0);
+    }
     const unsigned char *p = (const unsigned char *)view.buf;
     uint64_t acc = 0; /* 2**48 words before it could overflow: far beyond any buffer */
     Py_ssize_t i = start;

@@ -181,6 +181,8 @@ class Engine:
         self.now = now
         stats = self.stats
         stats.packets += 1
+        size = len(raw)
+        stats.bytes += size  # here, so that a packet whose handling raises still counts as received
         self._out = None  # made on demand by _output(): most packets release and send nothing
         try:
             dec = self._handle(raw, token)
@@ -191,8 +193,6 @@ class Engine:
         if out is not None:
             dec.releases = out.releases
             dec.send = out.send
-        size = len(raw)
-        stats.bytes += size
         v = dec.verdict
         if v is ACCEPT:
             stats.accepted += 1

@@ -421,6 +421,14 @@ def test_sum16_mod_refuses_negative_bounds(sum16: Any) -> None:
 
 
 @SUM16
+@pytest.mark.parametrize("start", [3, 4, 2**31, 2**62, 2**63 - 1, 2**64])
+def test_sum16_mod_clamps_bounds_past_the_buffer_like_a_slice(sum16: Any, start: int) -> None:
+    """Huge bounds (past the buffer, past a C long) are an empty range, not an overflow or a crash."""
+    assert sum16(b"abc", start, 2**64) == 0
+    assert sum16(b"abc", 0, 2**64) == _sum16_reference(b"abc")
+
+
+@SUM16
 @pytest.mark.parametrize(
     "n", [0, 1, 2, 223, 224, 225, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 1460, 1461]
 )
