@@ -113,11 +113,30 @@ def cmd_iptables(args: argparse.Namespace) -> int:
 
 DEFAULT_CONFIG = "/etc/tcpguard/tcpguard.yaml"
 
-# Modules that add their own subcommands through `add_subparser(sub)`.
-PLUGGED_COMMANDS = ("tcpguard.app.trace", "tcpguard.app.lab", "tcpguard.app.control", "tcpguard.app.bench")
+# Modules that add their own subcommands through `add_subparser(sub)`, and the subcommands each adds
+# (tests/app/test_cli.py holds this list to what the modules register). A command line naming one of them
+# imports only its module: importing all four (the benchmark and the lab pull in much of the standard
+# library) took 0.1 s of every `tcpguard trace` or `tcpguard status`.
+PLUGGED_COMMANDS: dict[str, tuple[str, ...]] = {
+    "tcpguard.app.trace": ("trace",),
+    "tcpguard.app.lab": ("lab",),
+    "tcpguard.app.control": ("status", "connections", "drop", "reset", "reload"),
+    "tcpguard.app.bench": ("bench",),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("check", "replay", "run", "iptables")  # defined here, in build_parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand a command line names (the first argument that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `command`, only what that command needs: no plugged module for one of
+    CORE_COMMANDS, its own module for a plugged one, and every module for anything else (a misspelling:
+    the error then lists every command)."""
     p = argparse.ArgumentParser(prog="tcpguard", description="Inline TCP filtering with Haka-style rules.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -152,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands that live in their own modules register themselves (each module has add_subparser).
     import importlib
 
-    for name in PLUGGED_COMMANDS:
+    if command in CORE_COMMANDS:
+        modules = []
+    else:
+        modules = [m for m, cmds in PLUGGED_COMMANDS.items() if command in cmds] or list(PLUGGED_COMMANDS)
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -164,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     rc: int = args.func(args)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from tcpguard.app import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TCPGUARD = [sys.executable, "-m", "tcpguard.app.cli"]
@@ -58,3 +61,27 @@ def test_replay_writes_forwarded_packets_events_and_a_summary(tmp_path: Path) ->
 def test_replay_of_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     r = run("replay", str(tmp_path / "none.pcap"), "--rules", "rules")
     assert r.returncode == 1 and "none.pcap" in r.stderr
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(action.choices)
+
+
+def test_each_plugged_module_registers_the_commands_listed_for_it() -> None:
+    """A command line naming a plugged command imports only its module: the list must be exact."""
+    core = set(cli.CORE_COMMANDS)
+    everything = _subcommands(cli.build_parser())
+    listed = {c for cmds in cli.PLUGGED_COMMANDS.values() for c in cmds}
+    assert everything == core | listed
+    for cmds in cli.PLUGGED_COMMANDS.values():
+        for cmd in cmds:
+            assert _subcommands(cli.build_parser(cmd)) == core | set(cmds)
+    for cmd in core:
+        assert _subcommands(cli.build_parser(cmd)) == core  # no plugged module imported for it
+    assert _subcommands(cli.build_parser("trcae")) == everything  # a typo: the error lists every command
+
+
+def test_the_command_is_the_first_argument_that_is_not_an_option() -> None:
+    assert cli._command(["-v", "-v", "trace", "x.pcap", "-o", "out"]) == "trace"
+    assert cli._command(["--help"]) is None
