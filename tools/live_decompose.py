@@ -1,0 +1,220 @@
+"""Where tcpguard's live per-packet cost goes: the bench's traffic through filters built up layer by layer.
+
+    sudo .venv/bin/python tools/live_decompose.py [--duration 6] [--rounds 2] [--kinds rr,bulk]
+
+On the benchmark's namespace network (tcpguard.app.bench: same topology, load generator, rules copy and
+CPU accounting), the gateway runs in turn:
+
+  nfq-bare    the bench's bare NetfilterQueue loop (one verdict per packet)
+  adapter     tcpguard's NfqueueAdapter (batched verdicts) with a handler that accepts every packet
+  engine      the adapter with Engine.handle_packet, no rules
+  worker      the adapter with the daemon's Worker around the engine, no rules
+  tcpguard-1  `tcpguard run` with the sample rules, one worker (the bench's path)
+
+Rounds are interleaved (every variant once, then again) because this virtual machine's speed drifts by
+10-20% within an hour; the table gives each figure's range over the rounds. Everything it creates
+(namespaces, iptables rules, processes) goes away at the end, also on failure: the bench's own lab and
+process handling does it. docs/BENCHMARKS.md (round 4) has a table made with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tcpguard.app import bench  # noqa: E402
+
+STANDINS = ("adapter", "engine", "worker")
+VARIANTS = ("nfq-bare", *STANDINS, "tcpguard-1")
+
+
+def standin(mode: str, ready: str) -> int:
+    """Bind the bench's queue with the adapter and the handler `mode` names; run until SIGTERM."""
+    from tcpguard.core.decision import Decision, Output, Verdict
+    from tcpguard.core.engine import Engine
+    from tcpguard.core.rules import RuleSet
+    from tcpguard.io.nfqueue import NfqueueAdapter
+
+    handler: Any
+    if mode == "adapter":
+        accept = Decision(Verdict.ACCEPT)
+
+        class AcceptAll:
+            def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+                return accept
+
+            def handle_timer(self, now: float) -> Output:
+                return Output()
+
+            def shutdown(self, now: float) -> Output:
+                return Output()
+
+        handler = AcceptAll()
+    elif mode == "engine":
+        handler = Engine(None, RuleSet([]))
+    else:
+        from tcpguard.app.config import Config
+        from tcpguard.app.daemon import Worker
+
+        cfg = Config()
+        cfg.engine.limits.rule_time_budget = 0  # no watchdog thread: nothing to watch without rules
+        handler = Worker(cfg, Path("/nonexistent.yaml"), RuleSet([]), bench.QUEUE)
+    adapter = NfqueueAdapter(handler, queue_num=bench.QUEUE, max_len=4096)
+    signal.signal(signal.SIGTERM, lambda *_: adapter.stop())
+    adapter.open()
+    Path(ready).write_text("ok")
+    adapter.run()
+    return 0
+
+
+class StandInPath(bench.GatewayPath):
+    """A gateway path whose filter is this tool run with --standin MODE."""
+
+    def start(self) -> None:
+        ready = self.work / f"{self.name}.ready"
+        ready.unlink(missing_ok=True)
+        self._spawn([sys.executable, __file__, "--standin", self.name, str(ready)], ready.exists)
+        # The queue is bound first, the rule second: no packet meets an unbound queue.
+        self.lab.run(
+            "gw",
+            [
+                "iptables",
+                "-w",
+                "-A",
+                "FORWARD",
+                "-p",
+                "tcp",
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                str(bench.QUEUE),
+            ],
+        )
+
+
+def measure(args: argparse.Namespace) -> int:
+    bench_args = argparse.Namespace(
+        short=False,
+        duration=args.duration,
+        mem_count=None,
+        hold=0,
+        packets=None,
+        rules=args.rules,
+        profile=None,
+    )
+    st = bench.settings_from(bench_args)
+    kinds = args.kinds.split(",")
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS] + [k for k in kinds if k not in ("rr", "bulk")]
+    if unknown:
+        print(f"unknown variant or traffic kind: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="tcpguard-decompose-"))
+    try:
+        results = _rounds(args, st, work, variants, kinds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _table(results, variants, kinds)
+    return 0
+
+
+def _rounds(
+    args: argparse.Namespace, st: bench.Settings, work: Path, variants: list[str], kinds: list[str]
+) -> dict[tuple[str, str], list[bench.PhaseResult]]:
+    st.rules = bench.bench_rules(st.rules, work / "rules")
+    results: dict[tuple[str, str], list[bench.PhaseResult]] = {}
+    with bench.BenchLab() as lab:
+        ready = work / "server.ready"
+        server = lab.popen(
+            "server",
+            bench._py_role(
+                "server",
+                {
+                    "rr_ports": [bench.RR_PORT, bench.RR_PORT2],
+                    "bulk_port": bench.BULK_PORT,
+                    "ready": str(ready),
+                    "max_seconds": 3600,
+                    "nofile": 8192,
+                },
+            ),
+            cwd=work,
+        )
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the load generator's server did not start")
+            time.sleep(0.05)
+        for rnd in range(args.rounds):
+            for v in variants:
+                gp = StandInPath(v, lab, work, st) if v in STANDINS else bench.GatewayPath(v, lab, work, st)
+                try:
+                    gp.start()
+                    for kind in kinds:
+                        ph = bench._phase(lab, st, kind, server.pid)
+                        results.setdefault((v, kind), []).append(ph)
+                        us = ph.gw_cpu_ns / 1000 / max(1, ph.packets)
+                        print(
+                            f"round {rnd + 1} {v:10s} {kind:4s} {us:6.2f} us/packet "
+                            f"{ph.pps:9,.0f} packets/s  machine {ph.busy_share:.0%}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                finally:
+                    gp.stop()
+        bench.stop_process(server)
+    return results
+
+
+def _table(
+    results: dict[tuple[str, str], list[bench.PhaseResult]], variants: list[str], kinds: list[str]
+) -> None:
+    def span(values: list[float], fmt: str) -> str:
+        lo, hi = min(values), max(values)
+        return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}-{hi:{fmt}}"
+
+    head = "| what runs in the gw namespace |"
+    rule = "|---|"
+    for kind in kinds:
+        head += f" {kind} µs/packet | {kind} packets/s | {kind} machine busy |"
+        rule += "--:|--:|--:|"
+    print(head)
+    print(rule)
+    for v in variants:
+        row = f"| {v} |"
+        for kind in kinds:
+            phs = results.get((v, kind), [])
+            if not phs:
+                row += " - | - | - |"
+                continue
+            us = [p.gw_cpu_ns / 1000 / max(1, p.packets) for p in phs]
+            pps = [p.pps / 1000 for p in phs]
+            busy = [p.busy_share * 100 for p in phs]
+            row += f" {span(us, '.2f')} | {span(pps, '.0f')}k | {span(busy, '.0f')}% |"
+        print(row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--standin", nargs=2, metavar=("MODE", "READY"), help=argparse.SUPPRESS)
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds per traffic kind and variant")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    ap.add_argument("--kinds", default="rr,bulk", help="traffic kinds (default rr,bulk)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, default all")
+    ap.add_argument("--rules", default=str(ROOT / "rules"), help="rules of the tcpguard-1 path")
+    args = ap.parse_args(argv)
+    if args.standin:
+        return standin(*args.standin)
+    return measure(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
