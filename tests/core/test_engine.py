@@ -532,6 +532,26 @@ def test_bad_checksum_is_dropped_and_the_stream_unchanged() -> None:
     assert rec.data() == b"good"
 
 
+def test_replace_settings_applies_from_the_next_packet() -> None:
+    """The engine copies the settings a packet reads (checksum verification, out-of-order policy and
+    bounds) when built and in replace_settings, a reload's path: the new values must take effect."""
+    pb = Playbook()
+    pb.handshake()
+    assert pb.client("PA", b"later", seq=pb.cnext + 10, token=1).verdict == HOLD  # default: hold
+    raw = bytearray(pb._seg(True, "PA", b"evil", None, None, 65535, b"", 0))
+    raw[-1] ^= 0xFF  # a bad checksum
+    pb.cnext -= 4
+    assert pb.feed(bytes(raw)).verdict == DROP
+    st = EngineSettings()
+    st.policies.out_of_order = "drop"
+    st.policies.verify_checksums = False
+    pb.engine.replace_settings(st)
+    assert pb.client("PA", b"later", seq=pb.cnext + 20).verdict == DROP  # out of order: now dropped
+    assert pb.engine.stats.ooo_dropped == 1
+    assert pb.feed(bytes(raw)).verdict != DROP  # the checksum is no longer verified
+    assert pb.engine.stats.bad_checksum == 1
+
+
 def test_fragments_follow_the_fragment_policy() -> None:
     pb = Playbook()
     raw = bytearray(pb._seg(True, "S", b"", None, None, 65535, b"", 0))
