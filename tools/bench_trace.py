@@ -70,7 +70,7 @@ def _packet(c: _Conn, up: bool, seq: int, ack: int, flags: int, payload: bytes) 
     src, dst = (c.caddr, c.saddr) if up else (c.saddr, c.caddr)
     sp, dp = (c.cport, c.sport) if up else (c.sport, c.cport)
     seg = _TCP.pack(sp, dp, seq, ack, 5 << 4, flags, 64240, 0, 0) + payload
-    csum = tcp_checksum(6 if c.v6 else 4, src, dst, seg)
+    csum = tcp_checksum(src, dst, seg)
     seg = seg[:16] + csum.to_bytes(2, "big") + seg[18:]
     if c.v6:
         return _ETH_V6 + _V6.pack(6 << 28, len(seg), 6, 64, src, dst) + seg

@@ -83,22 +83,7 @@ class StandInPath(bench.GatewayPath):
         ready = self.work / f"{self.name}.ready"
         ready.unlink(missing_ok=True)
         self._spawn([sys.executable, __file__, "--standin", self.name, str(ready)], ready.exists)
-        # The queue is bound first, the rule second: no packet meets an unbound queue.
-        self.lab.run(
-            "gw",
-            [
-                "iptables",
-                "-w",
-                "-A",
-                "FORWARD",
-                "-p",
-                "tcp",
-                "-j",
-                "NFQUEUE",
-                "--queue-num",
-                str(bench.QUEUE),
-            ],
-        )
+        self.queue_forwarded_tcp()
 
 
 def measure(args: argparse.Namespace) -> int:

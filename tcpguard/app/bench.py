@@ -839,7 +839,7 @@ def ipv4_tcp(
     hlen = 20 + len(options)
     seg = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4, flags, window, 0, 0)
     seg += options + payload
-    csum = tcp_checksum(4, src, dst, seg)
+    csum = tcp_checksum(src, dst, seg)
     seg = seg[:16] + csum.to_bytes(2, "big") + seg[18:]
     hdr = _IP4.pack(0x45, 0, 20 + len(seg), 0, 0x4000, 64, 6, 0, src, dst)
     return hdr[:10] + checksum(hdr).to_bytes(2, "big") + hdr[12:] + seg
@@ -1029,13 +1029,17 @@ class GatewayPath:
             ready = self.work / f"{n}.ready"
             params = {"kind": n[4:], "queue": QUEUE, "max_len": 4096, "ready": str(ready)}
             self._spawn(_py_role("nfq", params), ready.exists)
-            # The queue is bound first, the rule second: no packet meets an unbound queue.
-            self.lab.run(
-                "gw",
-                ["iptables", "-w", "-A", "FORWARD", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", str(QUEUE)],
-            )
+            self.queue_forwarded_tcp()
         elif n.startswith("tcpguard-"):
             self.start_daemon(int(n.split("-")[1]))
+
+    def queue_forwarded_tcp(self) -> None:
+        """Send the gateway's forwarded TCP to QUEUE, for a filter that bound it already (the queue is
+        bound first, the rule second: no packet meets an unbound queue). `stop` flushes the rule."""
+        self.lab.run(
+            "gw",
+            ["iptables", "-w", "-A", "FORWARD", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", str(QUEUE)],
+        )
 
     def start_daemon(self, workers: int, max_connections: int = 65536) -> None:
         cfg = self.work / f"{self.name}.yaml"

@@ -137,8 +137,8 @@ def replay(
     # The per-frame loop keeps its counters and callables in locals: it runs once per frame and the
     # attribute lookups were a tenth of its cost next to the engine (tools/profile_engine.py --path replay).
     handle = engine.handle_packet
-    write = writer.write if writer is not None else None
-    frames = non_ip = forwarded = 0
+    emit = gw.emit
+    frames = non_ip = 0
     try:
         for frame in iter_frames(capture):
             frames += 1
@@ -157,9 +157,7 @@ def replay(
             dec = handle(ip, ts, number)
             verdict = dec.verdict
             if verdict is _ACCEPT:
-                forwarded += 1
-                if write is not None:
-                    write(dec.packet if dec.packet is not None else ip, ts)
+                emit(dec.packet if dec.packet is not None else ip, ts)
             elif verdict is _HOLD:
                 gw.held[number] = ip
             if dec.releases or dec.send:
@@ -171,7 +169,6 @@ def replay(
         if writer is not None:
             writer.close()
         summary.frames, summary.non_ip = frames, non_ip
-        gw.forwarded += forwarded
     summary.forwarded = gw.forwarded
     summary.forged = gw.forged
     summary.alerts = alerts

@@ -1126,30 +1126,27 @@ class _IndexWriter:
         entries = sorted(
             (o[i], s, o[i + 1], o[i + 2]) for s, (_p, o) in enumerate(shards) for i in range(0, len(o), 3)
         )
-        files = [open(p, "rb") for p, _o in shards]  # noqa: SIM115 - closed below
         # Mapped, not read with seek + read per flow (two system calls each): the entries come back in
         # frame order, not in the order they were spooled.
-        maps: list[mmap.mmap | None] = []
+        maps: list[mmap.mmap | bytes] = []
         path = outdir / "index.json"
         tmp = path.with_suffix(".json.part")
         try:
-            for f in files:
-                size = os.fstat(f.fileno()).st_size
-                maps.append(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None)
+            for p, _o in shards:
+                with open(p, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    # (mmap refuses an empty file; the map keeps its own descriptor)
+                    maps.append(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b"")
             with open(tmp, "wb") as out:
                 out.write(json.dumps(header, indent=1)[:-2].encode() + b',\n "flows": [')
                 for n, (_first, s, off, length) in enumerate(entries):
-                    m = maps[s]
-                    assert m is not None  # an entry's spool holds its bytes
                     out.write(b"\n  " if n == 0 else b",\n  ")
-                    out.write(m[off : off + length])
+                    out.write(maps[s][off : off + length])
                 out.write(b"\n ]\n}\n")
         finally:
             for m in maps:
-                if m is not None:
+                if isinstance(m, mmap.mmap):
                     m.close()
-            for f in files:
-                f.close()
         os.replace(tmp, path)
         for p, _o in shards:
             os.unlink(p)

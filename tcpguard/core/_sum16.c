@@ -11,34 +11,29 @@
 #include <Python.h>
 #include <stdint.h>
 
-/* sum16_mod(data, start=0, end=len(data)) -> int
+/* sum16_mod(data, start, end) -> int
  *
  * data[start:end] read as big-endian 16-bit words (an odd last byte padded with zero), summed modulo
- * 0xFFFF: the same value as tcpguard.core.packet's Python sum16_mod. start and end are clamped to the
- * buffer like a slice's (negative values are not accepted). */
+ * 0xFFFF: the same value as tcpguard.core.packet.sum16_mod_py. start and end are clamped to the buffer
+ * like a slice's (negative values are not accepted). */
 static PyObject *
 sum16_mod(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs < 1 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "sum16_mod(data, start=0, end=len(data))");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "sum16_mod(data, start, end)");
         return NULL;
     }
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    Py_ssize_t start = 0, end = view.len;
     /* Bounds past Py_ssize_t clamp (NULL: no OverflowError), like a slice's. */
-    if (nargs >= 2) {
-        start = PyNumber_AsSsize_t(args[1], NULL);
-        if (start == -1 && PyErr_Occurred())
-            goto fail;
-    }
-    if (nargs >= 3) {
-        end = PyNumber_AsSsize_t(args[2], NULL);
-        if (end == -1 && PyErr_Occurred())
-            goto fail;
-    }
+    Py_ssize_t start = PyNumber_AsSsize_t(args[1], NULL);
+    if (start == -1 && PyErr_Occurred())
+        goto fail;
+    Py_ssize_t end = PyNumber_AsSsize_t(args[2], NULL);
+    if (end == -1 && PyErr_Occurred())
+        goto fail;
     if (start < 0 || end < 0) {
         PyErr_SetString(PyExc_ValueError, "start and end must not be negative");
         goto fail;
@@ -65,8 +60,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"sum16_mod", (PyCFunction)(void (*)(void))sum16_mod, METH_FASTCALL,
-     "sum16_mod(data, start=0, end=len(data)): data[start:end] as big-endian 16-bit words, summed modulo "
-     "0xFFFF."},
+     "sum16_mod(data, start, end): data[start:end] as big-endian 16-bit words, summed modulo 0xFFFF."},
     {NULL, NULL, 0, NULL},
 };
 

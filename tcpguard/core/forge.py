@@ -52,7 +52,7 @@ def build_tcp(
     seg = bytearray(
         _TCP_NOOPT.pack(sport, dport, seq, ack, doff << 4, flags, window, 0, urgptr) + options + payload
     )
-    struct.pack_into("!H", seg, 16, tcp_checksum(version, src, dst, bytes(seg)))
+    struct.pack_into("!H", seg, 16, tcp_checksum(src, dst, bytes(seg)))
     return ip_header(version, src, dst, len(seg)) + bytes(seg)
 
 
@@ -87,5 +87,5 @@ def rewrite(
         # The payload length covers the extension headers too.
         struct.pack_into("!H", iph, 4, len(iph) - 40 + seg_len)
     seg = bytes(tcph) + body
-    struct.pack_into("!H", tcph, 16, tcp_checksum(pkt.version, pkt.src, pkt.pdst, seg))
+    struct.pack_into("!H", tcph, 16, tcp_checksum(pkt.src, pkt.pdst, seg))
     return bytes(iph) + bytes(tcph) + body

@@ -451,7 +451,6 @@ def parse_options(opts: bytes) -> TcpOptions:
 
 
 _SPLIT_AT: Final = 224  # below it the single big integer is faster (measured, see sum16_mod_py)
-_END: Final = 1 << 62  # "to the end" for sum16_mod_py
 
 
 def ones_sum(data: bytes) -> int:
@@ -467,7 +466,7 @@ def checksum(data: bytes) -> int:
     return (~ones_sum(data)) & 0xFFFF
 
 
-def sum16_mod_py(data: bytes, start: int = 0, end: int = _END) -> int:
+def sum16_mod_py(data: bytes, start: int, end: int) -> int:
     """`data[start:end]` as big-endian 16-bit words (an odd last byte padded with zero), summed modulo
     0xFFFF. The Python version of `sum16_mod`, used when the C one (_sum16.c) was not built.
 
@@ -510,26 +509,26 @@ sum16_mod: Final = _pick_sum16()
 SUM16_IMPL: Final = "python" if sum16_mod is sum16_mod_py else "c"
 
 
-def checksums_ok(pkt: Packet) -> bool:
-    """True if the IPv4 header checksum (if any) and the TCP checksum verify.
+def _pseudo_sum(src: bytes, dst: bytes, length: int) -> int:
+    """The word sum of the TCP pseudo-header, modulo 0xFFFF, computed without building it: the addresses
+    read as one integer equal their word sum (2**16 is 1 modulo 0xFFFF), and protocol and length add as
+    themselves in both the IPv4 and the IPv6 layout."""
+    return int.from_bytes(src + dst, "big") + PROTO_TCP + length
 
-    The pseudo-header's words are summed arithmetically: modulo 0xFFFF the addresses read as one integer
-    equal their word sum (2**16 is 1 modulo 0xFFFF), and protocol and length add as themselves in both the
-    IPv4 and the IPv6 layout.
-    """
+
+def checksums_ok(pkt: Packet) -> bool:
+    """True if the IPv4 header checksum (if any) and the TCP checksum verify."""
     raw = pkt.raw
     hl = pkt.ip_hlen
     n = len(raw)
     if pkt.version == 4 and sum16_mod(raw, 0, hl) != 0:
         return False
-    pseudo = int.from_bytes(pkt.src + pkt.pdst, "big") + PROTO_TCP + (n - hl)
-    return (pseudo + sum16_mod(raw, hl, n)) % 0xFFFF == 0
+    return (_pseudo_sum(pkt.src, pkt.pdst, n - hl) + sum16_mod(raw, hl, n)) % 0xFFFF == 0
 
 
-def tcp_checksum(pkt_version: int, src: bytes, dst: bytes, segment: bytes) -> int:
-    """TCP checksum for `segment` (header with a zero checksum field, plus payload)."""
-    if pkt_version == 4:
-        pseudo = src + dst + struct.pack("!BBH", 0, PROTO_TCP, len(segment))
-    else:
-        pseudo = src + dst + struct.pack("!IxxxB", len(segment), PROTO_TCP)
-    return checksum(pseudo + segment)
+def tcp_checksum(src: bytes, dst: bytes, segment: bytes) -> int:
+    """TCP checksum for `segment` (header with a zero checksum field, plus payload), IPv4 or IPv6."""
+    r = (_pseudo_sum(src, dst, len(segment)) + sum16_mod(segment, 0, len(segment))) % 0xFFFF
+    # r == 0: the sum is a non-zero multiple of 0xFFFF (the protocol word is never 0), which folds to
+    # 0xFFFF, whose complement is 0.
+    return (~r) & 0xFFFF if r else 0

@@ -247,10 +247,11 @@ def _fail_open_message(queue_num: int, seq: int) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body
 
 
-def _batch_verdict_prefix(
+def _verdict_message_parts(
     queue_num: int, verdict: int, mark: int | None, msg: int = _NFQNL_MSG_VERDICT_BATCH, seq: int = _OUR_SEQ
 ) -> tuple[bytes, bytes]:
-    """The constant parts of a verdict message: everything before the packet id, and after it.
+    """The constant parts of a verdict message (a batch one by default): everything before the packet id,
+    and after it.
 
     NFQNL_MSG_VERDICT_BATCH: the kernel answers every queued packet of this queue whose id is not after
     the given one with the verdict (and the mark, if present), in queue order (nfqnl_recv_verdict_batch).
@@ -363,11 +364,11 @@ class NfqueueAdapter:
         # Accepts deferred to the end of the read batch (see _flush); only while `_batching`.
         self._pending: list[QueuedPacket] = []
         self._batching = False
-        self._batch_head, self._batch_tail = _batch_verdict_prefix(
+        self._batch_head, self._batch_tail = _verdict_message_parts(
             queue_num, _NF_ACCEPT if repeat_mark is None else _NF_REPEAT, repeat_mark
         )
-        self._drop_upto = _batch_verdict_prefix(queue_num, _NF_DROP, None, seq=_UNSEEN_SEQ)[0]
-        self._drop_one = _batch_verdict_prefix(queue_num, _NF_DROP, None, _NFQNL_MSG_VERDICT, _UNSEEN_SEQ)[0]
+        self._drop_upto = _verdict_message_parts(queue_num, _NF_DROP, None, seq=_UNSEEN_SEQ)[0]
+        self._drop_one = _verdict_message_parts(queue_num, _NF_DROP, None, _NFQNL_MSG_VERDICT, _UNSEEN_SEQ)[0]
         # The id the next queued packet must have (the kernel numbers a queue's packets 1, 2, ...; -1:
         # not known yet). A packet with a later id means the ones between never reached us.
         self._next_id = -1
