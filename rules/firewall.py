@@ -21,6 +21,7 @@ Notes:
   and `ratelimit.py` only counts the connections this module lets through.
 """
 
+import functools
 import ipaddress
 
 from tcpguard import rule, tcp_connection
@@ -62,6 +63,10 @@ def _inside(addr, networks):
     return any(addr.version == n.version and addr in n for n in networks)
 
 
+# Remembered per (client, server, port): the many connections a client opens to one service are decided
+# once (bounded: the least recently used answers go first). A reload, which an edit of ALLOW needs anyway,
+# starts with an empty cache.
+@functools.lru_cache(maxsize=4096)
 def allowed(client, server, port):
     """(allowed, reason): whether some ALLOW entry admits client -> server:port, and why not if not."""
     addresses_ok = False

@@ -30,6 +30,9 @@ A line the stream ends in without its line feed is no request or header (no serv
 Cost: between requests the parser keeps nothing but the host; in the middle of one it keeps its state
 (and a split line's bytes) in `flow.store["_http_host"]`. A plain listener costs nothing on an idle
 connection, where a streamed one (a suspended coroutine per connection) would cost several kilobytes.
+The answers for Host values seen before are kept in `KNOWN` (shared by all connections, emptied when it
+reaches `MAX_KNOWN` entries; values longer than `MAX_KNOWN_VALUE` bytes are never kept), so a keep-alive
+client repeating its Host header costs one dictionary lookup per request.
 """
 
 import sys
@@ -111,12 +114,36 @@ def _broken(flow, what, direction):
 HEX = b"0123456789abcdefABCDEF"
 
 
-def _check_host(flow, host, direction):
-    """Remember the host; half-reset and return True if it is blocked."""
+MAX_KNOWN = 4096  # entries of KNOWN; it is emptied when full
+MAX_KNOWN_VALUE = 300  # longer values are looked up every time, never kept in KNOWN
+
+# Host values seen before (as they appear after "Host:" or "://", lower-cased) -> (host name, blocked).
+# Keep-alive clients repeat the same Host header on every request: one dict lookup then replaces the
+# parsing, decoding and parent-domain walk. Reloading the rules (an edit of BLOCKED_HOSTS) starts anew.
+KNOWN = {}
+
+
+def _host_of_value(value):
+    """(host name, blocked) for a lower-cased Host value or authority."""
+    known = KNOWN.get(value)
+    if known is not None:
+        return known
     # Interned: the many connections to one site share one string instead of a copy each.
-    name = sys.intern(host.decode("ascii", "replace"))
+    name = sys.intern(host_of(value).decode("ascii", "replace"))
+    known = (name, is_blocked(name))
+    if len(value) <= MAX_KNOWN_VALUE:
+        if len(KNOWN) >= MAX_KNOWN:
+            KNOWN.clear()
+        KNOWN[value] = known
+    return known
+
+
+def _check_host(flow, value, direction):
+    """Remember the host of `value` (a Host header value or authority, lower-cased); half-reset and return
+    True if it is blocked."""
+    name, blocked = _host_of_value(value)
     flow.store["host"] = name
-    if not is_blocked(name):
+    if not blocked:
         return False
     flow.alert(f"HTTP request to blocked host {name}", severity="medium", direction=direction)
     flow.halfreset()
@@ -126,16 +153,11 @@ def _check_host(flow, host, direction):
 FIELDS = {b"host", b"content-length", b"transfer-encoding"}  # the header fields the parser acts on
 
 
-def _name_value(line):
-    """A header line's field name (lower case, no surrounding white space) and its raw value."""
-    name, _, value = line.partition(b":")
-    return name.strip().lower(), value
-
-
 def _field(flow, req, name, value, direction):
-    """One header field, `name` one of FIELDS, of the request being read. False: stop inspecting."""
+    """One header field of the request being read: `name` one of FIELDS (no surrounding white space),
+    `value` as it follows the colon; both lower-cased. False: stop inspecting."""
     if name == b"host":
-        if _check_host(flow, host_of(value), direction):
+        if _check_host(flow, value, direction):
             return False
     elif name == b"content-length":
         value = value.strip()
@@ -143,7 +165,7 @@ def _field(flow, req, name, value, direction):
             return _broken(flow, "Content-Length", direction)
         req.length = int(value)
     elif name == b"transfer-encoding":
-        req.chunked = b"chunked" in value.lower()
+        req.chunked = b"chunked" in value
     return True
 
 
@@ -160,16 +182,49 @@ def _whole_head(data, i):
 
 def _head(flow, req, head, direction, lenient):
     """A whole request head (`head`: up to, not including, the CRLF CRLF that ends it). The same steps as
-    `_line` on each of its lines in turn, without the per-line bookkeeping of `_feed`."""
-    lines = head.split(b"\r\n")
-    if not _line(flow, req, lines[0] + b"\r\n", direction, lenient):
+    `_line` on each of its lines in turn, without the per-line bookkeeping of `_feed`: the request line as
+    it is, then the header block lower-cased in one go (every field the parser acts on is read without
+    regard to case)."""
+    eol = head.find(b"\r\n")
+    if not _request_line(flow, req, head if eol < 0 else head[:eol], direction, lenient):
         return False
-    for k in range(1, len(lines)):
-        name, _, value = lines[k].partition(b":")  # `_name_value`, inline: most requests come this way
-        name = name.strip().lower()
-        if name in FIELDS and not _field(flow, req, name, value, direction):
+    if eol >= 0:
+        for line in head[eol + 2 :].lower().split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name not in FIELDS:  # the common spelling is looked up as it is, the others stripped
+                name = name.strip()
+                if name not in FIELDS:
+                    continue
+            if not _field(flow, req, name, value, direction):
+                return False
+    _end_of_head(req)
+    return True
+
+
+def _request_line(flow, req, line, direction, lenient):
+    """A line where a request starts (not empty). False: stop inspecting."""
+    parts = line.split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        if lenient:
+            return False  # not HTTP/1.x: stop inspecting this connection
+        return _broken(flow, "not an HTTP/1.x request line", direction)
+    target = parts[1]
+    if b"://" in target:
+        authority = target.split(b"://", 1)[1].split(b"/", 1)[0].rsplit(b"@", 1)[-1]
+        if _check_host(flow, authority.lower(), direction):
             return False
-    return _line(flow, req, b"\r\n", direction, lenient)  # the empty line: body, chunks or next request
+    req.phase, req.length, req.chunked = HEADERS, 0, False
+    return True
+
+
+def _end_of_head(req):
+    """The empty line that ends a request head: what comes next is its body, its chunks or a request."""
+    if req.chunked:
+        req.phase = CHUNK_SIZE
+    elif req.length > 0:
+        req.phase, req.remaining = BODY, req.length
+    else:
+        req.phase = REQUEST
 
 
 def _line(flow, req, line, direction, lenient):
@@ -181,29 +236,15 @@ def _line(flow, req, line, direction, lenient):
             return False
         if line in EMPTY_LINES:
             return True  # empty lines before a request are allowed (RFC 9112, section 2.2)
-        parts = line.split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            if lenient:
-                return False  # not HTTP/1.x: stop inspecting this connection
-            return _broken(flow, "not an HTTP/1.x request line", direction)
-        target = parts[1]
-        if b"://" in target:
-            authority = target.split(b"://", 1)[1].split(b"/", 1)[0].rsplit(b"@", 1)[-1]
-            if _check_host(flow, host_of(authority), direction):
-                return False
-        req.phase, req.length, req.chunked = HEADERS, 0, False
+        return _request_line(flow, req, line, direction, lenient)
     elif phase == HEADERS:
         if _too_long(flow, line, direction):
             return False
         if line in EMPTY_LINES:
-            if req.chunked:
-                req.phase = CHUNK_SIZE
-            elif req.length > 0:
-                req.phase, req.remaining = BODY, req.length
-            else:
-                req.phase = REQUEST
+            _end_of_head(req)
             return True
-        name, value = _name_value(line)
+        name, _, value = line.lower().partition(b":")
+        name = name.strip()
         return name not in FIELDS or _field(flow, req, name, value, direction)
     elif phase == CHUNK_SIZE:
         digits = line.split(b";", 1)[0].strip()

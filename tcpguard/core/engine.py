@@ -851,11 +851,19 @@ class Engine:
 
     def _after_rules(self, conn: Connection) -> None:
         """Apply `flow.send()` requests and marks the rules lifted: held in-order packets leave."""
-        for d, s in ((UP, conn.up), (DOWN, conn.down)):
-            if (conn._send >> d) & 1:
-                s.hold_from = -1
-            if s.held and s.hold_from < 0:
-                self._release_held(s, ACCEPT)
+        # Both directions written out: a loop over ((UP, conn.up), (DOWN, conn.down)) builds three
+        # tuples on every data packet.
+        send = conn._send
+        up = conn.up
+        if send & (1 << UP):
+            up.hold_from = -1
+        if up.held and up.hold_from < 0:
+            self._release_held(up, ACCEPT)
+        down = conn.down
+        if send & (1 << DOWN):
+            down.hold_from = -1
+        if down.held and down.hold_from < 0:
+            self._release_held(down, ACCEPT)
         conn._send = 0
 
     # ================================================================ verdict helpers

@@ -521,9 +521,19 @@ def checksums_ok(pkt: Packet) -> bool:
     raw = pkt.raw
     hl = pkt.ip_hlen
     n = len(raw)
-    if pkt.version == 4 and sum16_mod(raw, 0, hl) != 0:
-        return False
-    return (_pseudo_sum(pkt.src, pkt.pdst, n - hl) + sum16_mod(raw, hl, n)) % 0xFFFF == 0
+    if pkt.version == 4:
+        if sum16_mod(raw, 0, hl) != 0:
+            return False
+        addresses = 12  # source and destination: bytes 12-20 of the IPv4 header, 8-40 of the IPv6 one
+    else:
+        addresses = 8
+    if pkt.pdst == pkt.dst:
+        # The pseudo-header's addresses are the header's own: summed where they are, in one call, so that
+        # every sum stays a small integer (no concatenation, no 64- or 256-bit integer to reduce).
+        pseudo = sum16_mod(raw, addresses, 20 if addresses == 12 else 40) + PROTO_TCP + n - hl
+    else:
+        pseudo = _pseudo_sum(pkt.src, pkt.pdst, n - hl)  # source-routed: the final destination counts
+    return (pseudo + sum16_mod(raw, hl, n)) % 0xFFFF == 0
 
 
 def tcp_checksum(src: bytes, dst: bytes, segment: bytes) -> int:

@@ -55,6 +55,7 @@ def test_entries_with_client_networks_and_port_ranges() -> None:
         (networks("any"), networks(["192.168.0.0/16"]), ports([80])),
     ]
     MOD["_ENTRIES"], saved = entries, MOD["_ENTRIES"]
+    allowed.cache_clear()  # answers are cached per (client, server, port) for the entries in force
     try:
         ip = ipaddress.ip_address
         assert allowed(ip("10.1.2.3"), ip("10.9.9.9"), 9050) == (True, "")
@@ -65,6 +66,18 @@ def test_entries_with_client_networks_and_port_ranges() -> None:
         assert allowed(ip("172.16.0.1"), ip("192.168.1.1"), 80) == (True, "")
     finally:
         MOD["_ENTRIES"] = saved
+        allowed.cache_clear()
+
+
+def test_a_client_reconnecting_to_a_service_is_decided_once() -> None:
+    allowed = MOD["allowed"]
+    allowed.cache_clear()
+    for sport in (443, 443, 23, 23):
+        pb = playbook(RS, client="10.0.0.1", server="10.0.0.2", sport=sport)
+        assert pb.client("S").verdict == (ACCEPT if sport == 443 else DROP)
+    info = allowed.cache_info()
+    assert (info.misses, info.hits) == (2, 2)
+    assert info.maxsize == 4096  # bounded: the least recently used answers are evicted
 
 
 def test_a_typo_in_the_allow_list_is_a_load_error_with_its_line(tmp_path: Path) -> None:

@@ -216,6 +216,29 @@ def test_an_idle_connection_keeps_no_request_bytes_and_the_host_cheaply() -> Non
     assert flow(pb).store == {"host": "example.org"}
 
 
+def test_known_hosts_answer_like_new_ones_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    known = MOD["KNOWN"]
+    known.clear()
+    monkeypatch.setitem(MOD, "MAX_KNOWN", 3)
+    for i in range(7):
+        for _ in range(2):  # the second connection finds the host in KNOWN
+            pb = http_playbook()
+            request = b"GET / HTTP/1.1\r\nHost: H%d.Example\r\n\r\n" % i
+            assert pb.client("PA", request).verdict == ACCEPT
+            assert flow(pb).store["host"] == f"h{i}.example"
+        assert 1 <= len(known) <= 3  # emptied when full
+    for _ in range(2):
+        pb = http_playbook()
+        assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: WWW.Ads.Example:80\r\n\r\n").verdict == DROP
+        assert alerts(pb) == ["HTTP request to blocked host www.ads.example"]
+    assert known[b" www.ads.example:80"] == ("www.ads.example", True)
+    long = b"a." * 200 + b"blocked.example"
+    pb = http_playbook()
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: " + long + b"\r\n\r\n").verdict == DROP
+    assert b" " + long not in known  # longer than MAX_KNOWN_VALUE: looked up, never kept
+    known.clear()
+
+
 # Pieces that requests (and attempts to confuse a parser) are made of: line ends of every kind, header
 # names in odd spellings, framing headers with good and bad values, blocked and allowed hosts.
 TOKENS = [
