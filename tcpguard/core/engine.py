@@ -63,6 +63,8 @@ DROP: Final = Verdict.DROP
 HOLD: Final = Verdict.HOLD
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
+_SYN_SENT: Final = State.SYN_SENT
+_SYN_RST_FIN_ACK: Final = SYN | RST | FIN | ACK
 
 
 @dataclass(slots=True)
@@ -431,6 +433,8 @@ class Engine:
         conn.last_seen = self.now
         # Re-arm the idle timeout; the heap entry catches up lazily (see ConnTable).
         conn.expires = self.now + self._timeout[state]
+        if state is _SYN_SENT and d == DOWN and flags & _SYN_RST_FIN_ACK == ACK:
+            return self._older_connection_ack(conn, pkt)
         if s.isn < 0:
             # First packet of a direction picked up mid-stream (or the SYN-ACK): this fixes its ISN.
             s.isn = pkt.seq if flags & SYN else (pkt.seq - 1) & 0xFFFFFFFF
@@ -470,12 +474,27 @@ class Engine:
 
         # ---- RST
         if flags & RST:
+            if (
+                state is _SYN_SENT
+                and d == UP
+                and pkt.seq == conn._stale_ack
+                and not flags & ACK
+                and not pkt.payload
+            ):
+                # The client's answer to an older connection's ACK (see _older_connection_ack): it
+                # clears the server's old state and leaves the client's own SYN waiting.
+                return Decision(ACCEPT, flow_id=conn.id, reason="client resets an older connection")
             if state == State.SYN_SENT:
                 ack_ok = bool(flags & ACK) and pkt.ack == (o.isn + 1) & 0xFFFFFFFF
                 check = check_rst(state, 0, 0, 0, ack_ok)
             else:
                 wnd = s.wnd_end - s.next if s.wnd_end >= 0 else 65535
-                check = check_rst(state, s.offset(pkt.seq), s.next, wnd, False)
+                # The receiver's next expected sequence number: past the sender's FIN once it acknowledged
+                # that FIN. An endpoint whose socket is gone answers the peer's last FIN with an RST there
+                # (a server whose TIME_WAIT table is full, or whose FIN_WAIT2 timed out): the connection
+                # is over, and ports reused by the client's next SYN must find it so.
+                expected = s.next + 1 if 0 <= s.fin_off < s.acked else s.next
+                check = check_rst(state, s.offset(pkt.seq), expected, wnd, False)
             if check == RstCheck.DROP:
                 self.stats.rst_injections += 1
                 return Decision(DROP, flow_id=conn.id, reason="RST outside the window")
@@ -560,6 +579,25 @@ class Engine:
                 if nxt in FINISHED:
                     self._finish(conn, "fin")
         return dec
+
+    def _older_connection_ack(self, conn: Connection, pkt: Packet) -> Decision:
+        """A bare ACK from the server while the client's SYN waits for its SYN-ACK.
+
+        A server that still holds an older connection on these ports (in TIME_WAIT, or half-open after a
+        crash) answers a new SYN with an ACK of that connection (RFC 9293 3.5, figures 9-11; Linux does
+        so for a SYN that TIME_WAIT does not accept). The client in SYN-SENT answers an ACK that does not
+        acknowledge its SYN with an RST whose sequence number is that ACK's acknowledgment number, and
+        keeps waiting; the RST clears the server's old state and the client's next SYN connects. A router
+        forwards both. Dropping the ACK would leave the client retransmitting its SYN into the old state
+        until it times out (a minute for TIME_WAIT): the gateway forwards it, remembers its number for the
+        client's RST, and changes nothing else. It carries no data the client could take: one with data,
+        or that does acknowledge the SYN without being a SYN-ACK, is dropped as before."""
+        o = conn.up
+        if pkt.payload or pkt.ack == (o.isn + 1) & 0xFFFFFFFF:
+            self.stats.invalid += 1
+            return Decision(DROP, flow_id=conn.id, reason="segment invalid in SYN_SENT")
+        conn._stale_ack = pkt.ack
+        return Decision(ACCEPT, flow_id=conn.id, reason="ACK of an older connection")
 
     def _check_signature(self, conn: Connection, pkt: Packet, d: int, fresh: bool) -> Decision | None:
         """A segment with a TCP-MD5/AO option on a connection that has not negotiated one: the drop, or

@@ -69,6 +69,8 @@ TRANSITIONS: Final[dict[tuple[State, int, Event], State | Action]] = {
     (_S.SYN_SENT, DOWN, _E.SYNACK): _S.SYN_RECV,
     (_S.SYN_SENT, DOWN, _E.SYN): Action.INVALID,  # simultaneous open is not supported through the gateway
     (_S.SYN_SENT, UP, _E.ACK): Action.INVALID,  # data before the handshake
+    # A bare ACK that does not acknowledge the SYN is an older connection's answer to it and passes
+    # without a transition, as does the client's RST answering it (Engine._older_connection_ack).
     (_S.SYN_SENT, DOWN, _E.ACK): Action.INVALID,
     (_S.SYN_SENT, UP, _E.FIN): Action.INVALID,
     (_S.SYN_SENT, DOWN, _E.FIN): Action.INVALID,

@@ -161,6 +161,41 @@ def test_in_window_inexact_rst_passes_but_keeps_the_connection() -> None:
     assert rec.ends() == []
 
 
+def test_rst_answering_the_last_fin_after_the_first_was_acknowledged_closes() -> None:
+    """The server closed first; its socket is gone by the time the client's FIN arrives (TIME_WAIT table
+    full, FIN_WAIT2 timed out), so it answers that FIN with an RST at its own FIN + 1, which the client,
+    having taken the server's FIN, accepts. The gateway must close too: a connection left in BOTH_FIN
+    refuses the client's next SYN on the same ports until it times out."""
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    pb.client("PA", b"GET / HTTP/1.0\r\n\r\n")
+    pb.server("PA", b"HTTP/1.0 200 OK\r\n\r\n")
+    assert pb.server("FA").verdict == ACCEPT  # the server closes first
+    assert pb.client("A").verdict == ACCEPT  # acknowledges the server's FIN
+    assert pb.client("FA").verdict == ACCEPT
+    server_fin_end = pb.snext  # the server's FIN + 1: what the client expects next
+    # At the FIN itself it is below what the client expects: outside the window.
+    assert pb.server("R", seq=server_fin_end - 1, ack=0).verdict == DROP
+    assert conn_of(pb).state == State.BOTH_FIN
+    assert pb.server("R", seq=server_fin_end, ack=0).verdict == ACCEPT
+    assert conn_of(pb).state == State.CLOSED
+    assert rec.ends() == [("end", 1, "rst")]
+    pb.cisn = pb.cnext = 90_000
+    assert pb.client("S").verdict == ACCEPT  # the ports are free for a new connection
+    assert conn_of(pb).id == 2 and conn_of(pb).state == State.SYN_SENT
+
+
+def test_rst_past_an_unacknowledged_fin_does_not_close() -> None:
+    pb = Playbook()
+    pb.handshake()
+    assert pb.server("FA").verdict == ACCEPT  # not acknowledged yet: the client may not have it
+    assert pb.server("R", seq=pb.snext, ack=0).verdict == ACCEPT  # in the window, not exact
+    assert conn_of(pb).state == State.SERVER_FIN
+    assert pb.server("R", seq=pb.snext - 1, ack=0).verdict == ACCEPT  # exact for a client without the FIN
+    assert conn_of(pb).state == State.CLOSED
+
+
 def test_connection_refused_rst_in_syn_sent() -> None:
     rec = Recorder()
     pb = Playbook(rec.rules)
@@ -170,6 +205,42 @@ def test_connection_refused_rst_in_syn_sent() -> None:
     assert pb.server("RA", seq=0, ack=pb.cisn + 1).verdict == ACCEPT
     assert conn_of(pb).state == State.CLOSED
     assert rec.ends() == [("end", 1, "rst")]
+
+
+def test_a_syn_meeting_an_older_connection_is_cleared_by_the_client_reset() -> None:
+    """The server still holds an older connection on these ports (TIME_WAIT, or a half-open one after a
+    crash) and answers the new SYN with an ACK of that connection (RFC 9293 3.5, figures 9-11). The client
+    must see it: it answers with an RST carrying that ACK's number, which clears the server's old state,
+    and its next SYN opens the connection. Dropping either one stalls the client until the old state
+    times out (a minute for TIME_WAIT)."""
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    assert pb.client("S").verdict == ACCEPT
+    old_ack, old_seq = 777_000, 999_000
+    assert pb.server("A", seq=old_seq, ack=old_ack).verdict == ACCEPT
+    assert conn_of(pb).state == State.SYN_SENT
+    assert pb.client("R", seq=old_ack, ack=0).verdict == ACCEPT
+    assert conn_of(pb).state == State.SYN_SENT
+    assert rec.ends() == []
+    # The retransmitted SYN now meets a server without the old connection.
+    assert pb.client("S", seq=pb.cisn).verdict == ACCEPT
+    assert pb.server("SA").verdict == ACCEPT
+    assert pb.client("A").verdict == ACCEPT
+    assert conn_of(pb).state == State.ESTABLISHED
+    assert pb.client("PA", b"hello").verdict == ACCEPT
+
+
+def test_in_syn_sent_only_a_bare_ack_from_the_server_and_the_matching_reset_pass() -> None:
+    pb = Playbook()
+    pb.client("S")
+    assert pb.server("PA", b"data", seq=999_000, ack=777_000).verdict == DROP  # data before the SYN-ACK
+    assert pb.server("FA", seq=999_000, ack=777_000).verdict == DROP
+    assert pb.client("R", seq=777_000, ack=0).verdict == DROP  # no server ACK asked for this reset
+    assert pb.server("A", seq=999_000, ack=777_000).verdict == ACCEPT
+    assert pb.client("R", seq=777_001, ack=0).verdict == DROP  # not the reset that ACK asks for
+    assert pb.client("RA", seq=777_000, ack=1).verdict == DROP  # the client's answer carries no ACK
+    assert pb.engine.stats.invalid == 2 and pb.engine.stats.rst_injections == 3
+    assert conn_of(pb).state == State.SYN_SENT
 
 
 def test_data_before_handshake_is_invalid() -> None:
