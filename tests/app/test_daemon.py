@@ -242,6 +242,53 @@ def test_halfreset_resets_the_server_and_silences_the_client(gw: Gateway) -> Non
     assert status == "reset" and data == b"hello "
 
 
+# Replies and closes at once, so it sends the first FIN; with the server's TIME_WAIT table at size 0 its
+# socket is gone when the client's FIN comes, and the kernel answers that FIN with an RST.
+CLOSE_FIRST_SERVER = r"""
+import os, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(8)
+open(sys.argv[2], "w").close()
+while True:
+    c, _ = srv.accept(); c.sendall(b"bye"); c.close()
+"""
+
+# Connects twice from the same local port (as a NAT or a busy client reusing ports does), each time
+# reading to EOF and closing a moment later; prints what each attempt got, or how it failed within 3 s.
+SAME_PORT_CLIENT = r"""
+import json, socket, sys, time
+out = []
+for _ in range(2):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 47011)); s.settimeout(3)
+    try:
+        s.connect((sys.argv[1], int(sys.argv[2])))
+        data = b""
+        while chunk := s.recv(100):
+            data += chunk
+        out.append(data.decode())
+        time.sleep(0.2)  # the server's FIN is acknowledged on its own before the client's FIN goes
+    except OSError as e:
+        out.append(type(e).__name__)
+    s.close()
+    time.sleep(0.3)  # the client's FIN meets the server's RST
+print(json.dumps(out))
+"""
+
+
+def test_ports_reused_after_the_server_answered_the_last_fin_with_a_reset(gw: Gateway) -> None:
+    gw.lab.run("server", ["sysctl", "-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"])
+    ready = gw.tmp / "close-first.ready"
+    gw.lab.popen("server", [sys.executable, "-c", CLOSE_FIRST_SERVER, "8600", str(ready)])
+    wait_for(ready.exists, "server ready")
+    r = gw.lab.run("client", [sys.executable, "-c", SAME_PORT_CLIENT, SERVER_V4, "8600"], timeout=30)
+    # Before the fix the gateway kept the first connection in BOTH_FIN and dropped the second SYN.
+    assert json.loads(r.stdout) == ["bye", "bye"]
+    # Each connection ended with the server's RST, which the gateway took as the end of it.
+    wait_for(lambda: len([e for e in gw.ends() if e["cport"] == 47011]) == 2, "two end events")
+    assert [e["reason"] for e in gw.ends() if e["cport"] == 47011] == ["rst", "rst"]
+
+
 def test_end_connection_fires_once_per_connection(gw: Gateway) -> None:
     for i in range(3):
         res = gw.client([hexs(f"request {i}".encode())])
