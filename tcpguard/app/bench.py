@@ -25,8 +25,12 @@ Traffic, per path (a Python load generator, `_role_*` below, bounded in count an
 * `latency`: one connection doing sequential small HTTP-like request/responses on an idle path
   (p50/p99 of the round trip; "added" is the difference to the `none` path);
 * `rr`: many concurrent connections (64 by default), each doing 10 small request/response exchanges
-  (HTTP/1.1 keep-alive, then `Connection: close`) and reconnecting, to port 8080 (so every sample rule
-  runs: the allow-list, the streamed Host-header reader and the streamed shell-code scanner);
+  (HTTP/1.1 keep-alive), then closing and reconnecting, to port 8080 (so every sample rule runs: the
+  allow-list, the rate limit, the Host-header reader and the shell-code scanner). The client closes
+  first, so TIME_WAIT stays on the client side, where the load generator's port allocation skips it: when
+  the server closed first, a whole benchmark run (~200,000 connections) filled the server's TIME_WAIT
+  table (131,072 entries), after which reused ports met old connections and every path stalled on SYN
+  retransmissions, more or less depending on what ran before it;
 * `bulk`: two uploads and two downloads running at once, to port 443 (the shell-code scanner reads every
   uploaded byte).
 
@@ -100,7 +104,6 @@ RESP_BODY = 512
 REQUEST = (
     b"GET /index.html HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: tcpguard-bench/1\r\nAccept: */*\r\n\r\n"
 )
-REQUEST_CLOSE = REQUEST[:-2] + b"Connection: close\r\n\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: "
     + str(RESP_BODY).encode()
@@ -509,7 +512,7 @@ def _role_rr(p: dict[str, Any]) -> None:
                     continue
                 c.connecting = False
                 stats["connections"] += 1
-                c.sock.send(REQUEST_CLOSE if per_conn == 1 else REQUEST)
+                c.sock.send(REQUEST)
                 ep.modify(fd, select.EPOLLIN)
                 continue
             try:
@@ -534,12 +537,12 @@ def _role_rr(p: dict[str, Any]) -> None:
             t = time.monotonic()
             if win_start <= t < win_end:
                 stats["window_transactions"] += 1
-            if c.done >= per_conn:
-                continue  # the server closes after a `Connection: close` request: wait for EOF
-            if t >= stop_at:
-                close_one(fd, c)
+            if c.done >= per_conn or t >= stop_at:
+                close_one(fd, c)  # the client closes first (see the module docstring)
+                if t < stop_at:
+                    open_one()
                 continue
-            c.sock.send(REQUEST_CLOSE if c.done == per_conn - 1 else REQUEST)
+            c.sock.send(REQUEST)
     for fd, c in list(live.items()):
         close_one(fd, c)
     print(json.dumps(stats), flush=True)
