@@ -64,7 +64,7 @@ HOLD: Final = Verdict.HOLD
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
 _SYN_SENT: Final = State.SYN_SENT
-_SYN_RST_FIN_ACK: Final = SYN | RST | FIN | ACK
+_SYN_RST_FIN_ACK_URG: Final = SYN | RST | FIN | ACK | URG
 
 
 @dataclass(slots=True)
@@ -433,10 +433,12 @@ class Engine:
         conn.last_seen = self.now
         # Re-arm the idle timeout; the heap entry catches up lazily (see ConnTable).
         conn.expires = self.now + self._timeout[state]
-        if state is _SYN_SENT and d == DOWN and flags & _SYN_RST_FIN_ACK == ACK:
+        if state is _SYN_SENT and d == DOWN and flags & _SYN_RST_FIN_ACK_URG == ACK:
             return self._older_connection_ack(conn, pkt)
-        if s.isn < 0:
-            # First packet of a direction picked up mid-stream (or the SYN-ACK): this fixes its ISN.
+        if s.isn < 0 and (flags & SYN or state is not _SYN_SENT):
+            # First packet of a direction picked up mid-stream (or the SYN-ACK): this fixes its ISN. While
+            # the client's SYN waits only the SYN-ACK may: anything else the server side sends then is
+            # dropped, and must not make the real SYN-ACK look like one with the wrong sequence number.
             s.isn = pkt.seq if flags & SYN else (pkt.seq - 1) & 0xFFFFFFFF
 
         # ---- SYN and SYN-ACK
@@ -478,7 +480,7 @@ class Engine:
                 state is _SYN_SENT
                 and d == UP
                 and pkt.seq == conn._stale_ack
-                and not flags & ACK
+                and not flags & (ACK | URG)
                 and not pkt.payload
             ):
                 # The client's answer to an older connection's ACK (see _older_connection_ack): it
@@ -493,8 +495,15 @@ class Engine:
                 # that FIN. An endpoint whose socket is gone answers the peer's last FIN with an RST there
                 # (a server whose TIME_WAIT table is full, or whose FIN_WAIT2 timed out): the connection
                 # is over, and ports reused by the client's next SYN must find it so.
-                expected = s.next + 1 if 0 <= s.fin_off < s.acked else s.next
-                check = check_rst(state, s.offset(pkt.seq), expected, wnd, False)
+                seq_off = s.offset(pkt.seq)
+                expected = s.next
+                if 0 <= s.fin_off < s.acked:
+                    expected += 1
+                    if seq_off == s.next:
+                        # At the FIN itself: Linux accepts that too from a peer whose FIN it took
+                        # (tcp_reset_check, CLOSE_WAIT, LAST_ACK and CLOSING).
+                        seq_off = expected
+                check = check_rst(state, seq_off, expected, wnd, False)
             if check == RstCheck.DROP:
                 self.stats.rst_injections += 1
                 return Decision(DROP, flow_id=conn.id, reason="RST outside the window")
@@ -590,8 +599,8 @@ class Engine:
         keeps waiting; the RST clears the server's old state and the client's next SYN connects. A router
         forwards both. Dropping the ACK would leave the client retransmitting its SYN into the old state
         until it times out (a minute for TIME_WAIT): the gateway forwards it, remembers its number for the
-        client's RST, and changes nothing else. It carries no data the client could take: one with data,
-        or that does acknowledge the SYN without being a SYN-ACK, is dropped as before."""
+        client's RST, and changes nothing else. It carries no data the client could take: one with data or
+        URG, or that does acknowledge the SYN without being a SYN-ACK, is dropped as before."""
         o = conn.up
         if pkt.payload or pkt.ack == (o.isn + 1) & 0xFFFFFFFF:
             self.stats.invalid += 1

@@ -175,8 +175,7 @@ def test_rst_answering_the_last_fin_after_the_first_was_acknowledged_closes() ->
     assert pb.client("A").verdict == ACCEPT  # acknowledges the server's FIN
     assert pb.client("FA").verdict == ACCEPT
     server_fin_end = pb.snext  # the server's FIN + 1: what the client expects next
-    # At the FIN itself it is below what the client expects: outside the window.
-    assert pb.server("R", seq=server_fin_end - 1, ack=0).verdict == DROP
+    assert pb.server("R", seq=server_fin_end + 1, ack=0).verdict == ACCEPT  # in the window: no close
     assert conn_of(pb).state == State.BOTH_FIN
     assert pb.server("R", seq=server_fin_end, ack=0).verdict == ACCEPT
     assert conn_of(pb).state == State.CLOSED
@@ -184,6 +183,16 @@ def test_rst_answering_the_last_fin_after_the_first_was_acknowledged_closes() ->
     pb.cisn = pb.cnext = 90_000
     assert pb.client("S").verdict == ACCEPT  # the ports are free for a new connection
     assert conn_of(pb).id == 2 and conn_of(pb).state == State.SYN_SENT
+
+
+def test_rst_at_an_acknowledged_fin_itself_closes_as_linux_takes_it() -> None:
+    # Linux's tcp_reset_check: in CLOSE_WAIT, LAST_ACK and CLOSING an RST at RCV.NXT - 1 resets too.
+    pb = Playbook()
+    pb.handshake()
+    pb.server("FA")
+    pb.client("A")
+    assert pb.server("R", seq=pb.snext - 1, ack=0).verdict == ACCEPT
+    assert conn_of(pb).state == State.CLOSED
 
 
 def test_rst_past_an_unacknowledged_fin_does_not_close() -> None:
@@ -230,6 +239,18 @@ def test_a_syn_meeting_an_older_connection_is_cleared_by_the_client_reset() -> N
     assert pb.client("PA", b"hello").verdict == ACCEPT
 
 
+@pytest.mark.parametrize("junk", ["FA", "R", "RA", "P", "UA"])
+def test_server_segments_dropped_in_syn_sent_leave_the_syn_ack_acceptable(junk: str) -> None:
+    """An older connection's FIN retransmission, a blind RST, a segment without ACK: dropped, and the
+    real SYN-ACK that follows is still taken (its sequence number fixes the server's ISN, not theirs)."""
+    pb = Playbook()
+    pb.client("S")
+    assert pb.server(junk, b"", seq=999_000, ack=777_000).verdict == DROP
+    assert pb.server("SA").verdict == ACCEPT
+    assert pb.client("A").verdict == ACCEPT
+    assert conn_of(pb).state == State.ESTABLISHED
+
+
 def test_in_syn_sent_only_a_bare_ack_from_the_server_and_the_matching_reset_pass() -> None:
     pb = Playbook()
     pb.client("S")
@@ -239,7 +260,9 @@ def test_in_syn_sent_only_a_bare_ack_from_the_server_and_the_matching_reset_pass
     assert pb.server("A", seq=999_000, ack=777_000).verdict == ACCEPT
     assert pb.client("R", seq=777_001, ack=0).verdict == DROP  # not the reset that ACK asks for
     assert pb.client("RA", seq=777_000, ack=1).verdict == DROP  # the client's answer carries no ACK
-    assert pb.engine.stats.invalid == 2 and pb.engine.stats.rst_injections == 3
+    assert pb.client("RU", seq=777_000, ack=0, urgptr=1).verdict == DROP  # nor URG
+    assert pb.server("UA", seq=999_000, ack=777_000, urgptr=1).verdict == DROP  # URG: not passed as is
+    assert pb.engine.stats.invalid == 3 and pb.engine.stats.rst_injections == 4
     assert conn_of(pb).state == State.SYN_SENT
 
 

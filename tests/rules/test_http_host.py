@@ -269,6 +269,16 @@ TOKENS = [
     b"chunked",
     b"ab",
     b"1\r\nx\r\n0\r\n\r\n",
+    # Values and targets in odd case and spacing (the one-go path lower-cases the whole head at once).
+    b"CHUNKED",
+    b"Blocked.Example",
+    b"ADS.EXAMPLE:80",
+    b"\x0b",
+    b"\x0c",
+    b"GET HTTP://Ads.Example/ HTTP/1.1",
+    b"@",
+    b"[::1]",
+    b"Content-Length: 1\r\n\r\nx",
 ]
 
 
