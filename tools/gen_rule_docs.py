@@ -159,7 +159,7 @@ INTERNAL: dict[type, set[str]] = {
     stream.HalfStream: {
         *("acked", "buf", "fin_off", "held", "hold_from", "isn", "ooo", "ooo_bytes", "readers"),
         *("sent", "wnd_end", "wscale", "offset", "seq_at", "next_seq", "forwarded", "receive", "ack"),
-        *("trim", "buffered", "skip_to"),
+        *("trim", "buffered", "skip_to", "owed_rst"),
     },
     packet.Packet: {"fragment", "ip_hlen", "is_tcp", "pdst", "proto", "raw", "tcp_hlen"},
 }

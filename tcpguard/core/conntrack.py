@@ -60,7 +60,6 @@ class Connection:
         "_greenlets",
         "_heap_at",
         "_send",
-        "_stale_ack",
         "_store",
         "action",
         "bytes_down",
@@ -129,10 +128,6 @@ class Connection:
         # TCP-MD5/AO (engine._check_signature): 0 the SYN was unsigned, 1 the SYN was signed, 2 both SYNs
         # were (or the connection was picked up signed): signed segments are then inspected as usual.
         self._auth = 0
-        # In SYN_SENT: the acknowledgment number of a server ACK that belongs to an older connection on
-        # these ports (engine: "an older connection"); the client's RST answering it has it as its
-        # sequence number. -1: none seen.
-        self._stale_ack = -1
 
     @property
     def key(self) -> FlowKey:

@@ -479,7 +479,7 @@ class Engine:
             if (
                 state is _SYN_SENT
                 and d == UP
-                and pkt.seq == conn._stale_ack
+                and pkt.seq == conn.up.owed_rst
                 and not flags & (ACK | URG)
                 and not pkt.payload
             ):
@@ -605,7 +605,7 @@ class Engine:
         if pkt.payload or pkt.ack == (o.isn + 1) & 0xFFFFFFFF:
             self.stats.invalid += 1
             return Decision(DROP, flow_id=conn.id, reason="segment invalid in SYN_SENT")
-        conn._stale_ack = pkt.ack
+        o.owed_rst = pkt.ack
         return Decision(ACCEPT, flow_id=conn.id, reason="ACK of an older connection")
 
     def _check_signature(self, conn: Connection, pkt: Packet, d: int, fresh: bool) -> Decision | None:

@@ -92,6 +92,7 @@ class HalfStream:
         "isn",
         "next",
         "ooo",
+        "owed_rst",
         "readers",
         "sent",
         "wnd_end",
@@ -117,6 +118,11 @@ class HalfStream:
         self.fin_off = -1  # offset of the FIN, -1 until seen in order
         self.eof = False  # all bytes up to the FIN were delivered
         self.readers: list[Cursor] | tuple[()] = ()  # streamed readers; their positions pin retained bytes
+        # The client's stream while its SYN waits: the sequence number of the RST the client owes a server
+        # ACK of an older connection on these ports (Engine._older_connection_ack); -1: none. Here rather
+        # than on the Connection, where one slot more costs 16 bytes per connection; this object's size
+        # class has room for it.
+        self.owed_rst = -1
 
     # -- sequence numbers ------------------------------------------------------------------------------
     def offset(self, seq: int) -> int:
