@@ -200,6 +200,17 @@ def _link_tx(lab: BenchLab) -> tuple[int, int]:
     return pk, by
 
 
+def syn_retransmissions(lab: BenchLab) -> int:
+    """SYNs the client namespace's TCP sent again (TcpExt TCPSynRetrans): each is a connection attempt
+    that waited a second or more, lost or refused on the way. Zero on a healthy path."""
+    out = lab.run("client", ["cat", "/proc/net/netstat"]).stdout.splitlines()
+    for head, values in zip(out[::2], out[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            fields = dict(zip(head.split()[1:], values.split()[1:], strict=False))
+            return int(fields.get("TCPSynRetrans", 0))
+    return 0
+
+
 def proc_cpu_ns(pid: int) -> int:
     """CPU time (ns, all threads) of a process; 0 if it is gone."""
     total = 0
@@ -262,6 +273,7 @@ class PhaseResult:
     transactions: int = 0
     app_bytes: int = 0
     errors: int = 0
+    syn_retrans: int = 0
     note: str = ""
 
     @property
@@ -1138,6 +1150,7 @@ def _phase(
         role, params = "rr", {**common, "port": RR_PORT, "conns": st.rr_conns, "per_conn": st.per_conn}
     else:
         role, params = "bulk", {**common, "port": BULK_PORT, "up": st.bulk_up, "down": st.bulk_down}
+    syn0 = syn_retransmissions(lab)
     proc = lab.popen(
         "client", _py_role(role, params), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -1168,6 +1181,7 @@ def _phase(
                 stop_process(prof)
     ph = phase_between(a, b)
     ph.errors = int(res.get("errors", 0))
+    ph.syn_retrans = syn_retransmissions(lab) - syn0
     if kind == "rr":
         ph.transactions = int(res["window_transactions"])
         ph.app_bytes = ph.transactions * (len(REQUEST) + len(RESPONSE))
@@ -1514,15 +1528,16 @@ class Report:
             "### Through the gateway",
             "",
             "| path | traffic | packets/s | x bare | MB/s | req/s | gw CPU us/pkt | CPU x bare "
-            "| pkt/s per gw core | machine busy | queue drops | errors |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| pkt/s per gw core | machine busy | queue drops | errors | SYN retrans |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         bare = self.path("nfq-bare")
         for p in self.paths:
             for kind in ("rr", "bulk"):
                 ph = p.phases.get(kind)
                 if ph is None:
-                    out.append(f"| {p.name} | {kind} | failed: {p.error or 'no result'} | | | | | | | | | |")
+                    failed = f"failed: {p.error or 'no result'}"
+                    out.append(f"| {p.name} | {kind} | {failed} |" + " |" * 10)
                     continue
                 bph = bare.phases.get(kind) if bare is not None else None
                 cpu = _f(ph.cpu_us_per_packet, 1) if ph.gw_cpu_ns else "(kernel)"
@@ -1532,7 +1547,8 @@ class Report:
                     f"| {p.name} | {kind} | {_f(ph.pps)} | {_ratio(ph.pps, bph.pps) if bph else '-'} "
                     f"| {_f(ph.bps / 1e6, 1)} | {_f(ph.transactions / ph.seconds) if kind == 'rr' else '-'} "
                     f"| {cpu} | {cpu_x} | {per_core} | {ph.busy_share * 100:.0f}% "
-                    f"| {p.queue_drops if p.name.startswith(('nfq', 'tcpguard')) else '-'} | {ph.errors} |"
+                    f"| {p.queue_drops if p.name.startswith(('nfq', 'tcpguard')) else '-'} | {ph.errors} "
+                    f"| {ph.syn_retrans} |"
                 )
         out += [
             "",

@@ -44,6 +44,7 @@ def test_short_bench_runs_and_prints_every_row(tmp_path: Path) -> None:
             row = next((x for x in rows if x[:2] == (name, kind)), None)
             assert row is not None, f"no {name}/{kind} row in:\n{out}"
             assert re.fullmatch(r"[\d,]+", row[2]) and row[2] != "0", row  # packets/s is a figure
+            assert re.fullmatch(r"\d+", row[12]), row  # SYN retransmissions, counted in the client namespace
         assert name in names
     memory = (
         "fabricated, handshake only",
