@@ -149,7 +149,8 @@ def _rounds(
                         us = ph.gw_cpu_ns / 1000 / max(1, ph.packets)
                         print(
                             f"round {rnd + 1} {v:10s} {kind:4s} {us:6.2f} us/packet "
-                            f"{ph.pps:9,.0f} packets/s  machine {ph.busy_share:.0%}",
+                            f"{ph.pps:9,.0f} packets/s  machine {ph.busy_share:.0%}  "
+                            f"SYN retransmissions {ph.syn_retrans}",
                             file=sys.stderr,
                             flush=True,
                         )
