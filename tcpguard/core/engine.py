@@ -64,7 +64,6 @@ HOLD: Final = Verdict.HOLD
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
 _SYN_SENT: Final = State.SYN_SENT
-_SYN_RST_FIN_ACK_URG: Final = SYN | RST | FIN | ACK | URG
 
 
 @dataclass(slots=True)
@@ -433,8 +432,6 @@ class Engine:
         conn.last_seen = self.now
         # Re-arm the idle timeout; the heap entry catches up lazily (see ConnTable).
         conn.expires = self.now + self._timeout[state]
-        if state is _SYN_SENT and d == DOWN and flags & _SYN_RST_FIN_ACK_URG == ACK:
-            return self._older_connection_ack(conn, pkt)
         if s.isn < 0 and (flags & SYN or state is not _SYN_SENT):
             # First packet of a direction picked up mid-stream (or the SYN-ACK): this fixes its ISN. While
             # the client's SYN waits only the SYN-ACK may: anything else the server side sends then is
@@ -452,7 +449,7 @@ class Engine:
                 self._finish(conn, "reopened")
                 self.table.remove(conn)
                 return self._open(pkt, token)
-            if nxt is StateAction.INVALID or pkt.seq != s.isn:
+            if not isinstance(nxt, State) or pkt.seq != s.isn:  # INVALID
                 self.stats.invalid += 1
                 return Decision(DROP, flow_id=conn.id, reason=f"SYN invalid in {state.name}")
             if ev == Event.SYNACK:
@@ -476,34 +473,15 @@ class Engine:
 
         # ---- RST
         if flags & RST:
-            if (
-                state is _SYN_SENT
-                and d == UP
-                and pkt.seq == conn.up.owed_rst
-                and not flags & (ACK | URG)
-                and not pkt.payload
-            ):
-                # The client's answer to an older connection's ACK (see _older_connection_ack): it
-                # clears the server's old state and leaves the client's own SYN waiting.
-                return Decision(ACCEPT, flow_id=conn.id, reason="client resets an older connection")
             if state == State.SYN_SENT:
                 ack_ok = bool(flags & ACK) and pkt.ack == (o.isn + 1) & 0xFFFFFFFF
-                check = check_rst(state, 0, 0, 0, ack_ok)
+                # The client's answer to an older connection's ACK (_older_connection_ack).
+                owed = d == UP and pkt.seq == s.owed_rst and not flags & (ACK | URG) and not pkt.payload
+                check = check_rst(state, 0, 0, 0, ack_ok, owed=owed)
             else:
                 wnd = s.wnd_end - s.next if s.wnd_end >= 0 else 65535
-                # The receiver's next expected sequence number: past the sender's FIN once it acknowledged
-                # that FIN. An endpoint whose socket is gone answers the peer's last FIN with an RST there
-                # (a server whose TIME_WAIT table is full, or whose FIN_WAIT2 timed out): the connection
-                # is over, and ports reused by the client's next SYN must find it so.
-                seq_off = s.offset(pkt.seq)
-                expected = s.next
-                if 0 <= s.fin_off < s.acked:
-                    expected += 1
-                    if seq_off == s.next:
-                        # At the FIN itself: Linux accepts that too from a peer whose FIN it took
-                        # (tcp_reset_check, CLOSE_WAIT, LAST_ACK and CLOSING).
-                        seq_off = expected
-                check = check_rst(state, seq_off, expected, wnd, False)
+                fin_acked = 0 <= s.fin_off < s.acked
+                check = check_rst(state, s.offset(pkt.seq), s.next, wnd, False, fin_acked)
             if check == RstCheck.DROP:
                 self.stats.rst_injections += 1
                 return Decision(DROP, flow_id=conn.id, reason="RST outside the window")
@@ -537,6 +515,8 @@ class Engine:
         steady = state is _ESTABLISHED and not flags & FIN
         if not steady:
             pre = transition(state, d, Event.FIN if flags & FIN else Event.ACK)
+            if pre is StateAction.OLDER_CONNECTION:
+                return self._older_connection_ack(conn, pkt)
             if pre is StateAction.INVALID and not fresh:
                 self.stats.invalid += 1
                 return Decision(DROP, flow_id=conn.id, reason=f"segment invalid in {state.name}")
@@ -590,7 +570,8 @@ class Engine:
         return dec
 
     def _older_connection_ack(self, conn: Connection, pkt: Packet) -> Decision:
-        """A bare ACK from the server while the client's SYN waits for its SYN-ACK.
+        """A segment from the server while the client's SYN waits for its SYN-ACK, neither SYN, RST nor
+        FIN (state.py: `OLDER_CONNECTION`). Forwarded if it is a bare ACK of an older connection.
 
         A server that still holds an older connection on these ports (in TIME_WAIT, or half-open after a
         crash) answers a new SYN with an ACK of that connection (RFC 9293 3.5, figures 9-11; Linux does
@@ -600,9 +581,9 @@ class Engine:
         forwards both. Dropping the ACK would leave the client retransmitting its SYN into the old state
         until it times out (a minute for TIME_WAIT): the gateway forwards it, remembers its number for the
         client's RST, and changes nothing else. It carries no data the client could take: one with data or
-        URG, or that does acknowledge the SYN without being a SYN-ACK, is dropped as before."""
+        URG, without ACK, or that does acknowledge the SYN without being a SYN-ACK, is dropped."""
         o = conn.up
-        if pkt.payload or pkt.ack == (o.isn + 1) & 0xFFFFFFFF:
+        if pkt.payload or pkt.flags & (ACK | URG) != ACK or pkt.ack == (o.isn + 1) & 0xFFFFFFFF:
             self.stats.invalid += 1
             return Decision(DROP, flow_id=conn.id, reason="segment invalid in SYN_SENT")
         o.owed_rst = pkt.ack

@@ -20,7 +20,10 @@ CLOSED         an acceptable RST passed: the connection is over
 
 A missing table entry means "no change"; `INVALID` entries are segments that no correct endpoint sends
 in that state and the engine drops them. `REOPEN` means a SYN reuses the addresses and ports of a
-finished connection: the tracker ends the old connection and starts a new one.
+finished connection: the tracker ends the old connection and starts a new one. `OLDER_CONNECTION` is the
+server's ACK of a connection it still holds on these ports, in answer to a new SYN: it passes without a
+transition when it is a bare ACK that does not acknowledge the SYN (`Engine._older_connection_ack`), and
+so does the client's RST answering it (`check_rst`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Event(enum.IntEnum):
 class Action(enum.Enum):
     INVALID = 1
     REOPEN = 2
+    OLDER_CONNECTION = 3
 
 
 UP: Final = 0  # client to server
@@ -69,9 +73,9 @@ TRANSITIONS: Final[dict[tuple[State, int, Event], State | Action]] = {
     (_S.SYN_SENT, DOWN, _E.SYNACK): _S.SYN_RECV,
     (_S.SYN_SENT, DOWN, _E.SYN): Action.INVALID,  # simultaneous open is not supported through the gateway
     (_S.SYN_SENT, UP, _E.ACK): Action.INVALID,  # data before the handshake
-    # A bare ACK that does not acknowledge the SYN is an older connection's answer to it and passes
-    # without a transition, as does the client's RST answering it (Engine._older_connection_ack).
-    (_S.SYN_SENT, DOWN, _E.ACK): Action.INVALID,
+    # A server still holding an older connection on these ports (TIME_WAIT, half-open) answers the SYN
+    # with an ACK of it; the client answers that with an RST, which clears it (RFC 9293 figures 9-11).
+    (_S.SYN_SENT, DOWN, _E.ACK): Action.OLDER_CONNECTION,
     (_S.SYN_SENT, UP, _E.FIN): Action.INVALID,
     (_S.SYN_SENT, DOWN, _E.FIN): Action.INVALID,
     (_S.SYN_SENT, UP, _E.RST): _S.CLOSED,
@@ -159,18 +163,40 @@ class RstCheck(enum.IntEnum):
     DROP = 3  # outside the window: an injection attempt, never forwarded
 
 
-def check_rst(state: State, seq_off: int, expected_off: int, window: int, ack_ok: bool) -> RstCheck:
+def check_rst(
+    state: State,
+    seq_off: int,
+    expected_off: int,
+    window: int,
+    ack_ok: bool,
+    fin_acked: bool = False,
+    owed: bool = False,
+) -> RstCheck:
     """What an RST does to the connection (RFC 793 and RFC 5961, seen from the middle).
 
     `seq_off` is the RST's sequence number as an offset in the sender's stream and `expected_off` the
-    next offset the receiver expects (the end of what the gateway forwarded). In SYN_SENT the client only
-    accepts an RST that acknowledges its SYN (`ack_ok`). Otherwise only an exact match closes; an RST
-    elsewhere in the window passes, since the endpoint itself will challenge it and keep the connection,
-    so we keep tracking it too; an RST outside the window, including the classic blind seq=0 RST, is an
-    injection attempt and is dropped.
+    next offset of that stream the receiver expects (the end of what the gateway forwarded). In SYN_SENT
+    the client only accepts an RST that acknowledges its SYN (`ack_ok`); the client's own RST answering a
+    server's ACK of an older connection (`owed`: it carries that ACK's acknowledgment number, and no ACK
+    flag) passes without closing, since it clears the server's old state, not the new connection.
+    Otherwise only an exact match closes; an RST elsewhere in the window passes, since the endpoint
+    itself will challenge it and keep the connection, so we keep tracking it too; an RST outside the
+    window, including the classic blind seq=0 RST, is an injection attempt and is dropped.
+
+    `fin_acked`: the receiver acknowledged the sender's FIN, which sits at `expected_off`. It then expects
+    the number after the FIN, and Linux also takes an RST at the FIN itself (tcp_reset_check, in
+    CLOSE_WAIT, LAST_ACK and CLOSING): both close. An endpoint whose socket is gone answers the peer's last
+    FIN with such an RST (a server whose TIME_WAIT table is full, or whose FIN_WAIT2 timed out); a
+    connection left open here would refuse the client's next SYN on the same ports.
     """
     if state == State.SYN_SENT:
-        return RstCheck.CLOSE if ack_ok else RstCheck.DROP
+        if ack_ok:
+            return RstCheck.CLOSE
+        return RstCheck.PASS if owed else RstCheck.DROP
+    if fin_acked:
+        if seq_off == expected_off:
+            return RstCheck.CLOSE
+        expected_off += 1
     if seq_off == expected_off:
         return RstCheck.CLOSE
     if expected_off < seq_off < expected_off + max(window, 1):
