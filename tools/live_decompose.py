@@ -24,7 +24,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -118,26 +117,7 @@ def _rounds(
     st.rules = bench.bench_rules(st.rules, work / "rules")
     results: dict[tuple[str, str], list[bench.PhaseResult]] = {}
     with bench.BenchLab() as lab:
-        ready = work / "server.ready"
-        server = lab.popen(
-            "server",
-            bench._py_role(
-                "server",
-                {
-                    "rr_ports": [bench.RR_PORT, bench.RR_PORT2],
-                    "bulk_port": bench.BULK_PORT,
-                    "ready": str(ready),
-                    "max_seconds": 3600,
-                    "nofile": 8192,
-                },
-            ),
-            cwd=work,
-        )
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("the load generator's server did not start")
-            time.sleep(0.05)
+        server = bench.start_load_server(lab, work, nofile=8192)
         for rnd in range(args.rounds):
             for v in variants:
                 gp = StandInPath(v, lab, work, st) if v in STANDINS else bench.GatewayPath(v, lab, work, st)

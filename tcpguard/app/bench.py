@@ -1103,6 +1103,27 @@ class GatewayPath:
             self.proc = None
 
 
+def start_load_server(lab: BenchLab, work: Path, nofile: int) -> subprocess.Popen[Any]:
+    """The load generator's server (request/response and bulk listeners) in the server namespace, once it
+    listens; the lab stops it at the latest."""
+    ready = work / "server.ready"
+    ready.unlink(missing_ok=True)
+    params = {
+        "rr_ports": [RR_PORT, RR_PORT2],
+        "bulk_port": BULK_PORT,
+        "ready": str(ready),
+        "max_seconds": 3600,
+        "nofile": nofile,
+    }
+    server = lab.popen("server", _py_role("server", params), cwd=work)
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the load server did not start")
+        time.sleep(0.05)
+    return server
+
+
 def _run_load(lab: BenchLab, role: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
     proc = lab.popen(
         "client", _py_role(role, params), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -1762,26 +1783,7 @@ def run_bench(args: argparse.Namespace) -> int:
         paths: list[PathResult] = []
         mem: list[MemResult] = []
         with BenchLab() as lab:
-            ready = work / "server.ready"
-            server = lab.popen(
-                "server",
-                _py_role(
-                    "server",
-                    {
-                        "rr_ports": [RR_PORT, RR_PORT2],
-                        "bulk_port": BULK_PORT,
-                        "ready": str(ready),
-                        "max_seconds": 3600,
-                        "nofile": st.hold_count + 4096,
-                    },
-                ),
-                cwd=work,
-            )
-            deadline = time.monotonic() + 20
-            while not ready.exists():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the load server did not start")
-                time.sleep(0.05)
+            server = start_load_server(lab, work, nofile=st.hold_count + 4096)
             # Warm-up, not measured: the first traffic after start-up runs slow (caches, page faults).
             log("warm-up")
             _phase(lab, dataclasses.replace(st, duration=1.0, warmup=0.2), "rr", server.pid)
