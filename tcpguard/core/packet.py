@@ -524,13 +524,13 @@ def checksums_ok(pkt: Packet) -> bool:
     if pkt.version == 4:
         if sum16_mod(raw, 0, hl) != 0:
             return False
-        addresses = 12  # source and destination: bytes 12-20 of the IPv4 header, 8-40 of the IPv6 one
+        first, end = 12, 20  # source and destination addresses in the IPv4 header
     else:
-        addresses = 8
+        first, end = 8, 40  # in the IPv6 header
     if pkt.pdst == pkt.dst:
         # The pseudo-header's addresses are the header's own: summed where they are, in one call, so that
         # every sum stays a small integer (no concatenation, no 64- or 256-bit integer to reduce).
-        pseudo = sum16_mod(raw, addresses, 20 if addresses == 12 else 40) + PROTO_TCP + n - hl
+        pseudo = sum16_mod(raw, first, end) + PROTO_TCP + n - hl
     else:
         pseudo = _pseudo_sum(pkt.src, pkt.pdst, n - hl)  # source-routed: the final destination counts
     return (pseudo + sum16_mod(raw, hl, n)) % 0xFFFF == 0
