@@ -3,9 +3,10 @@
 Event: `receive_data`, plain (not streamed), client-to-server direction.
 
 The listener is called once for each run of client bytes that became contiguous (segments that arrive
-out of order are reassembled by the engine before any rule sees them) and searches it with
-`current.find`, which also looks back into the bytes before the run: a pattern spread over many tiny
-segments is found on the segment that completes it. On a match it raises a high-severity alert and calls
+out of order are reassembled by the engine before any rule sees them) and searches it for all the
+patterns at once with `current.find_any`, which also looks back into the bytes before the run: a
+pattern spread over many tiny segments is found on the segment that completes it. Of two patterns in
+one run, the one complete first is reported. On a match it raises a high-severity alert and calls
 `flow.reset()`: the packet that completes the pattern is dropped and both ends get an RST, so the server
 application never receives the whole pattern (it does receive the bytes before it, which were harmless
 on their own).
@@ -37,12 +38,11 @@ LOOKBACK = max(len(p) for p in PATTERNS) - 1
 
 @rule(on=tcp_connection.events.receive_data, direction="up", lookback=LOOKBACK)
 def no_shellcode(flow, stream, current, direction):
-    # `find` only reports a match that ends in the new bytes: one wholly before them was already seen
-    # (and reset the connection). The patterns are checked in order: the first one listed is reported.
-    for pattern in PATTERNS:
-        if current.find(pattern):
-            flow.alert(
-                f"shell-code pattern {pattern!r} from the client", severity="high", direction=direction
-            )
-            flow.reset()
-            return
+    # `find_any` only reports a match that ends in the new bytes: one wholly before them was already
+    # seen (and reset the connection). Of several, the one complete first in the stream is reported.
+    # One call for all the patterns: a `find` per pattern would cost an interpreted call each, on every
+    # segment the client sends.
+    m = current.find_any(PATTERNS)
+    if m:
+        flow.alert(f"shell-code pattern {m.pattern!r} from the client", severity="high", direction=direction)
+        flow.reset()

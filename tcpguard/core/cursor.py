@@ -13,7 +13,7 @@ can block, which generator-based coroutines cannot do without every caller coope
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import greenlet
@@ -23,19 +23,30 @@ if TYPE_CHECKING:
 
 
 class Match:
-    """Where `Cursor.find` found its pattern. Always true, so `if current.find(p):` reads naturally."""
+    """Where `Cursor.find` or `Cursor.find_any` found a pattern. Always true, so `if current.find(p):`
+    reads naturally."""
 
-    __slots__ = ("end", "start")
+    __slots__ = ("end", "pattern", "start")
 
-    def __init__(self, start: int, end: int) -> None:
+    def __init__(self, start: int, end: int, pattern: bytes) -> None:
         self.start = start
         self.end = end
+        self.pattern = pattern
 
     def __bool__(self) -> bool:
         return True
 
     def __repr__(self) -> str:
         return f"<Match {self.start}..{self.end}>"
+
+
+def _before(i: int, pattern: bytes, best: int, found: bytes) -> bool:
+    """A match of `pattern` at `i` is complete before the one of `found` at `best` (-1: none yet), or
+    ends at the same byte and is longer."""
+    if best < 0:
+        return True
+    end, best_end = i + len(pattern), best + len(found)
+    return end < best_end or (end == best_end and i < best)
 
 
 class Cursor:
@@ -133,14 +144,53 @@ class Cursor:
             i = s.buf.find(pattern, lo - s.buf_start)
             if i < 0:
                 return None
-            return Match(i + s.buf_start, i + s.buf_start + m)
+            return Match(i + s.buf_start, i + s.buf_start + m, pattern)
         while True:
             i = s.buf.find(pattern, self.pos - s.buf_start)
             if i >= 0:
                 self.pos = i + s.buf_start
-                return Match(self.pos, self.pos + m)
+                return Match(self.pos, self.pos + m, pattern)
             # Bytes that cannot start a match are consumed, so they need not be retained.
             self.pos = max(self.pos, s.next - m + 1)
+            if not self._fill(s.next - self.pos + 1):
+                self.pos = s.next
+                return None
+
+    def find_any(self, patterns: Sequence[bytes]) -> Match | None:
+        """Like `find`, for several patterns at once: the match that is complete first in the stream (of
+        two ending at the same byte, the longer one; of equal ones, the one listed first), which is what
+        a streaming matcher can report without waiting for more bytes. `Match.pattern` says which it is.
+
+        One call instead of a `find` per pattern: in a rule that scans every segment for a list of
+        patterns, the per-call cost of interpreted Python is most of the price of the scan.
+        """
+        s = self.stream
+        if not self.blocking:
+            best = -1
+            found = b""
+            for pattern in patterns:
+                lo = max(self.pos - len(pattern) + 1, s.buf_start)
+                i = s.buf.find(pattern, lo - s.buf_start)
+                if i >= 0 and _before(i, pattern, best, found):
+                    best, found = i, pattern
+            if best < 0:
+                return None
+            return Match(best + s.buf_start, best + s.buf_start + len(found), found)
+        longest = max((len(p) for p in patterns), default=0)
+        while True:
+            best = -1
+            found = b""
+            for pattern in patterns:
+                i = s.buf.find(pattern, self.pos - s.buf_start)
+                if i >= 0 and _before(i, pattern, best, found):
+                    best, found = i, pattern
+            if best >= 0:
+                self.pos = best + s.buf_start
+                return Match(self.pos, self.pos + len(found), found)
+            if not patterns:
+                return None
+            # As in `find`: no match can start before the last `longest - 1` bytes.
+            self.pos = max(self.pos, s.next - longest + 1)
             if not self._fill(s.next - self.pos + 1):
                 self.pos = s.next
                 return None

@@ -5,6 +5,8 @@
   the same stream, never a byte the rules had not seen yet. Also across the 2**32 sequence wrap, and with
   conflicting overlaps (first copy wins, for the rules and the receiver alike).
 * Streamed rules: `read(n)` in fixed pieces and `find(pattern)` see the same stream as a plain rule.
+* `find_any(patterns)`: streamed, it stops at the first pattern to complete in the stream; plain, it
+  reports the first to complete of what a `find` per pattern reports.
 * Robustness: random and mutated packets give `decode` a Packet or DecodeError and the engine a Decision.
 * Bounds: with tiny limits, random traffic never grows the table or a stream beyond its limit.
 """
@@ -353,6 +355,99 @@ def test_plain_find_finds_a_pattern_split_into_two_segments(
     assert h.rule_errors() == []
     assert found, "pattern not found"
     assert found[0] == where
+
+
+@st.composite
+def multi_pattern_streams(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """A stream and 1-4 patterns, some of them in it (possibly overlapping, one inside another)."""
+    alphabet = st.binary(min_size=1, max_size=12).map(lambda b: bytes(x % 4 for x in b))  # many repeats
+    patterns = draw(st.lists(alphabet, min_size=1, max_size=4), label="patterns")
+    parts = draw(
+        st.lists(st.one_of(st.sampled_from(patterns), alphabet), min_size=1, max_size=8), label="parts"
+    )
+    return b"".join(parts), patterns
+
+
+def _first_in_stream(stream: bytes, patterns: list[bytes]) -> tuple[int, bytes] | None:
+    """The model of find_any over a whole stream: the match that ends first (each pattern's first
+    occurrence is its first to end); of equal ends the longer, then the first listed."""
+    hits = [(i + len(p), i, k) for k, p in enumerate(patterns) if (i := stream.find(p)) >= 0]
+    if not hits:
+        return None
+    _, i, k = min(hits)
+    return i, patterns[k]
+
+
+def _cut(stream: bytes, data: st.DataObject) -> list[tuple[int, int]]:
+    """The stream cut into in-order segments at random places: (start, end) of each."""
+    n = len(stream)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=20), label="cuts"))) if n > 1 else []
+    return list(itertools.pairwise([0, *cuts, n]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(sp=multi_pattern_streams(), data=st.data())
+def test_streamed_find_any_stops_at_the_first_pattern_to_complete(
+    sp: tuple[bytes, list[bytes]], data: st.DataObject
+) -> None:
+    stream, patterns = sp
+    found: list[tuple[int, int, bytes] | None] = []
+
+    @rule(on=EV.receive_data, streamed=True)
+    def finder(flow: Connection, s: HalfStream, current: Cursor, direction: str) -> None:
+        m = current.find_any(patterns)
+        found.append(None if m is None else (m.start, current.pos, m.pattern))
+        assert m is None or m.end == m.start + len(m.pattern)
+
+    h = ClientStream(1000, (finder,))
+    for a, b in _cut(stream, data):
+        h.send(a, stream[a:b])
+        h.server_ack()
+    h.send(len(stream), b"", "FA")
+    assert h.rule_errors() == []
+    want = _first_in_stream(stream, patterns)
+    assert found == [None if want is None else (want[0], want[0], want[1])]
+
+
+@settings(max_examples=150, deadline=None)
+@given(sp=multi_pattern_streams(), data=st.data())
+def test_plain_find_any_reports_what_single_finds_report(
+    sp: tuple[bytes, list[bytes]], data: st.DataObject
+) -> None:
+    """On every segment, `find_any` is the first to end of the matches `find` reports for each pattern (of
+    equal ends the longer, then the one listed first): the same look-back, only matches ending in the new
+    bytes."""
+    stream, patterns = sp
+    calls: list[tuple[tuple[int, int, bytes] | None, tuple[int, int, bytes] | None]] = []
+
+    @rule(on=EV.receive_data)
+    def finder(flow: Connection, s: HalfStream, current: Cursor, direction: str) -> None:
+        singles = [
+            (m.end, m.start, k, m) for k, p in enumerate(patterns) if (m := current.find(p)) is not None
+        ]
+        want = None
+        if singles:
+            m = min(singles, key=lambda t: t[:3])[3]
+            want = (m.start, m.end, m.pattern)
+        got = current.find_any(patterns)
+        calls.append((None if got is None else (got.start, got.end, got.pattern), want))
+
+    h = ClientStream(1000, (finder,))
+    segments = _cut(stream, data)
+    for a, b in segments:
+        h.send(a, stream[a:b])
+        if data.draw(st.booleans(), label="ack"):
+            h.server_ack()
+    assert h.rule_errors() == []
+    assert len(calls) == len(segments)
+    assert all(got == want for got, want in calls), calls
+    # The first report is the pattern that completes first; nothing is reported if no pattern is there.
+    reports = [got for got, _ in calls if got is not None]
+    first = _first_in_stream(stream, patterns)
+    if first is None:
+        assert reports == []
+    else:
+        assert reports[:1] == [(first[0], first[0] + len(first[1]), first[1])]
 
 
 # ======================================================================================== forwarding order

@@ -56,11 +56,12 @@ def test_near_misses_and_the_servers_direction_pass() -> None:
     assert actions(pb) == []
 
 
-def test_the_first_listed_pattern_is_reported_not_the_first_in_the_bytes() -> None:
+def test_the_pattern_complete_first_is_reported_not_the_first_listed() -> None:
     pb = playbook(RS)
     pb.handshake()
+    assert MOD["PATTERNS"].index(b"/bin/sh") < MOD["PATTERNS"].index(b"cmd.exe")
     assert pb.client("PA", b"a cmd.exe /bin/sh").verdict == DROP
-    assert alerts(pb) == ["shell-code pattern b'/bin/sh' from the client"]
+    assert alerts(pb) == ["shell-code pattern b'cmd.exe' from the client"]
     clean = playbook(RS)
     clean.handshake()
     assert clean.client("PA", b"nothing").verdict == ACCEPT and alerts(clean) == []
