@@ -9,6 +9,8 @@ CPU accounting), the gateway runs in turn:
   adapter     tcpguard's NfqueueAdapter (batched verdicts) with a handler that accepts every packet
   engine      the adapter with Engine.handle_packet, no rules
   worker      the adapter with the daemon's Worker around the engine, no rules
+  hollow-1    `tcpguard run`, one worker, with a copy of the rules whose listeners' bodies are `pass`
+              (bench.hollow_rules): the engine and the dispatch to those listeners, none of their work
   tcpguard-1  `tcpguard run` with the sample rules, one worker (the bench's path)
 
 Rounds are interleaved (every variant once, then again) because this virtual machine's speed drifts by
@@ -20,6 +22,7 @@ process handling does it. docs/BENCHMARKS.md (round 4) has a table made with it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import signal
 import sys
@@ -33,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from tcpguard.app import bench  # noqa: E402
 
 STANDINS = ("adapter", "engine", "worker")
-VARIANTS = ("nfq-bare", *STANDINS, "tcpguard-1")
+HOLLOW = "hollow-1"
+VARIANTS = ("nfq-bare", *STANDINS, HOLLOW, "tcpguard-1")
 
 
 def standin(mode: str, ready: str) -> int:
@@ -114,13 +118,22 @@ def measure(args: argparse.Namespace) -> int:
 def _rounds(
     args: argparse.Namespace, st: bench.Settings, work: Path, variants: list[str], kinds: list[str]
 ) -> dict[tuple[str, str], list[bench.PhaseResult]]:
+    # The hollow rules come from the rules as given, not from the bench copy: ast.unparse drops the
+    # copy's override comment, and a hollow rate limiter refuses nothing anyway.
+    hollow = dataclasses.replace(st, rules=bench.hollow_rules(st.rules, work / "hollow"))
     st.rules = bench.bench_rules(st.rules, work / "rules")
     results: dict[tuple[str, str], list[bench.PhaseResult]] = {}
     with bench.BenchLab() as lab:
         server = bench.start_load_server(lab, work, nofile=8192)
         for rnd in range(args.rounds):
             for v in variants:
-                gp = StandInPath(v, lab, work, st) if v in STANDINS else bench.GatewayPath(v, lab, work, st)
+                gp: bench.GatewayPath
+                if v in STANDINS:
+                    gp = StandInPath(v, lab, work, st)
+                elif v == HOLLOW:
+                    gp = bench.GatewayPath("tcpguard-1-hollow", lab, work, hollow)  # `tcpguard run`, 1 worker
+                else:
+                    gp = bench.GatewayPath(v, lab, work, st)
                 try:
                     gp.start()
                     for kind in kinds:

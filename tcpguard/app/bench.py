@@ -51,6 +51,7 @@ it may be limited by the load generator. `--short` is the CI mode: everything ru
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import json
@@ -972,6 +973,33 @@ def bench_rules(src: Path, dst: Path) -> Path:
             text += extra
         (dst / f.name).write_text(text)
     return dst
+
+
+def hollow_rules(src: Path, dst: Path) -> Path:
+    """Copy the rule modules of `src` into `dst` with the body of every listener replaced by `pass`.
+
+    The copies subscribe to the same events with the same filters (direction, ports, look-back, streamed)
+    and run the same module-level code, but do none of the listeners' work: tcpguard with them costs what
+    the engine and the dispatch to those listeners cost, and the difference to the real rules is what the
+    listener bodies cost (`tools/live_decompose.py`, variant `hollow-1`). Comments are not kept."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.py")):
+        tree = ast.parse(f.read_text(), filename=str(f))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+                _is_rule_decorator(d) for d in node.decorator_list
+            ):
+                node.body = [ast.Pass()]
+        (dst / f.name).write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
+    return dst
+
+
+def _is_rule_decorator(node: ast.expr) -> bool:
+    """`@rule(...)` or `@tcpguard.rule(...)`."""
+    func = node.func if isinstance(node, ast.Call) else node
+    return (isinstance(func, ast.Name) and func.id == "rule") or (
+        isinstance(func, ast.Attribute) and func.attr == "rule"
+    )
 
 
 # ================================================================================== the gateway paths
