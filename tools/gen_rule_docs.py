@@ -660,8 +660,21 @@ stack, greenlet objects, its closure and cursor, a page of interpreter stack): a
 connection and direction, against well under 1 KB for the connection itself, and starting one costs
 ~11 µs of CPU even when it returns at once. For a rule that runs on every connection, prefer a plain
 listener that keeps its own small state in `flow.store` between calls (the sample `rules/http_host.py`
-parses HTTP that way, `rules/shellcode.py` needs no state at all thanks to `current.find`'s look-back),
-and keep `streamed=True` for reads that end early, like `rules/tls_sni.py`'s ClientHello.
+parses HTTP that way, `rules/shellcode.py` needs no state at all thanks to `current.find_any`'s
+look-back), and keep `streamed=True` for reads that end early, like `rules/tls_sni.py`'s ClientHello.
+
+### What a rule costs
+
+On a gateway the rules decide the throughput. On the benchmark's request/response traffic, tcpguard with
+the sample rules' listeners emptied forwards 0.8 of a bare NetfilterQueue loop's packets per second, and
+with the real listeners 0.6: the listeners' own Python is the larger part of the cost
+([BENCHMARKS.md](BENCHMARKS.md), round 6). `tcpguard cost CAPTURE --rules DIR` measures, on a capture
+of your own traffic and without root, what the engine costs per packet alone, what each rule adds, and
+what the subscriptions cost with every listener emptied. Habits that keep a rule cheap: `ports=` and
+`direction=` (a listener that is filtered out is not called at all), a `lookback=` no larger than the
+rule needs, one `current.find_any(patterns)` rather than a `find` per pattern, and answers kept per value
+when many connections ask the same question (the sample Host reader's `KNOWN`, the sample firewall's
+`functools.lru_cache`), bounded.
 
 ### The stream
 

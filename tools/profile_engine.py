@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import gc
 import io
 import pstats
@@ -166,33 +165,12 @@ def best_of(body: Any, repeat: int) -> float:
 
 
 def ablate(packets: list[tuple[bytes, float]], rules: RuleSet, repeat: int) -> None:
-    """Per-packet cost of the engine with no rules, each rule alone, and all of them."""
+    """Per-packet cost of the engine with no rules, each rule alone, all rules doing nothing, and all of
+    them: `tcpguard cost`'s measurement, with this tool's settings (no eviction)."""
+    from tcpguard.app.rulecost import HEADER, format_row, measure
 
-    def timed(rs: RuleSet) -> float:
-        def body() -> None:
-            engine = Engine(_settings(len(packets)), rs)
-            handle = engine.handle_packet
-            for raw, ts in packets:
-                handle(raw, ts)
-
-        body()
-        return best_of(body, repeat) / len(packets) * 1e6
-
-    base = timed(RuleSet())
-    print(f"{'rule set':44s} {'us/packet':>9s} {'added':>7s}")
-    print(f"{'(no rules)':44s} {base:9.2f} {'':>7s}")
-    for r in rules.rules:
-        us = timed(RuleSet([r]))
-        kind = f"{r.event}{' streamed' if r.streamed else ''}"
-        print(f"{r.name + ' (' + kind + ')':44s} {us:9.2f} {us - base:+7.2f}")
-    us = timed(RuleSet([dataclasses.replace(r, func=_nothing) for r in rules.rules]))
-    print(f"{'(all rules, listeners do nothing)':44s} {us:9.2f} {us - base:+7.2f}")
-    us = timed(rules)
-    print(f"{'(all rules)':44s} {us:9.2f} {us - base:+7.2f}")
-
-
-def _nothing(*args: object) -> None:
-    """A listener that does nothing: the same subscriptions and filters, only the dispatch's cost."""
+    print(HEADER)
+    measure(packets, rules, _settings(len(packets)), repeat, on_row=lambda row: print(format_row(row)))
 
 
 def run_memory(args: argparse.Namespace) -> None:

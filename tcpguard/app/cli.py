@@ -6,8 +6,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tcpguard.core.errors import RuleLoadError
+
+if TYPE_CHECKING:
+    from tcpguard.core.rules import RuleSet
+    from tcpguard.core.settings import EngineSettings
 
 
 def _load_settings(config: str | None, ignore_checksums: bool = False):  # type: ignore[no-untyped-def]
@@ -48,26 +53,38 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
+def load_settings_and_rules(
+    command: str, config: str | None, rules_dir: str | None, ignore_checksums: bool
+) -> tuple[EngineSettings, RuleSet] | int:
+    """(engine settings, rule set) for an offline command (`replay`, `cost`), from `--config` and
+    `--rules`; or, having printed why, the exit status (1: a broken file, 2: nothing to load)."""
     from tcpguard.app.config import ConfigError
-    from tcpguard.app.replay import replay
     from tcpguard.app.ruleload import load_rules
-    from tcpguard.io.pcap import PcapError
 
     try:
-        cfg, settings = _load_settings(args.config, args.ignore_checksums)
+        cfg, settings = _load_settings(config, ignore_checksums)
     except ConfigError as e:
-        print(f"tcpguard replay: {e}", file=sys.stderr)
+        print(f"tcpguard {command}: {e}", file=sys.stderr)
         return 1
-    rules_dir = args.rules or (cfg.rules_dir if cfg is not None else None)
-    if rules_dir is None:
-        print("tcpguard replay: give --rules DIR (or --config)", file=sys.stderr)
+    where = rules_dir or (cfg.rules_dir if cfg is not None else None)
+    if where is None:
+        print(f"tcpguard {command}: give --rules DIR (or --config)", file=sys.stderr)
         return 2
     try:
-        rules = load_rules(rules_dir)
+        return settings, load_rules(where)
     except RuleLoadError as e:
-        print(f"tcpguard replay: {e}", file=sys.stderr)
+        print(f"tcpguard {command}: {e}", file=sys.stderr)
         return 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tcpguard.app.replay import replay
+    from tcpguard.io.pcap import PcapError
+
+    loaded = load_settings_and_rules("replay", args.config, args.rules, args.ignore_checksums)
+    if isinstance(loaded, int):
+        return loaded
+    settings, rules = loaded
     events = open(args.events, "w", encoding="utf-8") if args.events else None  # noqa: SIM115
     try:
         summary = replay(args.capture, rules, settings, out=args.out, events=events)
@@ -122,6 +139,7 @@ PLUGGED_COMMANDS: dict[str, tuple[str, ...]] = {
     "tcpguard.app.lab": ("lab",),
     "tcpguard.app.control": ("status", "connections", "drop", "reset", "reload"),
     "tcpguard.app.bench": ("bench",),
+    "tcpguard.app.rulecost": ("cost",),
 }
 
 
