@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,16 @@ class FakeQueued:
         pass
 
 
-def _rules(args: argparse.Namespace) -> RuleSet:
+def _rules_dir(args: argparse.Namespace) -> Path | None:
     """The rules as the benchmark runs them (`bench_rules`: the rate limiter's limits raised)."""
     if args.no_rules:
-        return RuleSet()
-    return load_rules(bench_rules(Path(args.rules), Path(tempfile.mkdtemp(prefix="tcpguard-rules-"))))
+        return None
+    return bench_rules(Path(args.rules), Path(tempfile.mkdtemp(prefix="tcpguard-rules-")))
+
+
+def _rules(args: argparse.Namespace) -> RuleSet:
+    where = _rules_dir(args)
+    return RuleSet() if where is None else load_rules(where)
 
 
 def _settings(n: int) -> EngineSettings:
@@ -124,7 +130,8 @@ def run_throughput(args: argparse.Namespace) -> None:
         replay(cap, rules, _settings(len(packets)))
 
     if args.ablate:
-        ablate(packets, rules, args.repeat)
+        where = _rules_dir(args)
+        ablate(packets, RuleSet if where is None else lambda: load_rules(where), args.repeat)
         return
     body = {"engine": engine_run, "adapter": adapter_run, "replay": replay_run}[args.path]
     body()  # warm-up: imports, first-use allocations
@@ -164,13 +171,13 @@ def best_of(body: Any, repeat: int) -> float:
     return best
 
 
-def ablate(packets: list[tuple[bytes, float]], rules: RuleSet, repeat: int) -> None:
+def ablate(packets: list[tuple[bytes, float]], load: Callable[[], RuleSet], repeat: int) -> None:
     """Per-packet cost of the engine with no rules, each rule alone, all rules doing nothing, and all of
     them: `tcpguard cost`'s measurement, with this tool's settings (no eviction)."""
     from tcpguard.app.rulecost import HEADER, format_row, measure
 
     print(HEADER)
-    measure(packets, rules, _settings(len(packets)), repeat, on_row=lambda row: print(format_row(row)))
+    measure(packets, load, _settings(len(packets)), repeat, on_row=lambda row: print(format_row(row)))
 
 
 def run_memory(args: argparse.Namespace) -> None:

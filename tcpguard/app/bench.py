@@ -981,16 +981,19 @@ def hollow_rules(src: Path, dst: Path) -> Path:
     The copies subscribe to the same events with the same filters (direction, ports, look-back, streamed)
     and run the same module-level code, but do none of the listeners' work: tcpguard with them costs what
     the engine and the dispatch to those listeners cost, and the difference to the real rules is what the
-    listener bodies cost (`tools/live_decompose.py`, variant `hollow-1`). Comments are not kept."""
+    listener bodies cost (`tools/live_decompose.py`, variant `hollow-1`). Emptied listeners never act, so
+    they are called on every connection; a streamed one's coroutine starts and ends at once. A listener is
+    found as a module-level `def` decorated with `rule(...)` (`@rule`, `@tcpguard.rule`): one registered
+    any other way keeps its body. Comments are not kept."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.glob("*.py")):
-        tree = ast.parse(f.read_text(), filename=str(f))
+        tree = ast.parse(f.read_text(encoding="utf-8"), filename=str(f))
         for node in tree.body:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and any(
                 _is_rule_decorator(d) for d in node.decorator_list
             ):
                 node.body = [ast.Pass()]
-        (dst / f.name).write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
+        (dst / f.name).write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n", encoding="utf-8")
     return dst
 
 

@@ -55,9 +55,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def load_settings_and_rules(
     command: str, config: str | None, rules_dir: str | None, ignore_checksums: bool
-) -> tuple[EngineSettings, RuleSet] | int:
-    """(engine settings, rule set) for an offline command (`replay`, `cost`), from `--config` and
-    `--rules`; or, having printed why, the exit status (1: a broken file, 2: nothing to load)."""
+) -> tuple[EngineSettings, RuleSet, Path] | int:
+    """(engine settings, rule set, its directory) for an offline command (`replay`, `cost`), from
+    `--config` and `--rules`; or, having printed why, the exit status (1: a broken file, 2: nothing to
+    load)."""
     from tcpguard.app.config import ConfigError
     from tcpguard.app.ruleload import load_rules
 
@@ -71,7 +72,7 @@ def load_settings_and_rules(
         print(f"tcpguard {command}: give --rules DIR (or --config)", file=sys.stderr)
         return 2
     try:
-        return settings, load_rules(where)
+        return settings, load_rules(where), Path(where)
     except RuleLoadError as e:
         print(f"tcpguard {command}: {e}", file=sys.stderr)
         return 1
@@ -84,7 +85,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     loaded = load_settings_and_rules("replay", args.config, args.rules, args.ignore_checksums)
     if isinstance(loaded, int):
         return loaded
-    settings, rules = loaded
+    settings, rules, _ = loaded
     events = open(args.events, "w", encoding="utf-8") if args.events else None  # noqa: SIM115
     try:
         summary = replay(args.capture, rules, settings, out=args.out, events=events)

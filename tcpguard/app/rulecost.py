@@ -1,37 +1,45 @@
 """`tcpguard cost`: what each rule costs per packet, measured on a capture before the rules go live.
 
-With the sample rules, the engine and the dispatch to the listeners forward 0.8 of the bare NetfilterQueue
-loop's packets per second, and the listeners' own Python costs the rest (docs/BENCHMARKS.md, round 6): on a
-gateway the rules decide the throughput. This command lets an operator see which rule that is, on their
-own traffic, without root or a queue.
+On the benchmark's request/response traffic, tcpguard with the sample rules' listeners emptied forwards
+0.8 of a bare NetfilterQueue loop's packets per second, and with the real listeners 0.6: of the cost above
+the bare loop, the listeners' own Python is the larger part (docs/BENCHMARKS.md, round 6). On a gateway
+the rules decide the throughput, and this command shows which rule it is, on the operator's own traffic,
+without root or a queue.
 
-How. The first `--frames` IP frames of the capture are read into memory (so the disk is not measured; the
-bound keeps the memory at about the capture's size for that many frames), then the engine runs over them,
-with the capture's timestamps as its clock and a timer tick every second as in `tcpguard replay`, with:
+How. The first `--frames` IP frames of the capture are read into memory (so the disk is not measured;
+at most MAX_BYTES of them), then the engine runs over them, with the capture's timestamps as its clock
+and a timer tick every second as in `tcpguard replay`, with:
 
 * no rules: the engine's own cost (decode, tracking, reassembly, verdicts);
 * each rule alone: what that rule adds to it;
-* every rule, each listener's body replaced by nothing: what subscribing costs (the dispatch to the
-  listeners, the bytes retained for their look-back, a coroutine per flow for streamed ones);
+* every rule with its listener's body replaced by nothing: what subscribing costs (the calls, the bytes
+  retained for the look-back). Emptied listeners never act, so they are called on every connection, also
+  on those the real rules would refuse; a streamed one's coroutine is started and ends at once;
 * every rule: the set as it would run.
 
-Each figure is the best of `--repeat` runs, in CPU time of this process, per packet of all traffic. A rule
-alone can cost more or less than its part of the whole set: the first rule that acts on a connection stops
-the later ones there, and the listeners of a direction share the bytes retained for the largest look-back.
-Live, the same Python costs more per packet (between two packets the kernel's queueing and forwarding
-evict its code and data from the caches: 1.3-1.5 times as much on the benchmark's machine) and the queue
-adds its own cost, so the absolute figures are a floor; the ranking and the shares are what carry over.
+Each figure is the best of `--repeat` runs, in CPU time of this process, per packet of all traffic. The
+rule modules are loaded afresh before every run (untimed), so what a module keeps between calls (a rate
+limiter's buckets, a cache) starts empty each time, as in a daemon just started. Alerts and rule errors
+are counted, not logged, while the clock runs. A rule alone can cost more or less than its part of the
+whole set: the first rule that acts on a connection stops the later ones there, and the listeners of a
+direction share the bytes retained for the largest look-back. Live, the same Python costs more per packet
+(between two packets the kernel's queueing and forwarding evict its code and data from the caches: about
+1.3 times as much for the sample rules' listeners on the benchmark's machine) and the queue adds its own
+cost, so the absolute figures are a floor; the ranking and the shares are what carry over.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tcpguard.core.engine import Engine
 from tcpguard.core.rules import Rule, RuleSet
@@ -39,37 +47,51 @@ from tcpguard.core.settings import EngineSettings
 from tcpguard.io.pcap import iter_frames
 
 DEFAULT_FRAMES = 100_000
+MAX_BYTES = 512 * 2**20  # of IP packets held in memory, whatever --frames says (GRO captures: 64 KB frames)
 DEFAULT_REPEAT = 3
 TIMER_INTERVAL = 1.0  # seconds of capture time between timer ticks, as in `tcpguard replay`
 
 Frames = Sequence[tuple[bytes, float]]
+Loader = Callable[[], RuleSet]
 
 
 @dataclass(frozen=True, slots=True)
 class CostRow:
-    """One measured rule set: `label` names it, `listens` says what its rule subscribes to (rule rows)."""
+    """One measured rule set: `label` names it, `listens` says what its rule subscribes to (rule rows).
+    The counters are what the engine did in one run: a rule that drops or raises changes what it costs."""
 
     label: str
     listens: str
     us_per_packet: float
     added: float  # over the engine with no rules
+    dropped: int = 0
+    alerts: int = 0
+    rule_errors: int = 0
+    bad_checksum: int = 0
 
 
-def load_frames(capture: str | Path, max_frames: int) -> list[tuple[bytes, float]]:
-    """The first `max_frames` IP frames of `capture` as (IP packet, timestamp); frames without IP are
-    skipped (the engine never sees them in the daemon either)."""
+def load_frames(
+    capture: str | Path, max_frames: int, max_bytes: int = MAX_BYTES
+) -> list[tuple[bytes, float]]:
+    """The first IP frames of `capture` as (IP packet, timestamp): at most `max_frames` of them and
+    `max_bytes` of packets. Frames without IP are skipped (the engine never sees them in the daemon)."""
     out: list[tuple[bytes, float]] = []
+    size = 0
     for frame in iter_frames(capture):
-        if frame.ip is not None:
-            out.append((frame.ip, frame.ts))
-            if len(out) >= max_frames:
-                break
+        ip = frame.ip
+        if ip is None:
+            continue
+        size += len(ip)
+        if size > max_bytes:
+            break
+        out.append((ip, frame.ts))
+        if len(out) >= max_frames:
+            break
     return out
 
 
-def run_once(frames: Frames, rules: RuleSet, settings: EngineSettings | None) -> None:
-    """One pass of a fresh engine over `frames`, ticking its timer as `tcpguard replay` does."""
-    engine = Engine(settings, rules)
+def run_once(frames: Frames, engine: Engine) -> None:
+    """One pass of `engine` over `frames`, ticking its timer as `tcpguard replay` does."""
     handle = engine.handle_packet
     next_timer: float | None = None
     ts = 0.0
@@ -88,8 +110,15 @@ def _nothing(*args: object) -> None:
 
 
 def hollow(rules: RuleSet) -> RuleSet:
-    """The same rules with listeners that do nothing: the same events, filters and order."""
+    """The same rules with listeners that do nothing: the same events, filters and order. They never act,
+    so every listener is called on every connection (also those the real rules would refuse), and a
+    streamed listener's coroutine is started and ends at once."""
     return RuleSet([dataclasses.replace(r, func=_nothing) for r in rules.rules])
+
+
+def _alone(load: Loader, i: int) -> Loader:
+    """A loader of the `i`th rule of what `load` loads, by itself."""
+    return lambda: RuleSet([load().rules[i]])
 
 
 def listens(r: Rule) -> str:
@@ -106,67 +135,91 @@ def listens(r: Rule) -> str:
 
 def measure(
     frames: Frames,
-    rules: RuleSet,
+    load: Loader,
     settings: EngineSettings | None = None,
     repeat: int = DEFAULT_REPEAT,
     clock: Callable[[], float] = time.process_time,
     on_row: Callable[[CostRow], None] | None = None,
 ) -> list[CostRow]:
     """The rows described in the module docstring, in order: no rules, each rule alone, all rules doing
-    nothing, all rules. `clock` is the time source (CPU time by default); `on_row` sees each row as soon
-    as it is measured (a capture of a million frames takes minutes)."""
+    nothing, all rules. `load` makes the rule set; it is called again before every run (untimed), so
+    that what a rule module keeps between calls (a rate limiter's buckets, a cache) starts afresh each
+    time, as it would in a daemon just started. `clock` is the time source (CPU time by default); `on_row`
+    sees each row as soon as it is measured (a capture of a million frames takes minutes). Alerts and
+    rule errors are counted, not logged, while the clock runs."""
     if not frames:
         raise ValueError("no IP frames to measure on")
     repeat = max(1, repeat)
-
-    def per_packet(rs: RuleSet) -> float:
-        best = float("inf")
-        for _ in range(repeat):
-            t = clock()
-            run_once(frames, rs, settings)
-            best = min(best, clock() - t)
-        return best / len(frames) * 1e6
-
-    rows: list[CostRow] = []
-
-    def add(label: str, what: str, rs: RuleSet, base: float | None) -> float:
-        us = per_packet(rs)
-        row = CostRow(label, what, us, 0.0 if base is None else us - base)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-        return us
-
-    base = add("(no rules)", "", RuleSet(), None)
-    if not rules.rules:
-        return rows
-    for r in rules.rules:
-        add(r.name, listens(r), RuleSet([r]), base)
+    rules = load()
     n = len(rules.rules)
-    add(f"(all {n} rules, listeners doing nothing)", "", hollow(rules), base)
-    add(f"(all {n} rules)", "", rules, base)
+    sets: list[tuple[str, str, Loader]] = [("(no rules)", "", RuleSet)]
+    for i, r in enumerate(rules.rules):
+        sets.append((r.name, listens(r), _alone(load, i)))
+    if n:
+        sets.append((f"(all {n} rules, listeners doing nothing)", "", lambda: hollow(load())))
+        sets.append((f"(all {n} rules)", "", load))
+    engine_log = logging.getLogger("tcpguard.engine")
+    rows: list[CostRow] = []
+    base = 0.0
+    was_disabled = engine_log.disabled
+    engine_log.disabled = True
+    try:
+        run_once(frames, Engine(settings, RuleSet()))  # warm-up: first-use allocations, caches
+        for label, what, make in sets:
+            best = float("inf")
+            alerts = 0
+            for _ in range(repeat):
+                engine = Engine(settings, make())
+                alerts = 0
+
+                def count(ev: dict[str, Any]) -> None:
+                    nonlocal alerts
+                    alerts += 1
+
+                engine.alert_hook = count
+                gc.collect()  # the previous run's garbage is not this run's cost
+                t = clock()
+                run_once(frames, engine)
+                best = min(best, clock() - t)
+            us = best / len(frames) * 1e6
+            if not rows:
+                base = us
+            st = engine.stats
+            row = CostRow(label, what, us, us - base, st.dropped, alerts, st.rule_errors, st.bad_checksum)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    finally:
+        engine_log.disabled = was_disabled
     return rows
 
 
 def format_row(row: CostRow) -> str:
-    added = "" if row.label == "(no rules)" else f"{row.added:+8.2f}"
-    return f"{row.label:44s} {row.listens:46s} {row.us_per_packet:9.2f} {added}".rstrip()
+    added = "" if row.label == "(no rules)" else f"{row.added:+.2f}"
+    return (
+        f"{row.label:44s} {row.listens:46s} {row.us_per_packet:9.2f} {added:>8s} "
+        f"{row.dropped:>8,} {row.alerts:>7,} {row.rule_errors:>7,}"
+    )
 
 
-HEADER = f"{'rules':44s} {'listens to':46s} {'us/packet':>9s} {'added':>8s}"
+HEADER = (
+    f"{'rules':44s} {'listens to':46s} {'us/packet':>9s} {'added':>8s} {'dropped':>8s} {'alerts':>7s} "
+    f"{'errors':>7s}"
+)
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from tcpguard.app.cli import load_settings_and_rules
+    from tcpguard.app.ruleload import load_rules
     from tcpguard.io.pcap import PcapError
 
-    loaded = load_settings_and_rules("cost", args.config, args.rules, args.ignore_checksums)
-    if isinstance(loaded, int):
-        return loaded
-    settings, rules = loaded
     if args.frames < 1 or args.repeat < 1:
         print("tcpguard cost: --frames and --repeat must be at least 1", file=sys.stderr)
         return 2
+    loaded = load_settings_and_rules("cost", args.config, args.rules, args.ignore_checksums)
+    if isinstance(loaded, int):
+        return loaded
+    settings, rules, rules_dir = loaded
     try:
         frames = load_frames(args.capture, args.frames)
     except (PcapError, OSError) as e:
@@ -176,16 +229,29 @@ def cmd_cost(args: argparse.Namespace) -> int:
         print(f"tcpguard cost: {args.capture}: no IP frames", file=sys.stderr)
         return 1
     print(
-        f"{len(frames):,} IP frames of {args.capture}, {len(rules)} rules; best of {args.repeat} runs, "
-        "CPU time of this process per packet (microseconds)"
+        f"{len(frames):,} IP frames of {args.capture}, {len(rules)} rules from {rules_dir}; best of "
+        f"{args.repeat} runs, CPU time of this process per packet (microseconds)"
     )
     print(HEADER)
-    measure(frames, rules, settings, args.repeat, on_row=lambda row: print(format_row(row), flush=True))
-    print(
-        "added: over no rules. A rule alone may cost more or less than its part of the whole set (the first\n"
-        "rule that acts on a connection stops the later ones). Live, the same rules cost more per packet\n"
-        "(see `tcpguard cost --help`)."
+    # The modules loaded once more for every run: the check above already reported any error in them.
+    rows = measure(
+        frames,
+        lambda: load_rules(rules_dir),
+        settings,
+        args.repeat,
+        on_row=lambda row: print(format_row(row), flush=True),
     )
+    print(
+        "added: over no rules. dropped, alerts, errors: what the engine did in one run. A rule alone may\n"
+        "cost more or less than its part of the whole set (the first rule that acts on a connection stops\n"
+        "the later ones there). Live, the same rules cost more per packet (see `tcpguard cost --help`)."
+    )
+    if rows[0].bad_checksum:
+        print(
+            f"note: {rows[0].bad_checksum:,} packets had bad checksums and were dropped before any rule saw "
+            "them; a capture taken on a sending host often has offloaded (unfilled) checksums: measure it "
+            "with --ignore-checksums"
+        )
     return 0
 
 
@@ -205,7 +271,8 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         type=int,
         default=DEFAULT_FRAMES,
         metavar="N",
-        help="IP frames from the start of the capture, held in memory (default %(default)s)",
+        help="IP frames from the start of the capture, held in memory (default %(default)s; at most "
+        f"{MAX_BYTES // 2**20} MiB of them)",
     )
     c.add_argument(
         "--repeat",

@@ -13,7 +13,7 @@ can block, which generator-based coroutines cannot do without every caller coope
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import greenlet
@@ -37,7 +37,7 @@ class Match:
         return True
 
     def __repr__(self) -> str:
-        return f"<Match {self.start}..{self.end}>"
+        return f"<Match {self.pattern!r} at {self.start}..{self.end}>"
 
 
 def _before(i: int, pattern: bytes, best: int, found: bytes) -> bool:
@@ -156,14 +156,16 @@ class Cursor:
                 self.pos = s.next
                 return None
 
-    def find_any(self, patterns: Sequence[bytes]) -> Match | None:
+    def find_any(self, patterns: Iterable[bytes]) -> Match | None:
         """Like `find`, for several patterns at once: the match that is complete first in the stream (of
         two ending at the same byte, the longer one; of equal ones, the one listed first), which is what
         a streaming matcher can report without waiting for more bytes. `Match.pattern` says which it is.
 
         One call instead of a `find` per pattern: in a rule that scans every segment for a list of
-        patterns, the per-call cost of interpreted Python is most of the price of the scan.
+        patterns, the per-call cost of interpreted Python is most of the price of the scan. With no
+        patterns it returns None at once (the cursor does not move).
         """
+        patterns = tuple(patterns)  # any iterable (a generator is read once, here), as a rule may pass
         s = self.stream
         if not self.blocking:
             best = -1

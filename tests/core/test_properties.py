@@ -378,6 +378,30 @@ def _first_in_stream(stream: bytes, patterns: list[bytes]) -> tuple[int, bytes] 
     return i, patterns[k]
 
 
+def test_find_any_takes_any_iterable_and_no_patterns_finds_nothing() -> None:
+    streamed_saw: list[object] = []
+    plain_saw: list[object] = []
+
+    @rule(on=EV.receive_data, streamed=True)
+    def streamed(flow: Connection, s: HalfStream, current: Cursor, direction: str) -> None:
+        streamed_saw.append(current.find_any([]))
+        m = current.find_any(p for p in (b"zz", b"sh"))  # a generator, read once
+        streamed_saw.append(None if m is None else (m.start, m.pattern, current.pos))
+
+    @rule(on=EV.receive_data)
+    def plain(flow: Connection, s: HalfStream, current: Cursor, direction: str) -> None:
+        m = current.find_any(p for p in (b"zz", b"sh"))
+        plain_saw.append(None if m is None else (m.start, m.pattern))
+        plain_saw.append(current.find_any(()))
+
+    h = ClientStream(1000, (streamed, plain))
+    h.send(0, b"/bin/")
+    h.send(5, b"sh")
+    assert h.rule_errors() == []
+    assert streamed_saw == [None, (5, b"sh", 5)]  # no patterns: None at once; then it waits for "sh"
+    assert plain_saw == [None, None, (5, b"sh"), None]
+
+
 def _cut(stream: bytes, data: st.DataObject) -> list[tuple[int, int]]:
     """The stream cut into in-order segments at random places: (start, end) of each."""
     n = len(stream)
