@@ -163,7 +163,9 @@ class Cursor:
 
         One call instead of a `find` per pattern: in a rule that scans every segment for a list of
         patterns, the per-call cost of interpreted Python is most of the price of the scan. With no
-        patterns it returns None at once (the cursor does not move).
+        patterns it returns None at once (the cursor does not move). Streamed, the cursor moves to the
+        start of the match, so a longer pattern that began before it and completes later is not found by
+        the next call: list patterns that contain one another only if the first found is enough.
         """
         patterns = tuple(patterns)  # any iterable (a generator is read once, here), as a rule may pass
         s = self.stream
