@@ -1,7 +1,8 @@
 """Decoding of IPv4/IPv6 + TCP packets from raw bytes.
 
-This is the per-packet hot path, so it uses `struct.unpack_from` on fixed offsets and never builds an
-object per header field; scapy is roughly a hundred times slower and is kept for tests and tools.
+This is the per-packet hot path: fixed offsets, read by indexing on the common IPv4 path (native byte
+reads once compiled) and with `struct.unpack_from` elsewhere, never an object per header field; scapy is
+roughly a hundred times slower and is kept for tests and tools.
 
 Contract: `decode(raw)` returns a `Packet` or raises `DecodeError`, and nothing else, for any input.
 Choices made here:
@@ -41,9 +42,6 @@ CWR: Final = 0x80
 PROTO_TCP: Final = 6
 
 _IPV4: Final = struct.Struct("!BBHHHBBH4s4s")
-_IPV6: Final = struct.Struct("!IHBB16s16s")
-_TCP: Final = struct.Struct("!HHIIBBHHH")
-_V4_TCP: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 _new_packet: Final = object.__new__
 
 # IPv6 extension headers that carry a generic (next header, length) prefix.
@@ -230,12 +228,24 @@ def _decode_v4(raw: bytes, n: int) -> Packet:
 
 
 def _decode_v4_tcp(raw: bytes, n: int) -> Packet:
-    (_vihl, _tos, total, _ident, _frag, _ttl, _proto, _csum, src, dst,
-     sport, dport, seq, ack, doff, flags, window, _tcsum, urg) = _V4_TCP.unpack_from(raw, 0)  # fmt: skip
+    # Fields by indexing, not `struct.unpack_from`: compiled by mypyc, `raw[i]` is a native byte read,
+    # where the unpack is a generic method call that builds a 19-item tuple and boxes every field
+    # (82 against 419 ns for this header in a micro-benchmark; the unpack is faster only interpreted).
+    total = raw[2] << 8 | raw[3]
     if total < 40 or total > n:
         return _decode_v4(raw, n)  # let the general path name the problem
     if total < n:
         raw = raw[:total]
+    src = raw[12:16]
+    dst = raw[16:20]
+    sport = raw[20] << 8 | raw[21]
+    dport = raw[22] << 8 | raw[23]
+    seq = raw[24] << 24 | raw[25] << 16 | raw[26] << 8 | raw[27]
+    ack = raw[28] << 24 | raw[29] << 16 | raw[30] << 8 | raw[31]
+    doff = raw[32]
+    flags = raw[33]
+    window = raw[34] << 8 | raw[35]
+    urg = raw[38] << 8 | raw[39]
     hlen = (doff >> 4) * 4
     if hlen < 20:
         raise DecodeError(f"TCP data offset {hlen} below 20")
@@ -270,7 +280,10 @@ def _decode_v4_tcp(raw: bytes, n: int) -> Packet:
 def _decode_v6(raw: bytes, n: int) -> Packet:
     if n < 40:
         raise DecodeError(f"IPv6 header truncated ({n} bytes)")
-    _vtcfl, plen, nxt, _hlim, src, dst = _IPV6.unpack_from(raw, 0)
+    plen = raw[4] << 8 | raw[5]
+    nxt = raw[6]
+    src = raw[8:24]
+    dst = raw[24:40]
     total = 40 + plen
     if plen == 0:
         raise DecodeError("IPv6 payload length 0 (jumbograms are not supported)")
@@ -360,7 +373,15 @@ def _v6_route_final(raw: bytes, off: int, hlen: int, dst: bytes) -> bytes:
 def _decode_tcp(pkt: Packet, raw: bytes, off: int, total: int) -> None:
     if total - off < 20:
         raise DecodeError(f"TCP header truncated ({total - off} bytes)")
-    sport, dport, seq, ack, doff, flags, window, _csum, urg = _TCP.unpack_from(raw, off)
+    # By indexing, as in _decode_v4_tcp (why there).
+    sport = raw[off] << 8 | raw[off + 1]
+    dport = raw[off + 2] << 8 | raw[off + 3]
+    seq = raw[off + 4] << 24 | raw[off + 5] << 16 | raw[off + 6] << 8 | raw[off + 7]
+    ack = raw[off + 8] << 24 | raw[off + 9] << 16 | raw[off + 10] << 8 | raw[off + 11]
+    doff = raw[off + 12]
+    flags = raw[off + 13]
+    window = raw[off + 14] << 8 | raw[off + 15]
+    urg = raw[off + 18] << 8 | raw[off + 19]
     hlen = (doff >> 4) * 4
     if hlen < 20:
         raise DecodeError(f"TCP data offset {hlen} below 20")
