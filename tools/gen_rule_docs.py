@@ -665,10 +665,10 @@ look-back), and keep `streamed=True` for reads that end early, like `rules/tls_s
 
 ### What a rule costs
 
-On a gateway the rules decide the throughput. On the benchmark's request/response traffic, tcpguard with
-the sample rules' listeners emptied forwards 0.8 of a bare NetfilterQueue loop's packets per second, and
-with the real listeners 0.6: of the cost above the bare loop, the listeners' own Python is the larger
-part ([BENCHMARKS.md](BENCHMARKS.md), round 6). `tcpguard cost CAPTURE --rules DIR` measures, on a
+On request/response traffic the rules decide a gateway's throughput. On the benchmark's, tcpguard with
+the sample rules' listeners emptied forwards about 0.8 of a bare NetfilterQueue loop's packets per
+second, and with the real listeners 0.6: of the cost above the bare loop, the listeners' own Python is
+the larger part ([BENCHMARKS.md](BENCHMARKS.md), round 6). `tcpguard cost CAPTURE --rules DIR` measures, on a
 capture of your own traffic and without root, what the engine costs per packet alone, what each rule
 adds, and what the subscriptions cost with every listener emptied (add `--ignore-checksums` for a
 capture taken on a sending host). Habits that keep a rule cheap: `ports=` and

@@ -16,7 +16,7 @@ CPU accounting), the gateway runs in turn:
 Rounds are interleaved (every variant once, then again) because this virtual machine's speed drifts by
 10-20% within an hour; the table gives each figure's range over the rounds. Everything it creates
 (namespaces, iptables rules, processes) goes away at the end, also on failure: the bench's own lab and
-process handling does it. docs/BENCHMARKS.md (round 4) has a table made with it.
+process handling does it. docs/BENCHMARKS.md (rounds 4 to 6) has tables made with it.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def measure(args: argparse.Namespace) -> int:
 def _rounds(
     args: argparse.Namespace, st: bench.Settings, work: Path, variants: list[str], kinds: list[str]
 ) -> dict[tuple[str, str], list[bench.PhaseResult]]:
-    # The hollow rules come from the rules as given, not from the bench copy: ast.unparse drops the
-    # copy's override comment, and a hollow rate limiter refuses nothing anyway.
+    # The hollow copy is made from the rules as given, not from the bench copy: the bench copy only raises
+    # the rate limiter's limits, and an emptied rate limiter refuses nothing anyway.
     hollow = dataclasses.replace(st, rules=bench.hollow_rules(st.rules, work / "hollow"))
     st.rules = bench.bench_rules(st.rules, work / "rules")
     results: dict[tuple[str, str], list[bench.PhaseResult]] = {}
@@ -188,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--kinds", default="rr,bulk", help="traffic kinds (default rr,bulk)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, default all")
-    ap.add_argument("--rules", default=str(ROOT / "rules"), help="rules of the tcpguard-1 path")
+    ap.add_argument(
+        "--rules",
+        default=str(ROOT / "rules"),
+        help="rules of the tcpguard-1 path (and, emptied, of hollow-1)",
+    )
     args = ap.parse_args(argv)
     if args.standin:
         return standin(*args.standin)

@@ -110,7 +110,8 @@ def run_throughput(args: argparse.Namespace) -> None:
         frames, conns = generate_capture(cap, args.packets)
         print(f"generated {frames} frames, {conns} connections in {time.perf_counter() - t:.1f} s")
     packets = [(f.ip, f.ts) for f in iter_frames(cap) if f.ip is not None]
-    rules = _rules(args)
+    where = _rules_dir(args)  # one copy of the rules for the whole run (a temporary directory)
+    rules = RuleSet() if where is None else load_rules(where)
     print(f"{len(packets)} IP packets; rules: {'none' if args.no_rules else args.rules} ({len(rules)})")
 
     def engine_run() -> None:
@@ -130,7 +131,6 @@ def run_throughput(args: argparse.Namespace) -> None:
         replay(cap, rules, _settings(len(packets)))
 
     if args.ablate:
-        where = _rules_dir(args)
         ablate(packets, RuleSet if where is None else lambda: load_rules(where), args.repeat)
         return
     body = {"engine": engine_run, "adapter": adapter_run, "replay": replay_run}[args.path]
@@ -172,8 +172,8 @@ def best_of(body: Any, repeat: int) -> float:
 
 
 def ablate(packets: list[tuple[bytes, float]], load: Callable[[], RuleSet], repeat: int) -> None:
-    """Per-packet cost of the engine with no rules, each rule alone, all rules doing nothing, and all of
-    them: `tcpguard cost`'s measurement, with this tool's settings (no eviction)."""
+    """Per-packet cost of the engine with no rules, each rule alone, all rules with their listeners
+    emptied, and all of them: `tcpguard cost`'s measurement, with this tool's settings (no eviction)."""
     from tcpguard.app.rulecost import HEADER, format_row, measure
 
     print(HEADER)
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--ablate",
         action="store_true",
-        help="cost of no rules, each rule alone, all rules doing nothing, all rules",
+        help="cost of no rules, each rule alone, all listeners emptied, all rules",
     )
     ap.add_argument("--memory", type=int, metavar="N", help="memory breakdown over N fabricated connections")
     ap.add_argument("--handshake-only", action="store_true", help="with --memory: no request/response")

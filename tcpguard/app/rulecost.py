@@ -1,13 +1,13 @@
 """`tcpguard cost`: what each rule costs per packet, measured on a capture before the rules go live.
 
 On the benchmark's request/response traffic, tcpguard with the sample rules' listeners emptied forwards
-0.8 of a bare NetfilterQueue loop's packets per second, and with the real listeners 0.6: of the cost above
-the bare loop, the listeners' own Python is the larger part (docs/BENCHMARKS.md, round 6). On a gateway
-the rules decide the throughput, and this command shows which rule it is, on the operator's own traffic,
-without root or a queue.
+about 0.8 of a bare NetfilterQueue loop's packets per second, and with the real listeners 0.6: of the cost
+above the bare loop, the listeners' own Python is the larger part (docs/BENCHMARKS.md, round 6). On such
+traffic the rules decide a gateway's throughput (on bulk transfers the engine's own work weighs more),
+and this command shows which rule it is, on the operator's own traffic, without root or a queue.
 
 How. The first `--frames` IP frames of the capture are read into memory (so the disk is not measured;
-at most MAX_BYTES of them), then the engine runs over them, with the capture's timestamps as its clock
+at most 512 MiB of them), then the engine runs over them, with the capture's timestamps as its clock
 and a timer tick every second as in `tcpguard replay`, with:
 
 * no rules: the engine's own cost (decode, tracking, reassembly, verdicts);
@@ -17,15 +17,17 @@ and a timer tick every second as in `tcpguard replay`, with:
   on those the real rules would refuse; a streamed one's coroutine is started and ends at once;
 * every rule: the set as it would run.
 
-Each figure is the best of `--repeat` runs, in CPU time of this process, per packet of all traffic. The
+Each figure is the best of `--repeat` runs, in CPU time of this process, per packet of all traffic,
+including the end of the connections still open when the frames run out (their `end_connection`). The
 rule modules are loaded afresh before every run (untimed), so what a module keeps between calls (a rate
 limiter's buckets, a cache) starts empty each time, as in a daemon just started. Alerts and rule errors
 are counted, not logged, while the clock runs. A rule alone can cost more or less than its part of the
 whole set: the first rule that acts on a connection stops the later ones there, and the listeners of a
 direction share the bytes retained for the largest look-back. Live, the same Python costs more per packet
 (between two packets the kernel's queueing and forwarding evict its code and data from the caches: about
-1.3 times as much for the sample rules' listeners on the benchmark's machine) and the queue adds its own
-cost, so the absolute figures are a floor; the ranking and the shares are what carry over.
+1.3 times as much for the sample rules' listeners on the benchmark's machine, about 2 times for the
+engine on bulk transfers) and the queue adds its own cost, so the absolute figures are a floor and the
+engine's share grows live; the ranking of the rules is what carries over.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def measure(
     for i, r in enumerate(rules.rules):
         sets.append((r.name, listens(r), _alone(load, i)))
     if n:
-        sets.append((f"(all {n} rules, listeners doing nothing)", "", lambda: hollow(load())))
+        sets.append((f"(all {n} rules, listeners emptied)", "", lambda: hollow(load())))
         sets.append((f"(all {n} rules)", "", load))
     engine_log = logging.getLogger("tcpguard.engine")
     rows: list[CostRow] = []

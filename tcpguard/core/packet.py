@@ -1,8 +1,9 @@
 """Decoding of IPv4/IPv6 + TCP packets from raw bytes.
 
-This is the per-packet hot path: fixed offsets, read by indexing on the common IPv4 path (native byte
-reads once compiled) and with `struct.unpack_from` elsewhere, never an object per header field; scapy is
-roughly a hundred times slower and is kept for tests and tools.
+This is the per-packet hot path: fixed offsets, read by indexing (native byte reads once compiled) for
+the TCP header, IPv6 and the common IPv4 header without options, and with `struct.unpack_from` for the
+general IPv4 header and the TCP options; never an object per header field. scapy is roughly a hundred
+times slower and is kept for tests and tools.
 
 Contract: `decode(raw)` returns a `Packet` or raises `DecodeError`, and nothing else, for any input.
 Choices made here:
@@ -194,7 +195,7 @@ def decode(raw: bytes) -> Packet:
     version = raw[0] >> 4
     if version == 4:
         # Fast path for the common case, IPv4 without options carrying an unfragmented TCP segment:
-        # one unpack for both fixed headers and one object filled once.
+        # one read of both fixed headers and one object filled once.
         if raw[0] == 0x45 and n >= 40 and raw[9] == PROTO_TCP and not raw[6] & 0x3F and not raw[7]:
             return _decode_v4_tcp(raw, n)
         return _decode_v4(raw, n)

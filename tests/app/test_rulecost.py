@@ -90,13 +90,13 @@ def test_each_rule_alone_then_all_doing_nothing_then_all() -> None:
     names = _rules(work).names()
     per = 1e6 / len(frames)  # one work unit over the whole run, per packet, in the table's micro-units
     labels = [r.label for r in rows]
-    assert labels == ["(no rules)", *names, "(all 3 rules, listeners doing nothing)", "(all 3 rules)"]
+    assert labels == ["(no rules)", *names, "(all 3 rules, listeners emptied)", "(all 3 rules)"]
     got = {r.label: r.us_per_packet for r in rows}
     assert got["(no rules)"] == 0
     assert got[names[0]] == pytest.approx(1 * conns * per)
     assert got[names[1]] == pytest.approx(100 * data * per)
     assert got[names[2]] == pytest.approx(10 * ends * per)
-    assert got["(all 3 rules, listeners doing nothing)"] == 0  # the bodies never ran
+    assert got["(all 3 rules, listeners emptied)"] == 0  # the bodies never ran
     # All together: no test rule acts on a connection, so each is called as often as when alone.
     assert got["(all 3 rules)"] == pytest.approx((conns + 100 * data + 10 * ends) * per)
     assert all(r.added == r.us_per_packet for r in rows)  # the base is 0 work units

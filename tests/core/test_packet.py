@@ -203,11 +203,13 @@ def test_ipv4_with_options_ending_in_eol() -> None:
     urgptr=st.integers(0, 65535),
     ports=st.tuples(st.integers(0, 65535), st.integers(0, 65535)),
     payload=st.binary(max_size=64),
-    ipv6=st.booleans(),
+    ip=st.sampled_from(["v4", "v4 with IP options", "v6"]),
 )
 def test_tcp_every_option_and_field_matches_scapy(
-    opts, flags, seq, ack, window, urgptr, ports, payload, ipv6
+    opts, flags, seq, ack, window, urgptr, ports, payload, ip
 ) -> None:
+    """The three ways to the TCP header: IPv4 without options (the decoder's fast path), IPv4 with
+    options and IPv6 (the general TCP decoder, at offset 24 and 40)."""
     tcp = {
         "sport": ports[0],
         "dport": ports[1],
@@ -218,8 +220,12 @@ def test_tcp_every_option_and_field_matches_scapy(
         "urgptr": urgptr,
         "options": opts,
     }
-    raw = v6(payload, **tcp) if ipv6 else v4(payload, **tcp)
+    if ip == "v6":
+        raw = v6(payload, **tcp)
+    else:
+        raw = v4(payload, [IPOption_Router_Alert()] if ip == "v4 with IP options" else None, **tcp)
     pkt = assert_matches_scapy(raw)
+    assert pkt.ip_hlen == {"v4": 20, "v4 with IP options": 24, "v6": 40}[ip]
     assert checksums_ok(pkt)
 
 
