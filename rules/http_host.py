@@ -218,13 +218,16 @@ def _request_line(flow, req, line, direction, lenient):
 
 
 def _end_of_head(req):
-    """The empty line that ends a request head: what comes next is its body, its chunks or a request."""
+    """The empty line that ends a request head: what comes next is its body, its chunks or a request.
+    The head's framing fields are used up here and cleared, so that a parser between requests holds the
+    same state as a new one, however the bytes were segmented."""
     if req.chunked:
         req.phase = CHUNK_SIZE
     elif req.length > 0:
         req.phase, req.remaining = BODY, req.length
     else:
         req.phase = REQUEST
+    req.length, req.chunked = 0, False
 
 
 def _line(flow, req, line, direction, lenient):
