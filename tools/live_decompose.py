@@ -139,9 +139,8 @@ def _rounds(
                     for kind in kinds:
                         ph = bench._phase(lab, st, kind, server.pid)
                         results.setdefault((v, kind), []).append(ph)
-                        us = ph.gw_cpu_ns / 1000 / max(1, ph.packets)
                         print(
-                            f"round {rnd + 1} {v:10s} {kind:4s} {us:6.2f} us/packet "
+                            f"round {rnd + 1} {v:10s} {kind:4s} {ph.cpu_us_per_packet:6.2f} us/packet "
                             f"{ph.pps:9,.0f} packets/s  machine {ph.busy_share:.0%}  "
                             f"SYN retransmissions {ph.syn_retrans}",
                             file=sys.stderr,
@@ -174,7 +173,7 @@ def _table(
             if not phs:
                 row += " - | - | - |"
                 continue
-            us = [p.gw_cpu_ns / 1000 / max(1, p.packets) for p in phs]
+            us = [p.cpu_us_per_packet for p in phs]
             pps = [p.pps / 1000 for p in phs]
             busy = [p.busy_share * 100 for p in phs]
             row += f" {span(us, '.2f')} | {span(pps, '.0f')}k | {span(busy, '.0f')}% |"

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tcpguard.app.replay import TIMER_INTERVAL
 from tcpguard.core.engine import Engine
 from tcpguard.core.rules import Rule, RuleSet
 from tcpguard.core.settings import EngineSettings
@@ -51,7 +52,6 @@ from tcpguard.io.pcap import iter_frames
 DEFAULT_FRAMES = 100_000
 MAX_BYTES = 512 * 2**20  # of IP packets held in memory, whatever --frames says (GRO captures: 64 KB frames)
 DEFAULT_REPEAT = 3
-TIMER_INTERVAL = 1.0  # seconds of capture time between timer ticks, as in `tcpguard replay`
 
 Frames = Sequence[tuple[bytes, float]]
 Loader = Callable[[], RuleSet]
@@ -143,12 +143,12 @@ def measure(
     clock: Callable[[], float] = time.process_time,
     on_row: Callable[[CostRow], None] | None = None,
 ) -> list[CostRow]:
-    """The rows described in the module docstring, in order: no rules, each rule alone, all rules doing
-    nothing, all rules. `load` makes the rule set; it is called again before every run (untimed), so
-    that what a rule module keeps between calls (a rate limiter's buckets, a cache) starts afresh each
-    time, as it would in a daemon just started. `clock` is the time source (CPU time by default); `on_row`
-    sees each row as soon as it is measured (a capture of a million frames takes minutes). Alerts and
-    rule errors are counted, not logged, while the clock runs."""
+    """The rows described in the module docstring, in order: no rules, each rule alone, all rules with
+    their listeners emptied, all rules. `load` makes the rule set; it is called again before every run
+    (untimed), so that what a rule module keeps between calls (a rate limiter's buckets, a cache) starts
+    afresh each time, as it would in a daemon just started. `clock` is the time source (CPU time by
+    default); `on_row` sees each row as soon as it is measured (a capture of a million frames takes
+    minutes). Alerts and rule errors are counted, not logged, while the clock runs."""
     if not frames:
         raise ValueError("no IP frames to measure on")
     repeat = max(1, repeat)

@@ -170,27 +170,16 @@ class Cursor:
         patterns = tuple(patterns)  # any iterable (a generator is read once, here), as a rule may pass
         s = self.stream
         if not self.blocking:
-            best = -1
-            found = b""
-            for pattern in patterns:
-                lo = max(self.pos - len(pattern) + 1, s.buf_start)
-                i = s.buf.find(pattern, lo - s.buf_start)
-                if i >= 0 and _before(i, pattern, best, found):
-                    best, found = i, pattern
+            best, found = self._first_complete(patterns, True)
             if best < 0:
                 return None
-            return Match(best + s.buf_start, best + s.buf_start + len(found), found)
+            return Match(best, best + len(found), found)
         longest = max((len(p) for p in patterns), default=0)
         while True:
-            best = -1
-            found = b""
-            for pattern in patterns:
-                i = s.buf.find(pattern, self.pos - s.buf_start)
-                if i >= 0 and _before(i, pattern, best, found):
-                    best, found = i, pattern
+            best, found = self._first_complete(patterns, False)
             if best >= 0:
-                self.pos = best + s.buf_start
-                return Match(self.pos, self.pos + len(found), found)
+                self.pos = best
+                return Match(best, best + len(found), found)
             if not patterns:
                 return None
             # As in `find`: no match can start before the last `longest - 1` bytes.
@@ -198,6 +187,20 @@ class Cursor:
             if not self._fill(s.next - self.pos + 1):
                 self.pos = s.next
                 return None
+
+    def _first_complete(self, patterns: tuple[bytes, ...], lookback: bool) -> tuple[int, bytes]:
+        """(stream offset, pattern) of the match among what has arrived that is complete first (see
+        `find_any`), or (-1, b""). From the cursor on, or with `lookback` from where a match could start
+        that ends in the bytes after the cursor."""
+        s = self.stream
+        best = -1
+        found = b""
+        for pattern in patterns:
+            lo = max(self.pos - len(pattern) + 1, s.buf_start) if lookback else self.pos
+            i = s.buf.find(pattern, lo - s.buf_start)
+            if i >= 0 and _before(i, pattern, best, found):
+                best, found = i, pattern
+        return (best + s.buf_start, found) if best >= 0 else (-1, b"")
 
     def __iter__(self) -> Iterator[bytes]:
         """The stream in chunks as they arrive, until it ends."""

@@ -43,7 +43,6 @@ CWR: Final = 0x80
 PROTO_TCP: Final = 6
 
 _IPV4: Final = struct.Struct("!BBHHHBBH4s4s")
-_new_packet: Final = object.__new__
 
 # IPv6 extension headers that carry a generic (next header, length) prefix.
 _V6_EXT_GENERIC: Final = frozenset({0, 43, 60, 135, 139, 140})
@@ -164,18 +163,6 @@ class Packet:
         )
 
 
-def _is_native() -> bool:
-    """True when this module was compiled by mypyc (Packet is then a native class)."""
-    try:
-        _new_packet(Packet)
-    except TypeError:
-        return True
-    return False
-
-
-_NATIVE: Final = _is_native()
-
-
 def flags_text(flags: int) -> str:
     names = "FSRPAUEC"
     return "".join(n for i, n in enumerate(names) if flags & (1 << i)) or "."
@@ -229,52 +216,13 @@ def _decode_v4(raw: bytes, n: int) -> Packet:
 
 
 def _decode_v4_tcp(raw: bytes, n: int) -> Packet:
-    # Fields by indexing, not `struct.unpack_from`: compiled by mypyc, `raw[i]` is a native byte read,
-    # where the unpack is a generic method call that builds a 19-item tuple and boxes every field
-    # (82 against 419 ns for this header in a micro-benchmark; the unpack is faster only interpreted).
     total = raw[2] << 8 | raw[3]
     if total < 40 or total > n:
         return _decode_v4(raw, n)  # let the general path name the problem
     if total < n:
         raw = raw[:total]
-    src = raw[12:16]
-    dst = raw[16:20]
-    sport = raw[20] << 8 | raw[21]
-    dport = raw[22] << 8 | raw[23]
-    seq = raw[24] << 24 | raw[25] << 16 | raw[26] << 8 | raw[27]
-    ack = raw[28] << 24 | raw[29] << 16 | raw[30] << 8 | raw[31]
-    doff = raw[32]
-    flags = raw[33]
-    window = raw[34] << 8 | raw[35]
-    urg = raw[38] << 8 | raw[39]
-    hlen = (doff >> 4) * 4
-    if hlen < 20:
-        raise DecodeError(f"TCP data offset {hlen} below 20")
-    if 20 + hlen > total:
-        raise DecodeError(f"TCP header length {hlen} runs past the packet")
-    # Interpreted, object.__new__ skips __init__ (every field is set below); compiled by mypyc, Packet is a
-    # native class that object.__new__ refuses, and the constructor is a cheap C call.
-    pkt = Packet(raw, 4, src, dst, PROTO_TCP, 20) if _NATIVE else _new_packet(Packet)
-    pkt.raw = raw
-    pkt.version = 4
-    pkt.src = src
-    pkt.dst = pkt.pdst = dst
-    pkt.proto = PROTO_TCP
-    pkt.ip_hlen = 20
-    pkt.fragment = False
-    pkt.is_tcp = True
-    pkt.sport = sport
-    pkt.dport = dport
-    pkt.seq = seq
-    pkt.ack = ack
-    pkt.flags = flags
-    pkt.window = window
-    pkt.urgptr = urg
-    pkt.tcp_hlen = hlen
-    pkt.payload = raw[20 + hlen : total]
-    pkt._options = None
-    if flags & SYN and hlen > 20:
-        pkt.options()
+    pkt = Packet(raw, 4, raw[12:16], raw[16:20], PROTO_TCP, 20)
+    _decode_tcp(pkt, raw, 20, total)
     return pkt
 
 
@@ -374,7 +322,9 @@ def _v6_route_final(raw: bytes, off: int, hlen: int, dst: bytes) -> bytes:
 def _decode_tcp(pkt: Packet, raw: bytes, off: int, total: int) -> None:
     if total - off < 20:
         raise DecodeError(f"TCP header truncated ({total - off} bytes)")
-    # By indexing, as in _decode_v4_tcp (why there).
+    # Fields by indexing, not `struct.unpack_from`: compiled by mypyc, `raw[i]` is a native byte read,
+    # where the unpack is a generic method call that builds a tuple and boxes every field (82 against
+    # 419 ns for the IPv4 and TCP headers in a micro-benchmark; the unpack is faster only interpreted).
     sport = raw[off] << 8 | raw[off + 1]
     dport = raw[off + 2] << 8 | raw[off + 3]
     seq = raw[off + 4] << 24 | raw[off + 5] << 16 | raw[off + 6] << 8 | raw[off + 7]
