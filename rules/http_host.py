@@ -32,9 +32,15 @@ Cost: between requests the parser keeps nothing but the host; in the middle of o
 connection, where a streamed one (a suspended coroutine per connection) would cost several kilobytes.
 The answers for Host values seen before are kept in `KNOWN` (shared by all connections, emptied when it
 reaches `MAX_KNOWN` entries; values longer than `MAX_KNOWN_VALUE` bytes are never kept), so a keep-alive
-client repeating its Host header costs one dictionary lookup per request.
+client repeating its Host header costs one dictionary lookup per request. A run of bytes that starts
+with whole, plain requests (one Host field, no body: most requests) is read by one regular expression,
+`SIMPLE_HEAD`; the general parser takes whatever it does not, and reads those requests the same way (a
+property test holds both to it). On a capture of the bench's request/response traffic this halves the
+rule's cost; a segment made to fail the expression late costs up to a fifth more than the general parser
+alone, which reads it afterwards.
 """
 
+import re
 import sys
 
 from tcpguard import rule, tcp_connection
@@ -116,15 +122,15 @@ HEX = b"0123456789abcdefABCDEF"
 
 MAX_KNOWN = 4096  # entries of KNOWN; it is emptied when full
 MAX_KNOWN_VALUE = 300  # longer values are looked up every time, never kept in KNOWN
-
-# Host values seen before (as they appear after "Host:" or "://", lower-cased) -> (host name, blocked).
+# Host values seen before -> (host name, blocked). The general parser keys them lower-cased, the simple-head
+# path as they appear after "Host:"; both give the same answer, so a value may be there in both spellings.
 # Keep-alive clients repeat the same Host header on every request: one dict lookup then replaces the
 # parsing, decoding and parent-domain walk. Reloading the rules (an edit of BLOCKED_HOSTS) starts anew.
 KNOWN = {}
 
 
 def _host_of_value(value):
-    """(host name, blocked) for a lower-cased Host value or authority."""
+    """(host name, blocked) for a Host value or authority, in any case."""
     known = KNOWN.get(value)
     if known is not None:
         return known
@@ -263,9 +269,9 @@ def _line(flow, req, line, direction, lenient):
     return True
 
 
-def _feed(flow, req, data, direction, base):
-    """Parse `data`, the client's stream from offset `base` on. False: stop inspecting."""
-    i, n = 0, len(data)
+def _feed(flow, req, data, direction, base, i=0):
+    """Parse `data[i:]`; `data` is the client's stream from offset `base` on. False: stop inspecting."""
+    n = len(data)
     while i < n:
         if req.phase in (BODY, CHUNK_DATA):
             k = min(req.remaining, n - i)
@@ -302,6 +308,37 @@ def _feed(flow, req, data, direction, base):
     return True
 
 
+# The common request, read with one regular expression: a head that arrived whole with every line ending
+# in CRLF, a request line of three fields separated by single spaces, field names of visible characters
+# only, exactly one Host field and no Content-Length or Transfer-Encoding (so no body follows). What
+# `_head` would read from it is then just the Host value (group 2); anything else takes the general path.
+# Linear: every repetition consumes a whole line, and a failed match backs off a line at a time.
+_OTHER_FIELD = rb"(?:(?!(?i:host|content-length|transfer-encoding):)[!-9;-~]+:[^\r\n]*\r\n)*"
+SIMPLE_HEAD = re.compile(
+    rb"[!-~]+ ([!-~]+) HTTP/1\.[!-~]*\r\n"
+    + _OTHER_FIELD
+    + rb"(?i:host):([^\r\n]*)\r\n"
+    + _OTHER_FIELD
+    + rb"\r\n"
+)
+
+
+def _simple_heads(flow, data, direction):
+    """Read the simple request heads `data` starts with (SIMPLE_HEAD), as `_feed` would. Returns where
+    they end (len(data) when that is all there is), or -1 if one names a blocked host."""
+    if len(data) > MAX_LINE:
+        return 0  # SIMPLE_HEAD does not bound a line's length: no line of a shorter run can be too long
+    i, n = 0, len(data)
+    while i < n:
+        m = SIMPLE_HEAD.match(data, i)
+        if m is None or b"://" in m[1]:
+            return i
+        if _check_host(flow, m[2], direction):
+            return -1
+        i = m.end()
+    return i
+
+
 # lookback=0: the parser keeps a split line itself and only ever reads the new bytes (`current.read()`),
 # so the engine need not retain any of the client's acknowledged bytes for it.
 # ports=: the engine calls the listener on connections to these ports only (the others cost nothing).
@@ -309,12 +346,21 @@ def _feed(flow, req, data, direction, base):
 def blocked_host(flow, stream, current, direction):
     store = flow.store
     req = store.get(STATE)
-    if req is None:
-        req = Request()
-    elif req.phase == STOPPED:
+    if req is not None and req.phase == STOPPED:
         return
     base = current.pos  # the stream offset of the bytes read below
-    if not _feed(flow, req, current.read(), direction, base):
+    data = current.read()
+    i = 0
+    if req is None:
+        i = _simple_heads(flow, data, direction)
+        if i == len(data):
+            return  # whole simple requests only: nothing to keep
+        req = Request()
+        if i < 0:
+            req.phase = STOPPED
+            store[STATE] = req
+            return
+    if not _feed(flow, req, data, direction, base, i):
         req.phase = STOPPED
     if req.idle():
         store.pop(STATE, None)  # between requests: keep nothing

@@ -166,6 +166,9 @@ def test_overlong_line_in_one_segment_and_at_exactly_the_limit() -> None:
     pb = http_playbook()
     assert pb.client("PA", head + b"X-Long: " + b"a" * limit + b"\r\n\r\n").verdict == DROP
     assert alerts(pb) == [f"HTTP line longer than {limit} bytes"]
+    pb = http_playbook()  # the same in a head the simple-head path would otherwise take
+    assert pb.client("PA", head + b"Host: ok\r\nX-Long: " + b"a" * limit + b"\r\n\r\n").verdict == DROP
+    assert alerts(pb) == [f"HTTP line longer than {limit} bytes"]
     pb = http_playbook()  # the request line itself
     assert pb.client("PA", b"GET /" + b"a" * limit).verdict == DROP
     assert actions(pb) == ["halfreset"]
@@ -231,7 +234,9 @@ def test_known_hosts_answer_like_new_ones_and_stay_bounded(monkeypatch: pytest.M
         pb = http_playbook()
         assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: WWW.Ads.Example:80\r\n\r\n").verdict == DROP
         assert alerts(pb) == ["HTTP request to blocked host www.ads.example"]
-    assert known[b" www.ads.example:80"] == ("www.ads.example", True)
+    # Kept as it appears after "Host:" (one request's worth of Host values: the general path lower-cases
+    # the whole head first, the simple-head path does not).
+    assert known[b" WWW.Ads.Example:80"] == ("www.ads.example", True)
     long = b"a." * 200 + b"blocked.example"
     pb = http_playbook()
     assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: " + long + b"\r\n\r\n").verdict == DROP
@@ -325,6 +330,119 @@ def test_the_one_go_path_reads_a_whole_head_and_the_line_path_the_rest(
     calls["head"] = 0
     played([KEEP_ALIVE[i : i + 1] for i in range(len(KEEP_ALIVE))])
     assert calls["head"] == 0
+
+
+# Request heads near the edge of what SIMPLE_HEAD takes: mostly simple ones (a plain request line, plain
+# fields, one Host field, CRLF line ends), each piece sometimes swapped for one that is not: field names that
+# are or almost are the three the parser acts on, in any case and with white space where the general path
+# strips it; values with bytes the simple path refuses; odd request lines, bare line feeds, bodies.
+SIMPLE_LINE = b"GET / HTTP/1.1"
+REQUEST_LINES = [
+    b"get /a?b=c HTTP/1.0",
+    b"GET / http/1.1",
+    b"GET  / HTTP/1.1",
+    b"GET\t/ HTTP/1.1",
+    b"GET / HTTP/2",
+    b"GET http://ads.example/ HTTP/1.1",
+    b"GET HTTP://Ok.Example/ HTTP/1.1",
+    b"GET / HTTP/1.1 extra",
+    b"GET /\x80 HTTP/1.1",
+    b"GET",
+]
+HOST_NAMES = [b"Host", b"host", b"HOST"]
+NAMES = [
+    b"Host ",
+    b" Host",
+    b"Host\t",
+    b"X-Host",
+    b"Hostx",
+    b"Content-Length",
+    b"CONTENT-LENGTH",
+    b"Transfer-Encoding",
+    b"User-Agent",
+    b"Accept",
+    b"A\x80",
+    b"",
+]
+HOSTS = [b" ok.example", b" blocked.example", b"ADS.Example:8080", b"ok.example."]
+VALUES = [b" ok.example\rx", b" 0", b" 3", b" chunked", b"", b" \x80\xff", b" a:b", b" blocked.example"]
+
+
+def _sometimes(draw: Any, simple: Any, odd: list[bytes]) -> Any:
+    """`simple` three times in four, else one of `odd`."""
+    return draw(st.sampled_from(odd)) if draw(st.integers(0, 3)) == 0 else simple
+
+
+def _head(draw: Any) -> bytes:
+    def end() -> bytes:
+        return _sometimes(draw, b"\r\n", [b"\n"])
+
+    fields = [
+        draw(st.sampled_from(NAMES[6:10])) + b":" + draw(st.sampled_from(VALUES)) + b"\r\n"
+        for _ in range(draw(st.integers(0, 2)))
+    ]
+    host = _sometimes(draw, draw(st.sampled_from(HOST_NAMES)), NAMES)
+    fields.insert(draw(st.integers(0, len(fields))), host + b":" + draw(st.sampled_from(HOSTS)) + end())
+    if draw(st.booleans()):  # one more field, likely an odd one
+        extra = draw(st.sampled_from(NAMES + HOST_NAMES)) + b":" + draw(st.sampled_from(VALUES + HOSTS))
+        fields.insert(draw(st.integers(0, len(fields))), extra + end())
+    line = _sometimes(draw, SIMPLE_LINE, REQUEST_LINES) + end()
+    return line + b"".join(fields) + b"\r\n" + _sometimes(draw, b"", [b"abc", b"0\r\n\r\n"])
+
+
+@st.composite
+def request_heads(draw: Any) -> bytes:
+    return b"".join(_head(draw) for _ in range(draw(st.integers(1, 3))))
+
+
+def _without_simple_path(monkeypatch: pytest.MonkeyPatch, data: bytes) -> Any:
+    with monkeypatch.context() as m:
+        m.setitem(MOD, "_simple_heads", lambda flow, data, direction: 0)
+        return _outcome([data])
+
+
+@settings(max_examples=500, deadline=None)
+@given(request_heads())
+@example(b"GET / HTTP/1.1\r\nHost: ok.example\r\n\r\nGET / HTTP/1.1\r\nHost: ads.example\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: ok.example\r\nHost: ads.example\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: ok.example\r\n\r\nGET / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+@example(b"GET http://ads.example/ HTTP/1.1\r\nHost: ok.example\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: ok.example\r\nHost : ads.example\r\n\r\n")
+def test_simple_heads_read_like_the_general_path(data: bytes) -> None:
+    """Runs of requests in one segment, with and without the simple-head path, and byte by byte: the same
+    hosts, alerts, actions, drops and kept state."""
+    mp = pytest.MonkeyPatch()
+    try:
+        general = _without_simple_path(mp, data)
+    finally:
+        mp.undo()
+    assert _outcome([data]) == general == _outcome([data[i : i + 1] for i in range(len(data))])
+
+
+def test_the_simple_path_reads_common_requests_and_leaves_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The equivalence above is only worth something if the simple path does take requests: it reads a
+    typical keep-alive request in full, stops at the first request it does not take, and never sees a
+    request that is cut in two."""
+    seen: list[int] = []
+    real = MOD["_simple_heads"]
+
+    def recording(flow: Any, data: bytes, direction: str) -> int:
+        seen.append(real(flow, data, direction))
+        return seen[-1]
+
+    monkeypatch.setitem(MOD, "_simple_heads", recording)
+    typical = b"GET /index.html HTTP/1.1\r\nHost: ok.example\r\nUser-Agent: t/1\r\nAccept: */*\r\n\r\n"
+    post = b"POST / HTTP/1.1\r\nHost: ok.example\r\nContent-Length: 1\r\n\r\nx"
+    pb = http_playbook()
+    assert pb.client("PA", typical + typical).verdict == ACCEPT
+    assert seen == [2 * len(typical)]
+    assert pb.client("PA", typical + post).verdict == ACCEPT
+    assert seen[-1] == len(typical)  # the POST went the general way
+    assert pb.client("PA", typical[:10]).verdict == ACCEPT
+    assert seen[-1] == 0
+    pb.client("PA", typical[10:])  # the rest of a split request: the general path's, which holds it
+    assert len(seen) == 3
+    assert flow(pb).store == {"host": "ok.example"}
 
 
 @settings(max_examples=300, deadline=None)
