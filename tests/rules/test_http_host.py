@@ -368,23 +368,31 @@ HOSTS = [b" ok.example", b" blocked.example", b"ADS.Example:8080", b"ok.example.
 VALUES = [b" ok.example\rx", b" 0", b" 3", b" chunked", b"", b" \x80\xff", b" a:b", b" blocked.example"]
 
 
-def _sometimes(draw: Any, simple: Any, odd: list[bytes]) -> Any:
+PLAIN_NAMES = [b"User-Agent", b"Accept", b"X-Host", b"Hostx"]
+
+
+def _sometimes(draw: Any, simple: bytes, odd: list[bytes]) -> bytes:
     """`simple` three times in four, else one of `odd`."""
-    return draw(st.sampled_from(odd)) if draw(st.integers(0, 3)) == 0 else simple
+    choice: bytes = draw(st.sampled_from(odd)) if draw(st.integers(0, 3)) == 0 else simple
+    return choice
 
 
 def _head(draw: Any) -> bytes:
+    def pick(items: list[bytes]) -> bytes:
+        item: bytes = draw(st.sampled_from(items))
+        return item
+
     def end() -> bytes:
         return _sometimes(draw, b"\r\n", [b"\n"])
 
     fields = [
-        draw(st.sampled_from(NAMES[6:10])) + b":" + draw(st.sampled_from(VALUES)) + b"\r\n"
+        pick(PLAIN_NAMES) + b":" + _sometimes(draw, b" x/1", VALUES) + b"\r\n"
         for _ in range(draw(st.integers(0, 2)))
     ]
-    host = _sometimes(draw, draw(st.sampled_from(HOST_NAMES)), NAMES)
-    fields.insert(draw(st.integers(0, len(fields))), host + b":" + draw(st.sampled_from(HOSTS)) + end())
+    host = _sometimes(draw, pick(HOST_NAMES), NAMES)
+    fields.insert(draw(st.integers(0, len(fields))), host + b":" + pick(HOSTS) + end())
     if draw(st.booleans()):  # one more field, likely an odd one
-        extra = draw(st.sampled_from(NAMES + HOST_NAMES)) + b":" + draw(st.sampled_from(VALUES + HOSTS))
+        extra = pick(NAMES + HOST_NAMES) + b":" + pick(VALUES + HOSTS)
         fields.insert(draw(st.integers(0, len(fields))), extra + end())
     line = _sometimes(draw, SIMPLE_LINE, REQUEST_LINES) + end()
     return line + b"".join(fields) + b"\r\n" + _sometimes(draw, b"", [b"abc", b"0\r\n\r\n"])
@@ -407,6 +415,8 @@ def _without_simple_path(monkeypatch: pytest.MonkeyPatch, data: bytes) -> Any:
 @example(b"GET / HTTP/1.1\r\nHost: ok.example\r\nHost: ads.example\r\n\r\n")
 @example(b"GET / HTTP/1.1\r\nHost: ok.example\r\n\r\nGET / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
 @example(b"GET http://ads.example/ HTTP/1.1\r\nHost: ok.example\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: ok.example\r\nTransfer-Encoding: chunked\r\n\r\nabc")
+@example(b"GET / HTTP/1.1\r\nContent-Length: 3\r\nHost: ok.example\r\n\r\nabc")
 @example(b"GET / HTTP/1.1\r\nHost: ok.example\r\nHost : ads.example\r\n\r\n")
 def test_simple_heads_read_like_the_general_path(data: bytes) -> None:
     """Runs of requests in one segment, with and without the simple-head path, and byte by byte: the same
