@@ -38,8 +38,10 @@ class Limits:
     max_ooo_bytes: int = 262144
     # Held out-of-order segments per direction.
     max_ooo_segments: int = 64
-    # Bytes kept per direction for first-copy checks, rule look-back and streamed readers.
-    max_stream_buffer: int = 1048576
+    # Bytes kept per direction for first-copy checks, rule look-back and streamed readers. A direction
+    # keeps every byte its receiver has not acknowledged, up to a whole receive window in flight (Linux's
+    # largest by default: 6 MiB), so the bound sits above that; max_total_buffer bounds them all together.
+    max_stream_buffer: int = 8388608
     # All buffered bytes of all connections together.
     max_total_buffer: int = 268435456
     # Packets held at once (NFQUEUE keeps them queued in the kernel until released). Must stay well

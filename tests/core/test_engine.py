@@ -390,6 +390,24 @@ def test_stream_buffer_limit_applies_the_limit_policy() -> None:
     assert len(d.send) == 2  # default limit policy: reset
 
 
+def test_a_full_receive_window_in_flight_stays_within_the_default_stream_bound() -> None:
+    """A stream retains every byte its receiver has not acknowledged, and TCP lets a sender have a whole
+    receive window of them in flight: Linux's largest by default is 6 MiB (net.ipv4.tcp_rmem), and a
+    gateway that is behind holds the receiver's ACKs in its queue meanwhile. The default bound must let
+    that through; at 1 MiB it reset bulk transfers through a busy gateway (tcpguard bench, two workers)."""
+    pb = Playbook(settings=EngineSettings())
+    pb.handshake()
+    pb.server("A")  # the server's first scaled window: 65535 << 7, about 8 MiB
+    segment = b"x" * 1448
+    for _ in range(6 * 1024 * 1024 // len(segment)):
+        assert pb.client("PA", segment).verdict == ACCEPT
+    assert pb.engine.stats.limit_hits == 0
+    assert len(conn_of(pb).up.buf) > 6_000_000
+    pb.server("A")  # everything acknowledged: only the look-back tail stays
+    pb.client("PA", segment)
+    assert len(conn_of(pb).up.buf) <= len(segment) + 256
+
+
 # ---------------------------------------------------------------------------- actions
 
 
