@@ -13,7 +13,9 @@ listener stops: the rest of the connection is encrypted.
 
 Choices:
 
-* A stream whose first bytes are not a TLS handshake record is left alone (not TLS: not this rule's job).
+* A stream whose first bytes are not a TLS handshake record is left alone (not TLS: not this rule's job),
+  decided on its first byte where that is not 0x16: the reader ends there instead of waiting for a
+  whole record header from a client that may send less and wait for the server.
 * A handshake that starts like TLS but does not parse as a ClientHello is reset with its own alert
   (`FAIL_CLOSED`): a server would refuse it anyway, and a parser that gave up there could be evaded with
   a deliberately odd hello.
@@ -30,6 +32,7 @@ BLOCK_WITHOUT_SNI = False
 MAX_HELLO = 65536
 
 HANDSHAKE = 0x16
+FIRST_BYTE = bytes([HANDSHAKE])  # a TLS client's first byte: the type of its first record
 CLIENT_HELLO = 0x01
 EXT_SERVER_NAME = 0x0000
 HOST_NAME = 0x00
@@ -93,17 +96,19 @@ def read_client_hello(current):
 
     Reads records until the handshake message is complete; a broken handshake raises `MalformedHelloError`.
     """
+    if current.peek(1) != FIRST_BYTE:
+        return None  # decided on the first byte: a client that sends less than a record header and
+        # waits (or closes) is not TLS, and its reader does not stay suspended for four more bytes
     message = b""
     need = None  # handshake message length, once its 4-byte header is in
     while need is None or len(message) < need:
         header = current.read(5)
+        tls = header[:1] == FIRST_BYTE and header[1:2] in (b"\x03", b"")
+        if not message and not tls:
+            return None  # the first record is not a TLS handshake: not TLS
         if len(header) < 5:
-            if not message and not header:
-                return None
             raise MalformedHelloError("stream ended inside the ClientHello")
-        if header[0] != HANDSHAKE or header[1] != 3:
-            if not message:
-                return None  # the first record is not a TLS handshake: not TLS
+        if not tls:
             raise MalformedHelloError(f"record type {header[0]} inside the ClientHello")
         length = int.from_bytes(header[3:5], "big")
         if length == 0 or len(message) + length > MAX_HELLO + 4:

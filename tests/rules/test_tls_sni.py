@@ -123,6 +123,32 @@ def test_not_tls_and_other_ports_are_left_alone() -> None:
     assert flow(other)._greenlets is None and flow(other)._gdone == 0
 
 
+@pytest.mark.parametrize("first", [b"D", b"\x16\x05", b"\x17\x03\x03\x00"])
+def test_a_short_stream_that_is_not_tls_is_left_alone(first: bytes) -> None:
+    """Fewer bytes than a record header, then the end of the stream: TLS only if they start like a
+    handshake record (0x16, then version 3). A non-TLS client that sends one byte and closes got a
+    'malformed TLS ClientHello' alert and a reset attempt (seen on the bench's bulk traffic to 443)."""
+    pb = tls_playbook()
+    assert pb.client("PA", first).verdict == ACCEPT
+    assert pb.client("FA").verdict == ACCEPT
+    assert alerts(pb) == [] and actions(pb) == []
+
+
+def test_the_first_byte_decides_not_tls_without_waiting_for_more() -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", b"D").verdict == ACCEPT
+    # Bit 0 of _gdone: the set's first streamed reader has finished in the client's direction (on the
+    # first byte, instead of waiting for a five-byte record header).
+    assert flow(pb)._gdone == 1
+
+
+def test_one_handshake_byte_and_the_end_of_the_stream_fails_closed() -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", b"\x16").verdict == ACCEPT
+    assert pb.client("FA").verdict == DROP
+    assert alerts(pb) == ["malformed TLS ClientHello: stream ended inside the ClientHello"]
+
+
 def test_stream_ending_inside_the_hello_fails_closed() -> None:
     pb = tls_playbook()
     hello = client_hello("www.example.org")
