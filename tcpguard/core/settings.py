@@ -40,7 +40,8 @@ class Limits:
     max_ooo_segments: int = 64
     # Bytes kept per direction for first-copy checks, rule look-back and streamed readers. A direction
     # keeps every byte its receiver has not acknowledged, up to a whole receive window in flight (Linux's
-    # largest by default: 6 MiB), so the bound sits above that; max_total_buffer bounds them all together.
+    # largest by default: 6 MiB), so the bound sits above that (links with a larger bandwidth-delay
+    # product need more); max_total_buffer bounds them all together.
     max_stream_buffer: int = 8388608
     # All buffered bytes of all connections together.
     max_total_buffer: int = 268435456

@@ -390,7 +390,7 @@ def test_stream_buffer_limit_applies_the_limit_policy() -> None:
     assert len(d.send) == 2  # default limit policy: reset
 
 
-def test_a_full_receive_window_in_flight_stays_within_the_default_stream_bound() -> None:
+def test_six_mib_in_flight_stay_within_the_default_stream_bound() -> None:
     """A stream retains every byte its receiver has not acknowledged, and TCP lets a sender have a whole
     receive window of them in flight: Linux's largest by default is 6 MiB (net.ipv4.tcp_rmem), and a
     gateway that is behind holds the receiver's ACKs in its queue meanwhile. The default bound must let

@@ -9,6 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tcpguard.core.settings import EngineSettings
+
 from .samples import ACCEPT, DROP, Playbook, actions, alerts, flow, forged, load, playbook, send_pieces
 
 RS, MOD = load("http_host")
@@ -73,8 +75,11 @@ def test_keep_alive_bodies_are_skipped_and_the_next_request_is_parsed() -> None:
 
 
 def test_large_body_is_skipped_in_steps_without_buffering_it_whole() -> None:
-    pb = http_playbook()
-    size = 3 * 1024 * 1024  # three times the default stream buffer bound
+    settings = EngineSettings()
+    settings.limits.max_stream_buffer = 1024 * 1024
+    pb = playbook(RS, settings, sport=80)
+    pb.handshake()
+    size = 3 * settings.limits.max_stream_buffer  # a body that would hit the bound if it were kept
     head = b"PUT /big HTTP/1.1\r\nHost: ok\r\nContent-Length: %d\r\n\r\n" % size
     assert pb.client("PA", head).verdict == ACCEPT
     chunk = b"Host: blocked.example\r\n" * 1000

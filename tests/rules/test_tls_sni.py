@@ -142,9 +142,10 @@ def test_the_first_byte_decides_not_tls_without_waiting_for_more() -> None:
     assert flow(pb)._gdone == 1
 
 
-def test_one_handshake_byte_and_the_end_of_the_stream_fails_closed() -> None:
+@pytest.mark.parametrize("first", [b"\x16", b"\x16\x03", b"\x16\x03\x01\x00"])
+def test_a_short_stream_that_starts_like_tls_fails_closed(first: bytes) -> None:
     pb = tls_playbook()
-    assert pb.client("PA", b"\x16").verdict == ACCEPT
+    assert pb.client("PA", first).verdict == ACCEPT
     assert pb.client("FA").verdict == DROP
     assert alerts(pb) == ["malformed TLS ClientHello: stream ended inside the ClientHello"]
 
