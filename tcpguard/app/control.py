@@ -523,6 +523,7 @@ def totals(workers: list[dict[str, Any]]) -> dict[str, Any]:
     for section, keys in _TOTAL_PATHS:
         out[section] = dict.fromkeys(keys, 0)
     by_state: dict[str, int] = {}
+    drops: dict[str, int] = {}
     for w in workers:
         if "error" in w:
             continue
@@ -534,7 +535,10 @@ def totals(workers: list[dict[str, Any]]) -> dict[str, Any]:
                 out[section][k] += int(sub.get(k) or 0)
         for state, n in (w.get("connections") or {}).get("by_state", {}).items():
             by_state[state] = by_state.get(state, 0) + int(n)
+        for reason, n in (w.get("drops") or {}).items():
+            drops[reason] = drops.get(reason, 0) + int(n)
     out["connections"]["by_state"] = dict(sorted(by_state.items()))
+    out["drops"] = dict(sorted(drops.items()))
     return out
 
 
@@ -1016,11 +1020,15 @@ def format_status(st: dict[str, Any]) -> str:
     states = sorted({s for c in cols for s in (_get(c, ("connections", "by_state")) or {})})
     at = next(i for i, r in enumerate(rows) if r[0] == "connections opened") + 1
     rows[at:at] = [(f"  {s}", ("connections", "by_state", s), "n") for s in states]
+    # Why packets were dropped, under the count of them (the engine's reasons; none when nothing was).
+    reasons = sorted({r for c in cols for r in (_get(c, ("drops",)) or {})})
+    at = next(i for i, r in enumerate(rows) if r[1] == ("packets", "dropped")) + 1
+    rows[at:at] = [(f"    {r}", ("drops", r), "n") for r in reasons]
     for label, path, kind in rows:
         cells = [_cell(_get(c, path), kind) for c in cols]
         if kind == "time":
             cells[0] = ""  # a sum of uptimes means nothing
-        if path[:2] == ("connections", "by_state"):
+        if path[0] == "drops" or path[:2] == ("connections", "by_state"):
             cells = [c if c != "-" else "0" for c in cells]
         table.append([label, *cells])
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]

@@ -374,6 +374,7 @@ class Worker:
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "engine": est.as_dict(),
+            "drops": dict(sorted(eng.drops.items())),
             "adapter": ad.as_dict() if ad is not None else {},
             "dumps": {
                 "errors": self.dumps.errors if self.dumps is not None else 0,

@@ -314,6 +314,15 @@ class StatusCollector:
                 if isinstance(n, int):
                     engine.add_metric([str(w["queue"]), key], float(n))
         yield engine
+        drops = CounterMetricFamily(
+            "tcpguard_engine_drops",
+            "Packets the engine dropped when they arrived, by reason (tcpguard.core.engine.Engine.drops).",
+            labels=["queue", "reason"],
+        )
+        for w in workers:
+            for reason, n in sorted(w.get("drops", {}).items()):
+                drops.add_metric([str(w["queue"]), reason], float(n))
+        yield drops
         dumped = CounterMetricFamily(
             "tcpguard_dump_packets", "Packets written to each pcap dump.", labels=["queue", "dump"]
         )

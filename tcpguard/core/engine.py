@@ -61,6 +61,11 @@ EventSink = Callable[[dict[str, Any]], None]
 ACCEPT: Final = Verdict.ACCEPT
 DROP: Final = Verdict.DROP
 HOLD: Final = Verdict.HOLD
+#: Distinct reasons `Engine.drops` counts; past it a new one counts as "other". The engine's reasons come
+#: from a fixed set (the text after a colon, which may vary, is not part of the key), so this only guards
+#: the bound against a future reason with variable text before its colon.
+MAX_DROP_REASONS: Final = 64
+
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
 _SYN_SENT: Final = State.SYN_SENT
@@ -129,6 +134,9 @@ class Engine:
         self.now = 0.0
         self.held_packets = 0
         self.buffered = 0  # bytes in all stream buffers, updated as connections change
+        # Packets answered DROP at once, by reason (the reason up to its first colon): `stats.dropped`
+        # says how many, this says why, for an operator asking why a connection stalls.
+        self.drops: dict[str, int] = {}
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self.alert_hook: Callable[[dict[str, Any]], None] | None = None
         self._read_settings()
@@ -201,6 +209,7 @@ class Engine:
         elif v is DROP:
             stats.dropped += 1
             stats.bytes_dropped += size
+            self._count_drop(dec.reason)
         else:
             stats.held += 1
         if dec.packet is not None:
@@ -223,6 +232,13 @@ class Engine:
                 }
             )
         return dec
+
+    def _count_drop(self, reason: str) -> None:
+        key = reason.split(":", 1)[0] or "unspecified"
+        drops = self.drops
+        if key not in drops and len(drops) >= MAX_DROP_REASONS:
+            key = "other"
+        drops[key] = drops.get(key, 0) + 1
 
     def handle_timer(self, now: float) -> Output:
         """Expire idle connections. Call it periodically (every second is plenty)."""

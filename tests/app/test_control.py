@@ -36,6 +36,7 @@ from tcpguard.app.control import (
     format_connections,
     format_status,
     parse_conn_id,
+    totals,
 )
 from tcpguard.app.daemon import Worker
 from tcpguard.core import forge
@@ -325,6 +326,21 @@ def _worker_doc(q: int, received: int) -> dict[str, Any]:
         "rule_errors": 0,
         "connections": {"tracked": 1, "opened": 2, "by_state": {"ESTABLISHED": 1}},
     }
+
+
+def test_drop_reasons_are_summed_over_workers_and_shown_under_the_drops() -> None:
+    a, b, restarting = _worker_doc(0, 5), _worker_doc(1, 7), {"queue": 2, "error": "restarting"}
+    a["drops"] = {"malformed": 1, "segment without ACK": 2}
+    b["drops"] = {"segment without ACK": 3}
+    total = totals([a, b, restarting])
+    assert total["drops"] == {"malformed": 1, "segment without ACK": 5}
+    text = format_status({"mode": "workers", "workers": [a, b, restarting], "totals": total})
+    rows = {line.strip().split("  ")[0]: line.split() for line in text.splitlines()[1:]}
+    assert rows["segment without ACK"][-3:] == ["5", "2", "3"]
+    assert rows["malformed"][-3:] == ["1", "1", "0"]  # a worker without that reason shows 0
+    lines = text.splitlines()
+    dropped = next(i for i, line in enumerate(lines) if line.strip().startswith("dropped"))
+    assert lines[dropped + 1].startswith("    malformed")  # right under the packet drops
 
 
 def test_dispatcher_merges_workers_and_routes_actions_by_queue() -> None:

@@ -44,6 +44,7 @@ def worker_doc(q: int) -> dict[str, Any]:
         "reloads": 1,
         "reload_failures": 0,
         "engine": {"packets": 10 + q, "bad_checksum": 1},
+        "drops": {"segment without ACK": 2 + q},
         "adapter": {"sent": 2, "send_errors": 0, "handler_errors": 0, "unseen": 3, "refused": 0},
         "dumps": {"errors": 0, "files": {"dropped": {"packets": 3}}},
     }
@@ -87,6 +88,7 @@ def test_endpoint_serves_the_status_document_as_metrics() -> None:
     assert m[("tcpguard_worker_rss_bytes", q0)] == 123456
     assert m[("tcpguard_connections", (("queue", "1"), ("state", "ESTABLISHED")))] == 2
     assert m[("tcpguard_engine_events_total", (("counter", "bad_checksum"), ("queue", "0")))] == 1
+    assert m[("tcpguard_engine_drops_total", (("queue", "1"), ("reason", "segment without ACK")))] == 3
     assert m[("tcpguard_dump_packets_total", (("dump", "dropped"), ("queue", "0")))] == 3
     assert m[("tcpguard_workers", ())] == 2
     assert m[("tcpguard_uptime_seconds", ())] == 99

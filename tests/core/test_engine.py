@@ -8,7 +8,7 @@ import pytest
 
 from tcpguard.core.conntrack import Connection
 from tcpguard.core.decision import Verdict
-from tcpguard.core.engine import Engine
+from tcpguard.core.engine import MAX_DROP_REASONS, Engine
 from tcpguard.core.packet import RST, URG, decode
 from tcpguard.core.rules import RuleSet, rule, tcp_connection
 from tcpguard.core.settings import EngineSettings
@@ -388,6 +388,20 @@ def test_stream_buffer_limit_applies_the_limit_policy() -> None:
     assert d.verdict == DROP
     assert pb.engine.stats.limit_hits == 1
     assert len(d.send) == 2  # default limit policy: reset
+
+
+def test_drops_are_counted_by_reason_and_the_reasons_are_bounded() -> None:
+    pb = Playbook()
+    pb.handshake()
+    assert pb.client("P", b"no ack").verdict == DROP  # after the handshake every segment carries an ACK
+    assert pb.client("P", b"again").verdict == DROP
+    assert pb.feed(b"\x45\x00\x00").verdict == DROP  # malformed: the text after the colon varies
+    assert pb.engine.drops == {"segment without ACK": 2, "malformed": 1}
+    assert sum(pb.engine.drops.values()) == pb.engine.stats.dropped
+    for i in range(2 * MAX_DROP_REASONS):
+        pb.engine._count_drop(f"reason {i}: details")
+    assert len(pb.engine.drops) == MAX_DROP_REASONS + 1
+    assert pb.engine.drops["other"] == 2 * MAX_DROP_REASONS - (MAX_DROP_REASONS - 2)
 
 
 def test_six_mib_in_flight_stay_within_the_default_stream_bound() -> None:
