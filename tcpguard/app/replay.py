@@ -31,6 +31,7 @@ class ReplaySummary:
     forged: int = 0
     alerts: int = 0
     stats: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)  # Engine.drops: dropped packets by reason
 
     def lines(self) -> list[str]:
         s = self.stats
@@ -41,6 +42,8 @@ class ReplaySummary:
             f"rewritten {g('rewritten', 0)}",
             f"resets sent {g('resets_sent', 0)}, alerts {self.alerts}, rule errors {g('rule_errors', 0)}",
         ]
+        if self.drops:
+            out.append("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.drops.items())))
         refused = {k: v for k, v in s.items() if k in _REFUSALS and v}
         if refused:
             out.append("refused: " + ", ".join(f"{k} {v}" for k, v in refused.items()))
@@ -173,4 +176,5 @@ def replay(
     summary.forged = gw.forged
     summary.alerts = alerts
     summary.stats = engine.stats.as_dict()
+    summary.drops = dict(engine.drops)
     return summary

@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from tcpguard.app import cli
@@ -50,6 +51,12 @@ def test_replay_writes_forwarded_packets_events_and_a_summary(tmp_path: Path) ->
     kinds = {e["event"] for e in evs}
     assert {"new_connection", "receive_data", "end_connection", "verdict", "alert", "action"} <= kinds
     assert sum(1 for e in evs if e["event"] == "verdict") == 412  # one per frame of the capture
+    # The summary's drops by reason are the drop verdicts' reasons (up to a colon), counted from the events.
+    reasons = Counter(
+        e["reason"].split(":")[0] for e in evs if e["event"] == "verdict" and e["verdict"] == "drop"
+    )
+    assert sum(reasons.values()) == 30
+    assert "dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) in r.stdout.splitlines()
     check = subprocess.run(
         ["tshark", "-r", str(out)], check=False, capture_output=True, text=True, timeout=60
     )
