@@ -20,6 +20,7 @@ ACKs of data never forwarded, and a TCP-MD5/AO option on a connection that did n
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Final
@@ -65,6 +66,9 @@ HOLD: Final = Verdict.HOLD
 #: from a fixed set (the text after a colon, which may vary, is not part of the key), so this only guards
 #: the bound against a future reason with variable text before its colon.
 MAX_DROP_REASONS: Final = 64
+#: Seconds between two scans of the table for the connection holding the most buffered bytes, when the
+#: total buffer bound is exceeded (Engine._free_largest): a scan visits every connection.
+LARGEST_SCAN_INTERVAL: Final = 0.1
 
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
@@ -137,6 +141,7 @@ class Engine:
         # Packets answered DROP at once, by reason (the reason up to its first colon): `stats.dropped`
         # says how many, this says why, for an operator asking why a connection stalls.
         self.drops: dict[str, int] = {}
+        self._next_largest_scan = -math.inf  # engine time of the next allowed scan (_free_largest)
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self.alert_hook: Callable[[dict[str, Any]], None] | None = None
         self._read_settings()
@@ -710,7 +715,9 @@ class Engine:
         if conn.action:
             return self._block_now(conn, "rule")
         # Out-of-order bytes have their own bound (checked when they are held).
-        if len(s.buf) > self._max_stream_buffer or self.buffered > self._max_total_buffer:
+        if len(s.buf) > self._max_stream_buffer:
+            return self._limit(conn, s)
+        if self.buffered > self._max_total_buffer and not self._free_largest(conn):
             return self._limit(conn, s)
         end = off + len(payload)
         if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
@@ -733,16 +740,24 @@ class Engine:
 
     def _limit(self, conn: Connection, s: HalfStream) -> Decision:
         """A buffer bound was hit on this connection: apply the limit policy."""
+        if self._limit_policy(conn, s.buffered(), "buffer limit hit on"):
+            return Decision(ACCEPT, flow_id=conn.id, reason="limit: fail open")
+        return self._block_now(conn, "limit")
+
+    def _limit_policy(self, conn: Connection, buffered: int, what: str) -> bool:
+        """Count, log and start the limit policy on `conn`. True: it fails open (the connection passes
+        uninspected from now on); False: `conn.action` is set and the caller blocks the connection."""
         self.stats.limit_hits += 1
         pol = self.settings.policies.limit
         log.warning(
-            "buffer limit hit on %s (%d bytes buffered): policy %s",
+            "%s %s (%d bytes buffered): policy %s",
+            what,
             conn.describe(),
-            s.buffered(),
+            buffered,
             pol,
             extra=_fields(conn, VERDICT=pol),
         )
-        self._emit({"event": "limit", "flow": conn.id, "buffered": s.buffered(), "policy": pol})
+        self._emit({"event": "limit", "flow": conn.id, "buffered": buffered, "policy": pol})
         if pol == "accept":
             # Fail open: this connection is no longer inspected. The rules get end_connection (reason
             # 'uninspected'), held packets leave, and every later packet passes until the entry times out.
@@ -750,9 +765,33 @@ class Engine:
             conn.passthrough = True
             conn.up.forwarded(conn.up.next, False)
             conn.down.forwarded(conn.down.next, False)
-            return Decision(ACCEPT, flow_id=conn.id, reason="limit: fail open")
+            return True
         conn.action = Action.RESET if pol == "reset" else Action.DROP
-        return self._block_now(conn, "limit")
+        return False
+
+    def _free_largest(self, conn: Connection) -> bool:
+        """The total buffer bound is exceeded while `conn` takes bytes. The limit policy goes to the
+        connection that holds the most, if that is another one holding more than `conn`: one that
+        never sees its data acknowledged must not make every other connection meet the policy in
+        turn. True if that brought the total back within its bound (then `conn` goes on as usual).
+
+        Finding it scans the table, so it is done at most every `LARGEST_SCAN_INTERVAL` seconds;
+        in between, and when `conn` holds the most, `conn` meets the policy itself (as every
+        connection did before this choice existed)."""
+        if self.now < self._next_largest_scan:
+            return False
+        self._next_largest_scan = self.now + LARGEST_SCAN_INTERVAL
+        most = conn.up.buffered() + conn.down.buffered()
+        largest: Connection | None = None
+        for c in self.table:
+            held = c.up.buffered() + c.down.buffered()
+            if held > most:
+                largest, most = c, held
+        if largest is None:
+            return False
+        if not self._limit_policy(largest, most, "total buffer bound reached, the largest buffer is"):
+            self._apply_block(largest, "limit")
+        return self.buffered <= self._max_total_buffer
 
     # ================================================================ rules
     def _call(self, conn: Connection, r: Rule, *args: Any) -> None:

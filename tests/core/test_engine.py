@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tcpguard.core.conntrack import Connection
+from tcpguard.core.conntrack import Action, Connection
 from tcpguard.core.decision import Verdict
 from tcpguard.core.engine import MAX_DROP_REASONS, Engine
 from tcpguard.core.packet import RST, URG, decode
@@ -388,6 +388,76 @@ def test_stream_buffer_limit_applies_the_limit_policy() -> None:
     assert d.verdict == DROP
     assert pb.engine.stats.limit_hits == 1
     assert len(d.send) == 2  # default limit policy: reset
+
+
+def conn_at(pb: Playbook) -> Connection:
+    """The connection of `pb` in an engine several playbooks share."""
+    (conn,) = [c for c in pb.engine.table if c.cport == pb.cport]
+    return conn
+
+
+def _two_connections(policy: str = "reset") -> tuple[Playbook, Playbook]:
+    """A (port 40000) and B (port 40001) through one engine whose buffers may hold 10,000 bytes in all."""
+    st = EngineSettings()
+    st.limits.max_stream_buffer = 8000
+    st.limits.max_total_buffer = 10000
+    st.policies.limit = policy  # type: ignore[assignment]
+    a = Playbook(settings=st)
+    b = Playbook(engine=a.engine, cport=40001)
+    for pb in (a, b):
+        pb.handshake()
+    return a, b
+
+
+def test_the_total_bound_gives_the_limit_policy_to_the_largest_buffer() -> None:
+    """A's server never acknowledges its 7,000 bytes; B's 4,000 take the total over 10,000. A, holding the
+    most, is reset, and B goes on: one stalled transfer must not get every other connection reset."""
+    a, b = _two_connections()
+    assert a.client("PA", b"a" * 7000).verdict == ACCEPT
+    d = b.client("PA", b"b" * 4000)
+    assert d.verdict == ACCEPT
+    assert a.engine.stats.limit_hits == 1
+    assert [a.decoded(p).dport for p in d.send] == [80, 40000]  # RSTs to A's server and A's client
+    assert conn_at(a).action == Action.RESET and conn_at(b).action == Action.NONE
+    assert a.engine.buffered == 4000  # only B's bytes are left
+    assert a.client("PA", b"more").verdict == DROP  # A stays blocked
+    assert b.client("PA", b"b" * 100).verdict == ACCEPT
+
+
+def test_the_connection_holding_the_most_meets_the_policy_itself() -> None:
+    a, b = _two_connections()
+    assert a.client("PA", b"a" * 3000).verdict == ACCEPT
+    d = b.client("PA", b"b" * 7500)  # B now holds the most
+    assert d.verdict == DROP
+    assert conn_at(b).action == Action.RESET and conn_at(a).action == Action.NONE
+    assert a.engine.buffered == 3000
+
+
+def test_the_largest_buffer_is_looked_for_at_most_every_tenth_of_a_second() -> None:
+    a, b = _two_connections()
+    c = Playbook(engine=a.engine, cport=40002)
+    c.handshake()
+    assert a.client("PA", b"a" * 7000).verdict == ACCEPT
+    assert b.client("PA", b"b" * 4000).verdict == ACCEPT  # A reset: the scan at this moment
+    assert b.client("PA", b"b" * 4000).verdict == ACCEPT  # 8,000 in all: within the bound
+    # Over the bound again within 0.1 s: no new scan, so C, which holds the least, meets the policy.
+    assert c.client("PA", b"c" * 3000, dt=0.01).verdict == DROP
+    assert conn_at(c).action == Action.RESET and conn_at(b).action == Action.NONE
+    c2 = Playbook(engine=a.engine, cport=40003)
+    c2.handshake()
+    c2.now = c.now + 0.2
+    assert c2.client("PA", b"d" * 3000).verdict == ACCEPT  # a scan again: B, holding the most, goes
+    assert conn_at(b).action == Action.RESET
+
+
+def test_with_the_accept_policy_the_largest_buffer_passes_uninspected() -> None:
+    a, b = _two_connections("accept")
+    assert a.client("PA", b"a" * 7000).verdict == ACCEPT
+    d = b.client("PA", b"b" * 4000)
+    assert d.verdict == ACCEPT and not d.send
+    assert conn_at(a).passthrough and not conn_at(b).passthrough
+    assert a.names("end_connection")[0]["reason"] == "uninspected"
+    assert a.engine.buffered == 4000
 
 
 def test_drops_are_counted_by_reason_and_the_reasons_are_bounded() -> None:

@@ -724,6 +724,8 @@ def check_bounds(engine: Engine, lim: Limits) -> None:
             assert len(s.buf) <= lim.max_stream_buffer
             # Retained in-order bytes and held out-of-order bytes have a bound each.
             assert s.buffered() <= lim.max_stream_buffer + lim.max_ooo_bytes
+    # The running total the total bound is checked against is exactly what the streams hold.
+    assert engine.buffered == sum(s.buffered() for conn in engine.table for s in (conn.up, conn.down))
 
 
 class Traffic:
@@ -795,6 +797,7 @@ class Traffic:
     ooo_bytes=st.integers(1, 400),
     ooo_segs=st.integers(1, 3),
     stream_buf=st.integers(50, 400),
+    total_buf=st.integers(100, 2000),
     limit=st.sampled_from(["accept", "drop", "reset"]),
     table_full=st.sampled_from(["evict", "refuse"]),
     hog=st.booleans(),
@@ -806,6 +809,7 @@ def test_small_limits_bound_the_table_and_every_stream(
     ooo_bytes: int,
     ooo_segs: int,
     stream_buf: int,
+    total_buf: int,
     limit: Any,
     table_full: Any,
     hog: bool,
@@ -816,6 +820,7 @@ def test_small_limits_bound_the_table_and_every_stream(
         max_ooo_bytes=ooo_bytes,
         max_ooo_segments=ooo_segs,
         max_stream_buffer=stream_buf,
+        max_total_buffer=total_buf,
     )
     cfg = EngineSettings(limits=lim, policies=Policies(limit=limit, table_full=table_full))
 
