@@ -107,6 +107,10 @@ def iptables_spec(cfg: Config) -> IptablesSpec:
     )
 
 
+#: The `drops` key of held packets dropped when released (status document, metrics).
+HELD_THEN_DROPPED = "held, then dropped"
+
+
 class AlertLog:
     """Alerts as JSON lines (one object per alert, flushed at once) plus a log line each."""
 
@@ -337,6 +341,14 @@ class Worker:
         log.info("%s %s by the operator (%s)", cmd, cid, conn.describe())
         return ok({"id": cid, "action": cmd, "forged": forged})
 
+    def _drops(self) -> dict[str, int]:
+        """Dropped packets by reason: the engine's on arrival, and held packets dropped when released
+        (a blocked connection's, for one), so that they add up to `packets.dropped`."""
+        drops = dict(self.engine.drops)
+        if self._released.packets_dropped:
+            drops[HELD_THEN_DROPPED] = self._released.packets_dropped
+        return dict(sorted(drops.items()))
+
     def status(self, now: float) -> dict[str, Any]:
         """This worker's status document (see docs/observability.md)."""
         eng = self.engine
@@ -374,7 +386,7 @@ class Worker:
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "engine": est.as_dict(),
-            "drops": dict(sorted(eng.drops.items())),
+            "drops": self._drops(),
             "adapter": ad.as_dict() if ad is not None else {},
             "dumps": {
                 "errors": self.dumps.errors if self.dumps is not None else 0,

@@ -316,7 +316,7 @@ class StatusCollector:
         yield engine
         drops = CounterMetricFamily(
             "tcpguard_engine_drops",
-            "Packets the engine dropped when they arrived, by reason (tcpguard.core.engine.Engine.drops).",
+            "Dropped packets by reason: the engine's on arrival, and 'held, then dropped' when released.",
             labels=["queue", "reason"],
         )
         for w in workers:

@@ -141,7 +141,7 @@ class Engine:
         # Packets answered DROP at once, by reason (the reason up to its first colon): `stats.dropped`
         # says how many, this says why, for an operator asking why a connection stalls.
         self.drops: dict[str, int] = {}
-        self._next_largest_scan = -math.inf  # engine time of the next allowed scan (_free_largest)
+        self._last_largest_scan = -math.inf  # engine time of the last scan for the largest buffers
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self.alert_hook: Callable[[dict[str, Any]], None] | None = None
         self._read_settings()
@@ -771,26 +771,32 @@ class Engine:
 
     def _free_largest(self, conn: Connection) -> bool:
         """The total buffer bound is exceeded while `conn` takes bytes. The limit policy goes to the
-        connection that holds the most, if that is another one holding more than `conn`: one that
-        never sees its data acknowledged must not make every other connection meet the policy in
-        turn. True if that brought the total back within its bound (then `conn` goes on as usual).
+        connections that hold the most, largest first, as long as they hold more than `conn` and the
+        total is over the bound: one that never sees its data acknowledged must not make every other
+        connection meet the policy in turn. True if that brought the total back within its bound (then
+        `conn` goes on as usual).
 
-        Finding it scans the table, so it is done at most every `LARGEST_SCAN_INTERVAL` seconds;
+        Finding them scans the table, so it is done at most every `LARGEST_SCAN_INTERVAL` seconds of
+        engine time (a clock that stepped back, as a merged capture's can, allows a scan at once);
         in between, and when `conn` holds the most, `conn` meets the policy itself (as every
-        connection did before this choice existed)."""
-        if self.now < self._next_largest_scan:
+        connection did before this choice existed). A heuristic, not a guarantee: many connections
+        each holding a little less than a real transfer get that transfer chosen first."""
+        since = self.now - self._last_largest_scan
+        if 0 <= since < LARGEST_SCAN_INTERVAL:
             return False
-        self._next_largest_scan = self.now + LARGEST_SCAN_INTERVAL
-        most = conn.up.buffered() + conn.down.buffered()
-        largest: Connection | None = None
+        self._last_largest_scan = self.now
+        mine = conn.up.buffered() + conn.down.buffered()
+        larger: list[tuple[int, int, Connection]] = []
         for c in self.table:
             held = c.up.buffered() + c.down.buffered()
-            if held > most:
-                largest, most = c, held
-        if largest is None:
-            return False
-        if not self._limit_policy(largest, most, "total buffer bound reached, the largest buffer is"):
-            self._apply_block(largest, "limit")
+            if held > mine:
+                larger.append((held, c.id, c))
+        larger.sort(reverse=True)
+        for held, _, c in larger:
+            if self.buffered <= self._max_total_buffer:
+                break
+            if not self._limit_policy(c, held, "total buffer bound reached, the largest buffer is"):
+                self._apply_block(c, "limit")
         return self.buffered <= self._max_total_buffer
 
     # ================================================================ rules

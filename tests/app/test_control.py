@@ -751,6 +751,7 @@ def test_status_counters_match_the_traffic_sent(ogw: ObservedGateway) -> None:
     ogw.send_raw(syns)
     w = ogw.wait_received(5)["workers"][0]
     assert w["packets"] == {"received": 5, "accepted": 0, "dropped": 5, "held": 0}
+    assert sum(w["drops"].values()) == 5 and all("by rule" in reason for reason in w["drops"])
     size = sum(len(p) for p in syns)
     assert w["bytes"] == {"received": size, "accepted": 0, "dropped": size}
     assert w["connections"]["opened"] == 5 and w["connections"]["by_state"] == {"CLOSED": 5}
@@ -773,6 +774,7 @@ def test_status_counters_match_the_traffic_sent(ogw: ObservedGateway) -> None:
     assert p["received"] == w["engine"]["packets"] == w["adapter"]["packets"]
     # The reset connections' trigger packets were dropped (at least one each), the SYNs too.
     assert p["dropped"] >= 5 + 2
+    assert sum(w["drops"].values()) == p["dropped"]  # the reasons account for every drop
     assert sum(w["connections"]["by_state"].values()) == w["connections"]["tracked"] == 10
     assert isinstance(w["queue_drops"]["kernel_dropped"], int)  # read from /proc/net/netfilter
     assert w["queue_drops"]["kernel_dropped"] == 0 and w["queue_drops"]["enobufs"] == 0

@@ -396,67 +396,108 @@ def conn_at(pb: Playbook) -> Connection:
     return conn
 
 
-def _two_connections(policy: str = "reset") -> tuple[Playbook, Playbook]:
-    """A (port 40000) and B (port 40001) through one engine whose buffers may hold 10,000 bytes in all."""
+def _connections(n: int, policy: str = "reset", total: int = 10000) -> list[Playbook]:
+    """`n` connections (client ports 40000, 40001, ...) through one engine whose buffers may hold `total`
+    bytes in all, each handshaken. Send with `at(pb, t)` so that the engine's clock only moves forward."""
     st = EngineSettings()
     st.limits.max_stream_buffer = 8000
-    st.limits.max_total_buffer = 10000
+    st.limits.max_total_buffer = total
     st.policies.limit = policy  # type: ignore[assignment]
-    a = Playbook(settings=st)
-    b = Playbook(engine=a.engine, cport=40001)
-    for pb in (a, b):
+    first = Playbook(settings=st)
+    pbs = [first] + [Playbook(engine=first.engine, cport=40000 + i) for i in range(1, n)]
+    for i, pb in enumerate(pbs):
+        pb.now = i * 0.01
         pb.handshake()
-    return a, b
+    return pbs
+
+
+def at(pb: Playbook, t: float) -> Playbook:
+    """`pb`, its next packet at engine time `t` (send it with dt=0)."""
+    pb.now = t
+    return pb
 
 
 def test_the_total_bound_gives_the_limit_policy_to_the_largest_buffer() -> None:
     """A's server never acknowledges its 7,000 bytes; B's 4,000 take the total over 10,000. A, holding the
     most, is reset, and B goes on: one stalled transfer must not get every other connection reset."""
-    a, b = _two_connections()
-    assert a.client("PA", b"a" * 7000).verdict == ACCEPT
-    d = b.client("PA", b"b" * 4000)
+    a, b = _connections(2)
+    assert at(a, 1.0).client("PA", b"a" * 7000, dt=0).verdict == ACCEPT
+    d = at(b, 1.01).client("PA", b"b" * 4000, dt=0)
     assert d.verdict == ACCEPT
     assert a.engine.stats.limit_hits == 1
     assert [a.decoded(p).dport for p in d.send] == [80, 40000]  # RSTs to A's server and A's client
     assert conn_at(a).action == Action.RESET and conn_at(b).action == Action.NONE
     assert a.engine.buffered == 4000  # only B's bytes are left
-    assert a.client("PA", b"more").verdict == DROP  # A stays blocked
-    assert b.client("PA", b"b" * 100).verdict == ACCEPT
+    assert at(a, 1.02).client("PA", b"more", dt=0).verdict == DROP  # A stays blocked
+    assert at(b, 1.03).client("PA", b"b" * 100, dt=0).verdict == ACCEPT
 
 
 def test_the_connection_holding_the_most_meets_the_policy_itself() -> None:
-    a, b = _two_connections()
-    assert a.client("PA", b"a" * 3000).verdict == ACCEPT
-    d = b.client("PA", b"b" * 7500)  # B now holds the most
-    assert d.verdict == DROP
+    a, b = _connections(2)
+    assert at(a, 1.0).client("PA", b"a" * 3000, dt=0).verdict == ACCEPT
+    assert at(b, 1.01).client("PA", b"b" * 7500, dt=0).verdict == DROP  # B now holds the most
     assert conn_at(b).action == Action.RESET and conn_at(a).action == Action.NONE
     assert a.engine.buffered == 3000
 
 
-def test_the_largest_buffer_is_looked_for_at_most_every_tenth_of_a_second() -> None:
-    a, b = _two_connections()
-    c = Playbook(engine=a.engine, cport=40002)
-    c.handshake()
-    assert a.client("PA", b"a" * 7000).verdict == ACCEPT
-    assert b.client("PA", b"b" * 4000).verdict == ACCEPT  # A reset: the scan at this moment
-    assert b.client("PA", b"b" * 4000).verdict == ACCEPT  # 8,000 in all: within the bound
-    # Over the bound again within 0.1 s: no new scan, so C, which holds the least, meets the policy.
-    assert c.client("PA", b"c" * 3000, dt=0.01).verdict == DROP
+def test_the_largest_buffers_are_looked_for_at_most_every_tenth_of_a_second() -> None:
+    a, b, c, d = _connections(4)
+    assert at(a, 1.0).client("PA", b"a" * 7000, dt=0).verdict == ACCEPT
+    assert at(b, 1.01).client("PA", b"b" * 4000, dt=0).verdict == ACCEPT  # a scan: A is reset
+    assert at(b, 1.02).client("PA", b"b" * 4000, dt=0).verdict == ACCEPT  # 8,000 in all: within
+    # Over the bound again 0.04 s after the scan: no new one, so C, which holds the least, meets it.
+    assert at(c, 1.05).client("PA", b"c" * 3000, dt=0).verdict == DROP
     assert conn_at(c).action == Action.RESET and conn_at(b).action == Action.NONE
-    c2 = Playbook(engine=a.engine, cport=40003)
-    c2.handshake()
-    c2.now = c.now + 0.2
-    assert c2.client("PA", b"d" * 3000).verdict == ACCEPT  # a scan again: B, holding the most, goes
+    assert at(d, 1.2).client("PA", b"d" * 3000, dt=0).verdict == ACCEPT  # a scan again: B goes
     assert conn_at(b).action == Action.RESET
 
 
+def test_a_clock_that_steps_back_allows_a_scan_at_once() -> None:
+    """A merged capture's timestamps can go back: that must not stop the scans until they catch up."""
+    a, b, c = _connections(3)
+    assert at(a, 100.0).client("PA", b"a" * 6000, dt=0).verdict == ACCEPT
+    assert at(b, 100.01).client("PA", b"b" * 4500, dt=0).verdict == ACCEPT  # a scan: A is reset
+    assert at(b, 100.02).client("PA", b"b" * 3000, dt=0).verdict == ACCEPT  # B: 7,500, within
+    assert at(c, 0.51).client("PA", b"c" * 3000, dt=0).verdict == ACCEPT  # stepped back: a scan, B goes
+    assert conn_at(b).action == Action.RESET and conn_at(c).action == Action.NONE
+
+
+def test_several_largest_buffers_go_until_the_total_is_within_its_bound() -> None:
+    """A reload lowers the bound below what is held: the largest holders meet the policy in turn until
+    the total fits, and the connection whose byte arrived goes on."""
+    a, b, c = _connections(3, total=20000)
+    assert at(a, 1.0).client("PA", b"a" * 6000, dt=0).verdict == ACCEPT
+    assert at(b, 1.01).client("PA", b"b" * 5000, dt=0).verdict == ACCEPT
+    lower = EngineSettings()
+    lower.limits.max_stream_buffer, lower.limits.max_total_buffer = 8000, 4000
+    a.engine.replace_settings(lower)
+    assert at(c, 1.02).client("PA", b"c" * 100, dt=0).verdict == ACCEPT
+    assert conn_at(a).action == conn_at(b).action == Action.RESET
+    assert a.engine.stats.limit_hits == 2 and a.engine.buffered == 100
+
+
+def test_a_chosen_connection_s_held_packets_are_released_with_the_current_one() -> None:
+    """A also holds an out-of-order segment (its packet waits in the queue): reset, A drops it, and the
+    release comes out with B's decision."""
+    a, b = _connections(2)
+    assert at(a, 1.0).client("PA", b"a" * 6000, dt=0).verdict == ACCEPT
+    gap = at(a, 1.001).client("PA", b"o" * 500, seq=(a.cnext + 1000) & 0xFFFFFFFF, token="a-ooo", dt=0)
+    assert gap.verdict == HOLD and a.engine.held_packets == 1
+    d = at(b, 1.01).client("PA", b"b" * 4000, dt=0)
+    assert d.verdict == ACCEPT
+    assert [(r.token, r.verdict) for r in d.releases] == [("a-ooo", DROP)]
+    assert a.engine.held_packets == 0 and a.engine.buffered == 4000
+
+
 def test_with_the_accept_policy_the_largest_buffer_passes_uninspected() -> None:
-    a, b = _two_connections("accept")
-    assert a.client("PA", b"a" * 7000).verdict == ACCEPT
-    d = b.client("PA", b"b" * 4000)
+    a, b = _connections(2, "accept")
+    assert at(a, 1.0).client("PA", b"a" * 7000, dt=0).verdict == ACCEPT
+    d = at(b, 1.01).client("PA", b"b" * 4000, dt=0)
     assert d.verdict == ACCEPT and not d.send
     assert conn_at(a).passthrough and not conn_at(b).passthrough
     assert a.names("end_connection")[0]["reason"] == "uninspected"
+    later = at(a, 1.02).client("PA", b"a" * 100, dt=0)
+    assert later.verdict == ACCEPT and later.reason.startswith("uninspected")
     assert a.engine.buffered == 4000
 
 

@@ -724,8 +724,12 @@ def check_bounds(engine: Engine, lim: Limits) -> None:
             assert len(s.buf) <= lim.max_stream_buffer
             # Retained in-order bytes and held out-of-order bytes have a bound each.
             assert s.buffered() <= lim.max_stream_buffer + lim.max_ooo_bytes
-    # The running total the total bound is checked against is exactly what the streams hold.
+    # The running totals the bounds are checked against are exactly what the streams hold.
     assert engine.buffered == sum(s.buffered() for conn in engine.table for s in (conn.up, conn.down))
+    assert engine.held_packets == sum(
+        len(s.held) + len(s.ooo) for conn in engine.table for s in (conn.up, conn.down)
+    )
+    assert sum(engine.drops.values()) == engine.stats.dropped
 
 
 class Traffic:
