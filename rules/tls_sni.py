@@ -108,8 +108,10 @@ def read_client_hello(current):
             return None  # the first record is not a TLS handshake: not TLS
         if len(header) < 5:
             raise MalformedHelloError("stream ended inside the ClientHello")
-        if not tls:
+        if header[0] != HANDSHAKE:
             raise MalformedHelloError(f"record type {header[0]} inside the ClientHello")
+        if not tls:
+            raise MalformedHelloError(f"record version {header[1]}.{header[2]} inside the ClientHello")
         length = int.from_bytes(header[3:5], "big")
         if length == 0 or len(message) + length > MAX_HELLO + 4:
             raise MalformedHelloError(f"record of {length} bytes")

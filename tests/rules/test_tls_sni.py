@@ -150,6 +150,22 @@ def test_a_short_stream_that_starts_like_tls_fails_closed(first: bytes) -> None:
     assert alerts(pb) == ["malformed TLS ClientHello: stream ended inside the ClientHello"]
 
 
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        (b"\x17\x03\x03\x00\x01x", "record type 23 inside the ClientHello"),
+        (b"\x16\x02\x00\x00\x01x", "record version 2.0 inside the ClientHello"),
+    ],
+)
+def test_a_second_record_that_is_not_a_tls_handshake_record_is_named(record: bytes, why: str) -> None:
+    hello = client_hello("www.example.org")
+    first = refragment(hello, 60)[: 5 + 60]  # the first record of a hello sent in two
+    pb = tls_playbook()
+    assert pb.client("PA", first).verdict == ACCEPT
+    assert pb.client("PA", record).verdict == DROP
+    assert alerts(pb) == [f"malformed TLS ClientHello: {why}"]
+
+
 def test_stream_ending_inside_the_hello_fails_closed() -> None:
     pb = tls_playbook()
     hello = client_hello("www.example.org")
