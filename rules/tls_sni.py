@@ -14,8 +14,9 @@ listener stops: the rest of the connection is encrypted.
 Choices:
 
 * A stream whose first bytes are not a TLS handshake record is left alone (not TLS: not this rule's job),
-  decided on its first byte where that is not 0x16: the reader ends there instead of waiting for a
-  whole record header from a client that may send less and wait for the server.
+  decided on its first byte where that is not 0x16 (the reader ends there instead of waiting for a
+  whole record header from a client that may send less and wait for the server), or on a short first
+  header whose version byte is not 3.
 * A handshake that starts like TLS but does not parse as a ClientHello is reset with its own alert
   (`FAIL_CLOSED`): a server would refuse it anyway, and a parser that gave up there could be evaded with
   a deliberately odd hello.

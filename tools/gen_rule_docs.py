@@ -666,15 +666,15 @@ look-back), and keep `streamed=True` for reads that end early, like `rules/tls_s
 ### What a rule costs
 
 On request/response traffic the rules decide a gateway's throughput. On the benchmark's, tcpguard with
-the sample rules' listeners emptied forwards about 0.8 of a bare NetfilterQueue loop's packets per
-second, and with the real listeners 0.6: of the cost above the bare loop, the listeners' own Python is
-the larger part ([BENCHMARKS.md](BENCHMARKS.md), round 6). `tcpguard cost CAPTURE --rules DIR` measures, on a
-capture of your own traffic and without root, what the engine costs per packet alone, what each rule
-adds, and what the subscriptions cost with every listener emptied (add `--ignore-checksums` for a
-capture taken on a sending host). Habits that keep a rule cheap: `ports=` and
-`direction=` (a listener that is filtered out is not called at all), a `lookback=` no larger than the
-rule needs, one `current.find_any(patterns)` rather than a `find` per pattern, and answers kept per value
-when many connections ask the same question (the sample Host reader's `KNOWN`, the sample firewall's
+the sample rules' listeners emptied forwards about 0.85 of a bare NetfilterQueue loop's packets per
+second, and with the real listeners 0.66-0.74: of the cost above the bare loop, the listeners' own Python
+is the larger part ([BENCHMARKS.md](BENCHMARKS.md), rounds 6 and 7). `tcpguard cost CAPTURE --rules DIR`
+measures, on a capture of your own traffic and without root, what the engine costs per packet alone, what
+each rule adds, and what the subscriptions cost with every listener emptied (add `--ignore-checksums` for
+a capture taken on a sending host). Habits that keep a rule cheap: `ports=` and `direction=` (a listener
+that is filtered out is not called at all), a `lookback=` no larger than the rule needs, one
+`current.find_any(patterns)` rather than a `find` per pattern, and answers kept per value when many
+connections ask the same question (the sample Host reader's `KNOWN`, the sample firewall's
 `functools.lru_cache`), bounded.
 
 ### The stream

@@ -1020,7 +1020,8 @@ def format_status(st: dict[str, Any]) -> str:
     states = sorted({s for c in cols for s in (_get(c, ("connections", "by_state")) or {})})
     at = next(i for i, r in enumerate(rows) if r[0] == "connections opened") + 1
     rows[at:at] = [(f"  {s}", ("connections", "by_state", s), "n") for s in states]
-    # Why packets were dropped, under the count of them (the engine's reasons; none when nothing was).
+    # Why packets were dropped, under the count of them (the engine's reasons and the daemon's "held,
+    # then dropped"; none when nothing was).
     reasons = sorted({r for c in cols for r in (_get(c, ("drops",)) or {})})
     at = next(i for i, r in enumerate(rows) if r[1] == ("packets", "dropped")) + 1
     rows[at:at] = [(f"    {r}", ("drops", r), "n") for r in reasons]

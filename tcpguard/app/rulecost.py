@@ -1,8 +1,9 @@
 """`tcpguard cost`: what each rule costs per packet, measured on a capture before the rules go live.
 
 On the benchmark's request/response traffic, tcpguard with the sample rules' listeners emptied forwards
-about 0.8 of a bare NetfilterQueue loop's packets per second, and with the real listeners 0.6: of the cost
-above the bare loop, the listeners' own Python is the larger part (docs/BENCHMARKS.md, round 6). On such
+about 0.85 of a bare NetfilterQueue loop's packets per second, and with the real listeners 0.66-0.74: of
+the cost above the bare loop, the listeners' own Python is the larger part (docs/BENCHMARKS.md, rounds 6
+and 7). On such
 traffic the rules decide a gateway's throughput (on bulk transfers the engine's own work weighs more),
 and this command shows which rule it is, on the operator's own traffic, without root or a queue.
 

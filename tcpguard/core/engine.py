@@ -66,7 +66,7 @@ HOLD: Final = Verdict.HOLD
 #: from a fixed set (the text after a colon, which may vary, is not part of the key), so this only guards
 #: the bound against a future reason with variable text before its colon.
 MAX_DROP_REASONS: Final = 64
-#: Seconds between two scans of the table for the connection holding the most buffered bytes, when the
+#: Seconds between two scans of the table for the connections holding the most buffered bytes, when the
 #: total buffer bound is exceeded (Engine._free_largest): a scan visits every connection.
 LARGEST_SCAN_INTERVAL: Final = 0.1
 
@@ -795,7 +795,7 @@ class Engine:
         for held, _, c in larger:
             if self.buffered <= self._max_total_buffer:
                 break
-            if not self._limit_policy(c, held, "total buffer bound reached, the largest buffer is"):
+            if not self._limit_policy(c, held, "total buffer bound reached, freeing the buffer of"):
                 self._apply_block(c, "limit")
         return self.buffered <= self._max_total_buffer
 

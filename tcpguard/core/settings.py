@@ -44,7 +44,7 @@ class Limits:
     # product need more); max_total_buffer bounds them all together.
     max_stream_buffer: int = 8388608
     # All buffered bytes of all connections together.
-    # When data takes it over, the connection holding the most meets the limit policy (Engine._free_largest).
+    # When data takes it over, the largest holders meet the limit policy first (Engine._free_largest).
     max_total_buffer: int = 268435456
     # Packets held at once (NFQUEUE keeps them queued in the kernel until released). Must stay well
     # below the kernel queue's length (queue.maxlen), or held packets fill the queue and everything
