@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tcpguard.app.labnet import GW_SERVER_IF
 from tests.netns import SERVER_V4, SERVER_V6, Lab
 
 from .tcpapps import CLIENT, SERVER, reply_pattern
@@ -492,3 +493,60 @@ def test_operator_rules_after_the_jump_still_apply(lab: Lab, tmp_path: Path, rep
         # NF_ACCEPT ends the hook: the operator's later rule never sees the packets (documented).
         assert res["connected"] and res["received_len"] == 10
     assert g.stop_daemon() == 0
+
+
+SINK = r"""
+import socket, sys
+port, out = int(sys.argv[1]), sys.argv[2]
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port)); srv.listen(4)
+open(out + ".ready", "w").close()
+c, _ = srv.accept(); c.settimeout(60); n = 0; status = "eof"
+try:
+    while True:
+        b = c.recv(1 << 20)
+        if not b: break
+        n += len(b)
+except Exception as e: status = type(e).__name__
+open(out, "w").write(f"{n} {status}")
+"""
+SINK_PORT = 9100
+
+
+@pytest.mark.parametrize("stream_buffer", [None, 1 << 20])
+def test_an_upload_with_megabytes_in_flight_keeps_them_within_the_default_bound(
+    lab: Lab, tmp_path: Path, stream_buffer: int | None
+) -> None:
+    """The gateway's link to the server queues up to half a second (tbf, 40 Mbit/s), so an upload has
+    megabytes in flight: bytes the gateway forwarded and retains until the server's ACKs come back. With
+    the default stream bound the 12 MB upload goes through untouched. With the former default, 1 MiB,
+    the limit policy resets it, which shows this traffic does exceed that bound (the bench found it that
+    way: bulk transfers through a busy gateway were reset). The client uses Reno (a per-namespace
+    setting, gone with the namespace) so that slow start fills the queue; this machine's default, BBR,
+    keeps less in flight on purpose."""
+    g = Gateway(lab, tmp_path)
+    if stream_buffer is not None:
+        g.config.write_text(
+            g.config.read_text() + f"engine:\n  limits:\n    max_stream_buffer: {stream_buffer}\n"
+        )
+    shaping = ["tbf", "rate", "40mbit", "burst", "256kb", "latency", "500ms"]
+    lab.run("gw", ["tc", "qdisc", "add", "dev", GW_SERVER_IF, "root", *shaping])
+    lab.run("client", ["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"])
+    sink = tmp_path / "sink"
+    lab.popen("server", [sys.executable, "-c", SINK, str(SINK_PORT), str(sink)])
+    wait_for(Path(f"{sink}.ready").exists, "sink ready")
+    g.start_daemon()
+    size = 12_000_000
+    res = g.client([[11, size]], port=SINK_PORT, timeout=60)
+    wait_for(sink.exists, "sink done", timeout=30)
+    status = json.loads(
+        lab.run("gw", [TCPGUARD, "status", "--socket", str(tmp_path / "control.sock"), "--json"]).stdout
+    )["workers"][0]
+    g.stop_daemon()
+    received, how = sink.read_text().split()
+    if stream_buffer is None:
+        assert res["error"] is None and (int(received), how) == (size, "eof")
+        assert status["engine"]["limit_hits"] == 0 and status["drops"] == {}
+    else:
+        assert res["error"] == "ConnectionResetError" and 1 << 20 < int(received) < size
+        assert status["engine"]["limit_hits"] == 1 and status["drops"]["reset by limit"] == 1
