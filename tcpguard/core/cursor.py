@@ -136,25 +136,7 @@ class Cursor:
         the cursor so that a pattern that started in an earlier segment is found; the cursor does not
         move.
         """
-        s = self.stream
-        m = len(pattern)
-        if not self.blocking:
-            # Only a match that ends in the new bytes counts; one wholly before was seen last time.
-            lo = max(self.pos - m + 1, s.buf_start)
-            i = s.buf.find(pattern, lo - s.buf_start)
-            if i < 0:
-                return None
-            return Match(i + s.buf_start, i + s.buf_start + m, pattern)
-        while True:
-            i = s.buf.find(pattern, self.pos - s.buf_start)
-            if i >= 0:
-                self.pos = i + s.buf_start
-                return Match(self.pos, self.pos + m, pattern)
-            # Bytes that cannot start a match are consumed, so they need not be retained.
-            self.pos = max(self.pos, s.next - m + 1)
-            if not self._fill(s.next - self.pos + 1):
-                self.pos = s.next
-                return None
+        return self.find_any((pattern,))
 
     def find_any(self, patterns: Iterable[bytes]) -> Match | None:
         """Like `find`, for several patterns at once: the match that is complete first in the stream (of
@@ -182,7 +164,8 @@ class Cursor:
                 return Match(best, best + len(found), found)
             if not patterns:
                 return None
-            # As in `find`: no match can start before the last `longest - 1` bytes.
+            # No match can start before the last `longest - 1` bytes: the bytes before them are consumed,
+            # so they need not be retained.
             self.pos = max(self.pos, s.next - longest + 1)
             if not self._fill(s.next - self.pos + 1):
                 self.pos = s.next
@@ -191,7 +174,8 @@ class Cursor:
     def _first_complete(self, patterns: tuple[bytes, ...], lookback: bool) -> tuple[int, bytes]:
         """(stream offset, pattern) of the match among what has arrived that is complete first (see
         `find_any`), or (-1, b""). From the cursor on, or with `lookback` from where a match could start
-        that ends in the bytes after the cursor."""
+        that ends in the bytes after the cursor (a plain listener: only a match that ends in the new bytes
+        counts, one wholly before them was seen by the previous call)."""
         s = self.stream
         best = -1
         found = b""
