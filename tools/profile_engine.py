@@ -91,8 +91,7 @@ def _rules_dir(args: argparse.Namespace) -> Path | None:
     return bench_rules(Path(args.rules), Path(tempfile.mkdtemp(prefix="tcpguard-rules-")))
 
 
-def _rules(args: argparse.Namespace) -> RuleSet:
-    where = _rules_dir(args)
+def _rules(where: Path | None) -> RuleSet:
     return RuleSet() if where is None else load_rules(where)
 
 
@@ -111,7 +110,7 @@ def run_throughput(args: argparse.Namespace) -> None:
         print(f"generated {frames} frames, {conns} connections in {time.perf_counter() - t:.1f} s")
     packets = [(f.ip, f.ts) for f in iter_frames(cap) if f.ip is not None]
     where = _rules_dir(args)  # one copy of the rules for the whole run (a temporary directory)
-    rules = RuleSet() if where is None else load_rules(where)
+    rules = _rules(where)
     print(f"{len(packets)} IP packets; rules: {'none' if args.no_rules else args.rules} ({len(rules)})")
 
     def engine_run() -> None:
@@ -131,7 +130,7 @@ def run_throughput(args: argparse.Namespace) -> None:
         replay(cap, rules, _settings(len(packets)))
 
     if args.ablate:
-        ablate(packets, RuleSet if where is None else lambda: load_rules(where), args.repeat)
+        ablate(packets, lambda: _rules(where), args.repeat)
         return
     body = {"engine": engine_run, "adapter": adapter_run, "replay": replay_run}[args.path]
     body()  # warm-up: imports, first-use allocations
@@ -182,7 +181,7 @@ def ablate(packets: list[tuple[bytes, float]], load: Callable[[], RuleSet], repe
 
 def run_memory(args: argparse.Namespace) -> None:
     n = args.memory
-    engine = Engine(_settings(n), _rules(args))
+    engine = Engine(_settings(n), _rules(_rules_dir(args)))
     server = bytes([10, 2, 0, 1])
     exchanged = not args.handshake_only
     for i in range(64):  # first-use allocations outside the measurement

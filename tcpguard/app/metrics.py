@@ -235,6 +235,19 @@ def _dig(doc: Any, path: tuple[str, ...]) -> float | None:
     return float(doc) if isinstance(doc, int | float) and not isinstance(doc, bool) else None
 
 
+def _keyed(family: Any, workers: list[dict[str, Any]], path: tuple[str, ...]) -> Any:
+    """`family` with one sample per worker and key of the {key: number} dict at `path` in its document,
+    labelled (queue, key)."""
+    for w in workers:
+        doc: Any = w
+        for key in path:
+            doc = doc.get(key) if isinstance(doc, dict) else None
+        for key, n in sorted((doc or {}).items()):
+            if isinstance(n, int | float) and not isinstance(n, bool):
+                family.add_metric([str(w["queue"]), key], float(n))
+    return family
+
+
 class StatusCollector:
     """A prometheus_client collector over the status document returned by `gather()`.
 
@@ -297,32 +310,31 @@ class StatusCollector:
                 if v is not None:
                     g.add_metric([str(w["queue"])], v)
             yield g
-        by_state = GaugeMetricFamily(
-            "tcpguard_connections", "Connections in the table by TCP state.", labels=["queue", "state"]
+        yield _keyed(
+            GaugeMetricFamily(
+                "tcpguard_connections", "Connections in the table by TCP state.", labels=["queue", "state"]
+            ),
+            workers,
+            ("connections", "by_state"),
         )
-        for w in workers:
-            for state, n in sorted(w.get("connections", {}).get("by_state", {}).items()):
-                by_state.add_metric([str(w["queue"]), state], float(n))
-        yield by_state
-        engine = CounterMetricFamily(
-            "tcpguard_engine_events",
-            "Every engine counter (tcpguard.core.engine.Stats), by name.",
-            labels=["queue", "counter"],
+        yield _keyed(
+            CounterMetricFamily(
+                "tcpguard_engine_events",
+                "Every engine counter (tcpguard.core.engine.Stats), by name.",
+                labels=["queue", "counter"],
+            ),
+            workers,
+            ("engine",),
         )
-        for w in workers:
-            for key, n in sorted(w.get("engine", {}).items()):
-                if isinstance(n, int):
-                    engine.add_metric([str(w["queue"]), key], float(n))
-        yield engine
-        drops = CounterMetricFamily(
-            "tcpguard_engine_drops",
-            "Dropped packets by reason: the engine's on arrival, and 'held, then dropped' when released.",
-            labels=["queue", "reason"],
+        yield _keyed(
+            CounterMetricFamily(
+                "tcpguard_engine_drops",
+                "Dropped packets by reason: the engine's on arrival, and 'held, then dropped' when released.",
+                labels=["queue", "reason"],
+            ),
+            workers,
+            ("drops",),
         )
-        for w in workers:
-            for reason, n in sorted(w.get("drops", {}).items()):
-                drops.add_metric([str(w["queue"]), reason], float(n))
-        yield drops
         dumped = CounterMetricFamily(
             "tcpguard_dump_packets", "Packets written to each pcap dump.", labels=["queue", "dump"]
         )

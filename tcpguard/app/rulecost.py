@@ -3,9 +3,9 @@
 On the benchmark's request/response traffic, tcpguard with the sample rules' listeners emptied forwards
 about 0.85 of a bare NetfilterQueue loop's packets per second, and with the real listeners 0.66-0.74: of
 the cost above the bare loop, the listeners' own Python is the larger part (docs/BENCHMARKS.md, rounds 6
-and 7). On such
-traffic the rules decide a gateway's throughput (on bulk transfers the engine's own work weighs more),
-and this command shows which rule it is, on the operator's own traffic, without root or a queue.
+and 7). On such traffic the rules decide a gateway's throughput (on bulk transfers the engine's own work
+weighs more), and this command shows which rule it is, on the operator's own traffic, without root or a
+queue.
 
 How. The first `--frames` IP frames of the capture are read into memory (so the disk is not measured;
 at most 512 MiB of them), then the engine runs over them, with the capture's timestamps as its clock

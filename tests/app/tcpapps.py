@@ -9,6 +9,10 @@ CLIENT: `CLIENT HOST PORT SPEC_JSON` connects (TCP_NODELAY), sends each chunk of
 [seed, size] for `random.Random(seed).randbytes(size)`)
 with SPEC["gap"] seconds between them, optionally half-closes, reads the reply, and prints one JSON
 object: {"connected", "sent", "received_sha256", "received_len", "error"}.
+
+SINK: `SINK PORT OUT` takes one IPv4 connection on PORT and reads it to the end, counting the bytes
+without keeping them (SERVER keeps and rewrites what it got, too slow for many megabytes); then writes
+"BYTES HOW" to OUT (`eof`, or the exception's name). OUT.ready appears once it listens.
 """
 
 from __future__ import annotations
@@ -81,6 +85,23 @@ except Exception as e:
     if res["error"] != "ConnectionResetError" and pending == 104:
         res["error"] = "ConnectionResetError"
 print(json.dumps(res))
+"""
+
+
+SINK = r"""
+import socket, sys
+port, out = int(sys.argv[1]), sys.argv[2]
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port)); srv.listen(4)
+open(out + ".ready", "w").close()
+c, _ = srv.accept(); c.settimeout(60); n = 0; status = "eof"
+try:
+    while True:
+        b = c.recv(1 << 20)
+        if not b: break
+        n += len(b)
+except Exception as e: status = type(e).__name__
+open(out, "w").write(f"{n} {status}")
 """
 
 

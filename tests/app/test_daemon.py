@@ -18,7 +18,7 @@ import pytest
 from tcpguard.app.labnet import GW_SERVER_IF
 from tests.netns import SERVER_V4, SERVER_V6, Lab
 
-from .tcpapps import CLIENT, SERVER, reply_pattern
+from .tcpapps import CLIENT, SERVER, SINK, reply_pattern
 
 pytestmark = pytest.mark.root
 
@@ -495,21 +495,6 @@ def test_operator_rules_after_the_jump_still_apply(lab: Lab, tmp_path: Path, rep
     assert g.stop_daemon() == 0
 
 
-SINK = r"""
-import socket, sys
-port, out = int(sys.argv[1]), sys.argv[2]
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", port)); srv.listen(4)
-open(out + ".ready", "w").close()
-c, _ = srv.accept(); c.settimeout(60); n = 0; status = "eof"
-try:
-    while True:
-        b = c.recv(1 << 20)
-        if not b: break
-        n += len(b)
-except Exception as e: status = type(e).__name__
-open(out, "w").write(f"{n} {status}")
-"""
 SINK_PORT = 9100
 
 
