@@ -79,24 +79,37 @@ def load_settings_and_rules(
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from tcpguard.app.replay import replay
+    """Exit status: 0 clean; 1 failed (nothing written); 2 usage; EXIT_DAMAGED (3) when the capture was
+    damaged and every whole record before the damage was replayed (outputs and summary written)."""
+    from tcpguard.app.replay import EXIT_DAMAGED, Replacing, damage_warning, replay
     from tcpguard.io.pcap import PcapError
 
     loaded = load_settings_and_rules("replay", args.config, args.rules, args.ignore_checksums)
     if isinstance(loaded, int):
         return loaded
     settings, rules, _ = loaded
-    events = open(args.events, "w", encoding="utf-8") if args.events else None  # noqa: SIM115
+    events_file = Replacing(args.events) if args.events else None
     try:
-        summary = replay(args.capture, rules, settings, out=args.out, events=events)
-    except (PcapError, OSError) as e:
+        events = open(events_file.part, "w", encoding="utf-8") if events_file else None  # noqa: SIM115
+        try:
+            summary = replay(args.capture, rules, settings, out=args.out, events=events, progress=None)
+        finally:
+            if events is not None:
+                events.close()
+        if events_file is not None:
+            events_file.commit()
+    except BaseException as e:
+        if events_file is not None:
+            events_file.discard()  # a failed run leaves no events file that looks like a result
+        if not isinstance(e, PcapError | OSError):
+            raise
         print(f"tcpguard replay: {e}", file=sys.stderr)
         return 1
-    finally:
-        if events is not None:
-            events.close()
     for line in summary.lines():
         print(line)
+    if summary.damage is not None:
+        print(damage_warning("replay", summary.damage, summary.frames), file=sys.stderr)
+        return EXIT_DAMAGED
     return 0
 
 

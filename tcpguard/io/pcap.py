@@ -22,6 +22,12 @@ Choices made here:
   complete frame and then raises `PcapTruncatedError`, a `PcapError`, because silently dropping the tail
   can hide the very packet a test is about. Pass `allow_truncated=True` to stop quietly instead; the
   reader then records where the file was cut in `PcapReader.truncated_at`.
+* The offline tools read a damaged capture the way tcpdump and tshark do: every whole record up to the
+  damage, then a warning. `stop_at_damage=True` gives them that: any `PcapError` after the file header
+  (a record cut short, junk where a record should start, an implausible length) ends the iteration
+  quietly and is kept in `PcapReader.damage`, so the caller can finish its work and then say where the
+  file went wrong. A file that is not a capture at all still fails in the constructor: there is nothing
+  to process, and the caller must not pretend otherwise.
 * Compressed captures are rejected with a clear message rather than decompressed: replay fixtures are
   stored uncompressed and the gzip path would be several times slower.
 * The writer only writes classic microsecond pcap: every tool reads it, and tcpguard's timestamps do not
@@ -300,10 +306,20 @@ class PcapReader:
     passed in is left open for its owner.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | BinaryIO, *, allow_truncated: bool = False) -> None:
-        self.allow_truncated = allow_truncated
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | BinaryIO,
+        *,
+        allow_truncated: bool = False,
+        stop_at_damage: bool = False,
+    ) -> None:
+        self.allow_truncated = allow_truncated or stop_at_damage
+        self.stop_at_damage = stop_at_damage
         #: Byte offset of the record the file ends inside of, when `allow_truncated` let the reader stop.
         self.truncated_at: int | None = None
+        #: With `stop_at_damage`, the error that ended the iteration early (its `offset` is where the
+        #: damage starts; every record before it was yielded), or None while the file reads clean.
+        self.damage: PcapError | None = None
         #: "pcap" or "pcapng".
         self.format = ""
         #: The file's link type for classic pcap; pcapng has one per interface, see `Frame.linktype`.
@@ -351,7 +367,15 @@ class PcapReader:
         raise PcapError(self.path, 0, f"not a pcap or pcapng file (starts with {magic.hex()})")
 
     def __iter__(self) -> Iterator[Frame]:
-        return self._frames
+        return self._guarded() if self.stop_at_damage else self._frames
+
+    def _guarded(self) -> Iterator[Frame]:
+        # A generator around the generator costs one resumption per frame (a few percent of reading);
+        # only the tools that asked for it pay that.
+        try:
+            yield from self._frames
+        except PcapError as e:
+            self.damage = e
 
     def close(self) -> None:
         if self._owned:
@@ -367,9 +391,12 @@ class PcapReader:
 
     def _cut(self, offset: int, what: str) -> None:
         """The file ended inside a record: raise, or note it and let the caller stop."""
+        error = PcapTruncatedError(self.path, offset, f"file ends inside {what} (capture cut short?)")
         if not self.allow_truncated:
-            raise PcapTruncatedError(self.path, offset, f"file ends inside {what} (capture cut short?)")
+            raise error
         self.truncated_at = offset
+        if self.stop_at_damage:
+            self.damage = error
 
     def _read_pcap(
         self, buf: bytes, order: str, ticks: float, rec_size: int, linktype: int

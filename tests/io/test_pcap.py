@@ -697,3 +697,67 @@ def test_frame_repr_and_udp_passthrough() -> None:
     (frame,) = _read(io.BytesIO(out.getvalue()))
     assert frame.ip == data[14:]  # any IP protocol, not only TCP: decode() decides what to do with it
     assert "#1" in repr(frame) and "linktype=1" in repr(frame)
+
+
+# -- damaged captures, read up to the damage (stop_at_damage) -------------------------------------------
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+def _tshark_count(path: Path) -> tuple[int, str]:
+    """Frames tshark reads from `path`, and what it says on stderr."""
+    r = subprocess.run(["tshark", "-r", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    return len(r.stdout.splitlines()), r.stderr
+
+
+@needs_tshark
+@pytest.mark.parametrize("sample", ["demo.pcap", "trace.pcapng"])
+@pytest.mark.parametrize("fraction", [0.13, 0.5, 0.97])
+def test_a_cut_capture_reads_as_many_frames_as_tshark_and_says_where(
+    tmp_path: Path, sample: str, fraction: float
+) -> None:
+    """A capture cut mid-record (tcpdump killed while writing): every whole record, then the offset."""
+    raw = (SAMPLES / sample).read_bytes()
+    cut = tmp_path / f"cut-{sample}"
+    cut.write_bytes(raw[: int(len(raw) * fraction)])
+    with PcapReader(cut, stop_at_damage=True) as reader:
+        frames = list(reader)
+        damage = reader.damage
+    count, stderr = _tshark_count(cut)
+    assert "cut short" in stderr  # tshark agrees the file is damaged ...
+    assert len(frames) == count  # ... and reads the same whole records
+    assert isinstance(damage, PcapTruncatedError)
+    assert damage.path == str(cut) and "cut short" in str(damage)
+    # The damage starts right after the last whole record, which is inside the file.
+    whole = list(iter_frames(SAMPLES / sample))
+    assert [f.data for f in frames] == [f.data for f in whole[: len(frames)]]
+    assert damage.offset < len(raw) * fraction
+
+
+@pytest.mark.parametrize("junk", [b"\xff" * 40, b"garbage at the end of the file", bytes(range(7))])
+def test_junk_after_the_records_is_damage_at_its_offset(tmp_path: Path, junk: bytes) -> None:
+    raw, _starts = _three_frame_pcap()
+    path = tmp_path / "junk.pcap"
+    path.write_bytes(raw + junk)
+    with PcapReader(path, stop_at_damage=True) as reader:
+        assert [f.number for f in reader] == [1, 2, 3]
+        assert reader.damage is not None and reader.damage.offset == len(raw)
+    ng = _shb() + _idb("<", LINKTYPE_RAW) + _epb("<", 0, 1, bytes(_ip4()))
+    path = tmp_path / "junk.pcapng"
+    path.write_bytes(ng + junk)
+    with PcapReader(path, stop_at_damage=True) as reader:
+        assert [f.number for f in reader] == [1]
+        assert reader.damage is not None and reader.damage.offset == len(ng)
+    with pytest.raises(PcapError):  # without the flag, the same file still raises
+        _read(path)
+
+
+def test_a_clean_file_has_no_damage_and_a_non_capture_still_fails_at_once(tmp_path: Path) -> None:
+    raw, _starts = _three_frame_pcap()
+    path = tmp_path / "ok.pcap"
+    path.write_bytes(raw)
+    with PcapReader(path, stop_at_damage=True) as reader:
+        assert len(list(reader)) == 3 and reader.damage is None
+    path.write_bytes(b"this is not a capture file at all")
+    with pytest.raises(PcapError, match="not a pcap"):
+        PcapReader(path, stop_at_damage=True)
