@@ -27,10 +27,11 @@ def _load_settings(config: str | None, ignore_checksums: bool = False):  # type:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from tcpguard.app.config import ConfigError, load_config
-    from tcpguard.app.ruleload import load_rules
+    from tcpguard.app.config import ConfigError, config_warnings, load_config
+    from tcpguard.app.ruleload import DEFAULT_LOAD_BUDGET, load_rules_bounded, rule_files
 
     rules_dir: Path | None = Path(args.rules) if args.rules else None
+    budget = DEFAULT_LOAD_BUDGET
     if args.config:
         try:
             cfg = load_config(args.config)
@@ -38,16 +39,25 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"tcpguard check: {e}", file=sys.stderr)
             return 1
         print(f"config {args.config}: ok")
+        for warning in config_warnings(cfg):
+            print(f"{args.config}: warning: {warning}", file=sys.stderr)
         rules_dir = rules_dir or cfg.rules_dir
+        budget = cfg.rules_load_budget
     if rules_dir is None:
         print("tcpguard check: give --config or --rules", file=sys.stderr)
         return 2
     try:
-        rs = load_rules(rules_dir)
+        rs = load_rules_bounded(rules_dir, budget)
     except RuleLoadError as e:
         print(f"tcpguard check: {e}", file=sys.stderr)
         return 1
     print(f"rules {rules_dir}: {len(rs)} rules ok")
+    if not rule_files(rules_dir):
+        print(
+            f"{rules_dir}: warning: no rule modules (*.py not starting with _): every connection would be "
+            "accepted uninspected",
+            file=sys.stderr,
+        )
     for r in rs.rules:
         print(f"  {r.name:40s} {r.event}{' (streamed)' if r.streamed else ''}")
     return 0
@@ -60,7 +70,7 @@ def load_settings_and_rules(
     `--config` and `--rules`; or, having printed why, the exit status (1: a broken file, 2: nothing to
     load)."""
     from tcpguard.app.config import ConfigError
-    from tcpguard.app.ruleload import load_rules
+    from tcpguard.app.ruleload import DEFAULT_LOAD_BUDGET, load_rules_bounded
 
     try:
         cfg, settings = _load_settings(config, ignore_checksums)
@@ -72,7 +82,8 @@ def load_settings_and_rules(
         print(f"tcpguard {command}: give --rules DIR (or --config)", file=sys.stderr)
         return 2
     try:
-        return settings, load_rules(where), Path(where)
+        budget = cfg.rules_load_budget if cfg is not None else DEFAULT_LOAD_BUDGET
+        return settings, load_rules_bounded(where, budget), Path(where)
     except RuleLoadError as e:
         print(f"tcpguard {command}: {e}", file=sys.stderr)
         return 1

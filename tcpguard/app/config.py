@@ -165,6 +165,9 @@ class Config:
     """The whole file. Every path in it is absolute once loaded."""
 
     rules_dir: Path = Path("rules")
+    # Seconds a whole rule set may take to load (check, start, reload, replay, cost): a module whose top
+    # level runs longer fails to load (tcpguard.app.ruleload), and a running daemon keeps its rules.
+    rules_load_budget: float = field(default=5.0, metadata={"min": 0.1, "max": 600})
     queue: QueueConfig = field(default_factory=QueueConfig)
     iptables: IptablesConfig = field(default_factory=IptablesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -272,6 +275,32 @@ def parse_config(text: str, path: str) -> Config:
     if parser.issues:
         raise ConfigError(parser.issues)
     return config
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but will not do what the operator wants, each with the fix. `tcpguard check` prints
+    these and `tcpguard run` logs them; neither refuses the file, since each can be what an expert means
+    (and the kernel rules they depend on are not in this file)."""
+    out = []
+    ipt = config.iptables
+    if config.queue.repeat and not ipt.manage:
+        out.append(
+            f"queue.repeat: true with iptables.manage: false: tcpguard re-queues every packet it accepts "
+            f"marked {ipt.mark:#x} (iptables.mark), so the NFQUEUE rule you installed must not match that "
+            f"mark: add `-m mark ! --mark {ipt.mark:#x}` to it, or a "
+            f"`-m mark --mark {ipt.mark:#x} -j RETURN` rule before it. Otherwise every accepted packet comes "
+            "back to the queue (tcpguard then lets it through without a second look, skipping the rules "
+            "after yours, and logs it once)"
+        )
+    hooks = set(ipt.hooks)
+    if ipt.manage and ("INPUT" in hooks) != ("OUTPUT" in hooks):
+        have, missing = ("INPUT", "OUTPUT") if "INPUT" in hooks else ("OUTPUT", "INPUT")
+        out.append(
+            f"iptables.hooks: {have} without {missing}: tcpguard would see only one direction of this "
+            f"host's own connections, so none of them gets past the handshake in its tracker and their data "
+            f"is dropped; hook both INPUT and OUTPUT (FORWARD alone covers traffic routed through the host)"
+        )
+    return out
 
 
 def schema_keys() -> list[str]:

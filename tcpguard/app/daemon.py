@@ -37,16 +37,24 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from tcpguard import core
 from tcpguard.app.budget import RuleBudget
-from tcpguard.app.config import Config, ConfigError, DumpsConfig, load_config, parse_address
+from tcpguard.app.config import (
+    Config,
+    ConfigError,
+    DumpsConfig,
+    config_warnings,
+    load_config,
+    parse_address,
+)
 from tcpguard.app.control import (
     ChannelLinks,
     ChannelServer,
@@ -73,7 +81,7 @@ from tcpguard.app.metrics import (
     start_metrics_server,
 )
 from tcpguard.app.notify import Notifier
-from tcpguard.app.ruleload import load_rules
+from tcpguard.app.ruleload import RuleTrial, load_rules, load_rules_bounded
 from tcpguard.core.conntrack import Action
 from tcpguard.core.decision import Decision, Output, Release, Verdict
 from tcpguard.core.engine import Engine
@@ -81,12 +89,52 @@ from tcpguard.core.errors import RuleLoadError
 from tcpguard.core.rules import RuleSet
 from tcpguard.io.dumps import DUMP_KINDS, PacketDumps
 from tcpguard.io.iptables import IptablesError, IptablesManager, IptablesSpec
-from tcpguard.io.nfqueue import NfqueueAdapter, QueueStats
+from tcpguard.io.nfqueue import CAP_NET_ADMIN, CAP_NET_RAW, NfqueueAdapter, QueueStats, has_capabilities
 from tcpguard.io.rawsend import RawSender
 
 log = logging.getLogger("tcpguard.daemon")
 
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+# Seconds from SIGTERM to exit, whatever a rule is doing: then the iptables rules are removed and the
+# process exits (single process), or the supervisor kills the workers that are still running. Below
+# systemd's TimeoutStopSec (30 s), so the rules come out before systemd's SIGKILL could prevent it.
+STOP_DEADLINE = 10.0
+
+
+class StopDeadline:
+    """Ends the process `STOP_DEADLINE` seconds after `arm()` unless `disarm()` came first.
+
+    A clean stop answers the held packets and runs every open connection's `end_connection` listeners,
+    each bounded by the rule budget; with many connections, no budget, or a rule that swallows the
+    interruption, that could take for ever. A thread, because the packet loop is the thing that is late:
+    it runs `cleanup` (remove the iptables rules) and exits with status 1. What it cannot beat: code that
+    holds the interpreter lock in C for ever (no Python thread runs then); systemd's SIGKILL at
+    TimeoutStopSec ends that, and the next start reuses the rules left behind.
+    """
+
+    def __init__(self, cleanup: Callable[[], None], seconds: float = STOP_DEADLINE) -> None:
+        self.cleanup = cleanup
+        self.seconds = seconds
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def arm(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="stop-deadline", daemon=True)
+            self._thread.start()
+
+    def disarm(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        if self._done.wait(self.seconds):
+            return
+        log.error("not stopped %g s after SIGTERM: removing the iptables rules and exiting", self.seconds)
+        try:
+            self.cleanup()
+        finally:
+            logging.shutdown()
+            os._exit(1)
 _ACCEPT = Verdict.ACCEPT
 _DROP = Verdict.DROP
 
@@ -186,6 +234,9 @@ class Worker:
             dumps.input(raw)
         dec = self.engine.handle_packet(raw, now, token)
         if dec.verdict is not _ACCEPT or dec.releases or dumps is not None:
+        # A SIGHUP reload in progress: the new config and the trial load of its rules, which runs in a
+        # child interpreter while this loop goes on forwarding (tcpguard.app.ruleload).
+        self._pending_reload: tuple[Config, RuleTrial] | None = None
             self._account(raw, token, dec, dumps)
         return dec
 
@@ -247,7 +298,9 @@ class Worker:
         n = self.notifier
         if self.reload_requested:
             self.reload_requested = False
-            self._reload_notified()
+            self._start_reload()
+        if self._pending_reload is not None:
+            self._poll_reload()
         out = self.engine.handle_timer(now)
         # Control requests run here, in the packet-loop thread; operator resets add to this output.
         self._tick_out = out
@@ -289,6 +342,7 @@ class Worker:
         self._account_output(out)
         if self.dumps is not None:
             self.dumps.close()
+        """Reload now, in this tick (a control request: its trial already ran in the control thread)."""
         self.alerts.close()
         return out
 
@@ -297,6 +351,46 @@ class Worker:
         """Execute one control request. Runs in the packet-loop thread, between packets."""
         cmd = req.get("cmd")
         if cmd == "status":
+    def _start_reload(self) -> None:
+        """SIGHUP: read the config and start the trial load of its rules; `_poll_reload` finishes it.
+        A SIGHUP while one is in progress is folded into it."""
+        if self._pending_reload is not None:
+            return
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            self._reload_failed(e)
+            return
+        if self.notifier is not None:
+            self.notifier.reloading()
+        log.info("reload: trying the rules of %s (within %g s)", cfg.rules_dir, cfg.rules_load_budget)
+        self._pending_reload = (cfg, RuleTrial(cfg.rules_dir, cfg.rules_load_budget))
+
+    def _poll_reload(self) -> None:
+        assert self._pending_reload is not None
+        cfg, trial = self._pending_reload
+        result = trial.poll()
+        if result is None:
+            return
+        self._pending_reload = None
+        if result.error is not None:
+            self._reload_failed(result.error)
+        else:
+            self.reload(cfg)
+        if self.notifier is not None:
+            self.notifier.ready(self.status_line())
+
+    def cancel_reload(self) -> None:
+        """Stop a trial load in progress (the worker is stopping)."""
+        if self._pending_reload is not None:
+            self._pending_reload[1].cancel()
+            self._pending_reload = None
+
+    def _reload_failed(self, e: Exception) -> None:
+        self.reload_failures += 1
+        self.last_reload_error = str(e)
+        log.error("reload failed, keeping the running config and rules: %s", e)
+
             return ok(self.status(now))
         if cmd == "connections":
             try:
@@ -306,6 +400,7 @@ class Worker:
             limit = req.get("limit")
             rows: list[dict[str, Any]] = []
             truncated = False
+        self.cancel_reload()
             for conn in self.engine.table.by_key.values():
                 if flt.matches(conn, self.queue_num):
                     if limit is not None and len(rows) >= limit:
@@ -395,15 +490,15 @@ class Worker:
         }
 
     # ------------------------------------------------------------------ reload
-    def reload(self) -> bool:
-        """Load config and rules again; swap them in only if both load."""
+    def reload(self, cfg: Config | None = None) -> bool:
+        """Load config (unless given) and rules again, here, under the load budget; swap them in only if
+        both load. Callers run the trial load first (`_start_reload`, the dispatcher's reload check)."""
         try:
-            cfg = load_config(self.config_path)
-            rules = load_rules(cfg.rules_dir)
+            if cfg is None:
+                cfg = load_config(self.config_path)
+            rules = load_rules(cfg.rules_dir, cfg.rules_load_budget)
         except (ConfigError, RuleLoadError) as e:
-            self.reload_failures += 1
-            self.last_reload_error = str(e)
-            log.error("reload failed, keeping the running config and rules: %s", e)
+            self._reload_failed(e)
             return False
         restart = [
             k for k in ("queue", "iptables", "control", "metrics") if getattr(cfg, k) != getattr(self.cfg, k)
@@ -524,7 +619,9 @@ def start_services(
 ) -> Services:
     """Serve the control socket and (if configured) the metrics endpoint for the workers behind `links`.
     Raises ControlError or OSError when either cannot be served, having closed what it opened."""
-    disp = dispatcher or Dispatcher(links, mode, bypassed=bypass.read if bypass is not None else None)
+    disp = dispatcher or Dispatcher(
+        links, mode, reload_check=reload_check, bypassed=bypass.read if bypass is not None else None
+    )
     services = Services()
     try:
         services.control = ControlServer(cfg.control.socket, disp.handle, group=cfg.control.group)
@@ -545,6 +642,7 @@ class Daemon:
         self.rules = rules
         self.iptables = IptablesManager(iptables_spec(cfg)) if cfg.iptables.manage else None
         # Fail-open leaves no trace in the kernel's queue counters: compare our rules' counters with them.
+    reload_check: Callable[[], str | None] | None = None,
         # Only with rules we installed (their counters start with our queues) and with bypass on (without
         # it a packet that misses the queue is dropped, not passed).
         self.bypass = (
@@ -573,7 +671,12 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: setattr(worker, "reload_requested", True))
         try:
             self.services = start_services(
-                self.cfg, InboxLinks(self.cfg.queue.num, worker.inbox), "single", bypass=self.bypass
+                self.cfg,
+                InboxLinks(self.cfg.queue.num, worker.inbox),
+                "single",
+                bypass=self.bypass,
+                # The trial load runs in the control thread, so the packet loop only does the real one.
+                reload_check=self._reload_check,
             )
             self._install_iptables()
         except (IptablesError, ControlError, OSError):
@@ -588,8 +691,11 @@ class Daemon:
             adapter.run()
         finally:
             worker.inbox.close()
+        deadline = StopDeadline(self._remove_iptables)
+
             self.services.close()
             self._remove_iptables()
+            deadline.arm()
         log.info("stopped: %s", adapter.stats.as_dict())
         return 0
 
@@ -614,6 +720,7 @@ class Daemon:
                 code = _run_worker_process(self.cfg, self.config_path, self.rules, queue_num, w, child_end)
             except BaseException:
                 log.exception("worker for queue %d crashed", queue_num)
+            deadline.disarm()
             finally:
                 os._exit(code)
         os.close(w)
@@ -670,7 +777,7 @@ class Daemon:
                 if self.flags.reload:
                     self.flags.reload = False
                     self.notifier.reloading()
-                    self._reload_check()
+                    self._reload_check(lambda: self.flags.stop)
                     self._signal_children(signal.SIGHUP)
                     self.notifier.ready(f"{len(self.children)} workers")
                 with contextlib.suppress(ChildProcessError):
@@ -696,7 +803,7 @@ class Daemon:
         return 0
 
     def _reap_all(self) -> None:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + STOP_DEADLINE
         while self.children and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -714,13 +821,13 @@ class Daemon:
                 os.waitpid(pid, 0)
             self.children.pop(pid, None)
 
-    def _reload_check(self) -> str | None:
-        """Validate once in the supervisor so a broken reload is reported once, not per worker.
-        Returns the problem, None if the config and rules load."""
+    def _reload_check(self, give_up: Callable[[], bool] | None = None) -> str | None:
+        """Validate once in the supervisor (or the control thread) so a broken reload is reported once,
+        not per worker, and a rule set that does not load in time never reaches a packet loop. Returns
+        the problem, None if the config and rules load. `give_up` (a stop was asked) ends the trial."""
         try:
             cfg = load_config(self.config_path)
-            load_rules(cfg.rules_dir)
-        except (ConfigError, RuleLoadError) as e:
+        except ConfigError as e:
             log.error("reload will fail, workers keep the running config and rules: %s", e)
             return str(e)
         return None
@@ -747,6 +854,10 @@ class Daemon:
 
 def main_run(config_path: str, verbose: int = 0) -> int:
     path = Path(config_path)
+        result = RuleTrial(cfg.rules_dir, cfg.rules_load_budget).wait(give_up)
+        if result.error is not None:
+            log.error("reload will fail, workers keep the running config and rules: %s", result.error)
+            return str(result.error)
     try:
         cfg = load_config(path)
     except ConfigError as e:
@@ -754,7 +865,7 @@ def main_run(config_path: str, verbose: int = 0) -> int:
         return 1
     setup_logging(cfg, verbose)
     try:
-        rules = load_rules(cfg.rules_dir)
+        rules = load_rules_bounded(cfg.rules_dir, cfg.rules_load_budget)
     except RuleLoadError as e:
         log.error("cannot load rules: %s", e)
         print(f"tcpguard run: {e}", file=sys.stderr)
@@ -769,3 +880,13 @@ def main_run(config_path: str, verbose: int = 0) -> int:
         log.error("cannot start: %s", e)
         print(f"tcpguard run: {e}", file=sys.stderr)
         return 1
+    # First, before any file is opened: without these every later step fails, each in its own words.
+    if not has_capabilities(CAP_NET_ADMIN, CAP_NET_RAW):
+        print(
+            "tcpguard run: needs CAP_NET_ADMIN (NFQUEUE, iptables) and CAP_NET_RAW (resets): run it as root "
+            "or as the systemd service",
+            file=sys.stderr,
+        )
+        return 1
+    for warning in config_warnings(cfg):
+        log.warning("%s: %s", path, warning)

@@ -118,6 +118,8 @@ class QueuedPacket(Protocol):
     def drop(self) -> None: ...
     def repeat(self) -> None: ...
     def set_mark(self, mark: int) -> None: ...
+    @property
+    def mark(self) -> int: ...
 
     @property
     def id(self) -> int: ...
@@ -152,7 +154,8 @@ class QueueStats:
     packets they answered (the rest of the accepts went one message each); unseen: queue ids that never
     reached us (a message lost by the kernel or cut short by the receive buffer), dropped explicitly so
     that no later batch verdict can accept them uninspected; refused: verdict messages of our own the
-    kernel answered with an error.
+    kernel answered with an error; looped: packets that arrived carrying tcpguard's own mark, so already
+    judged by us (an operator's NFQUEUE rule without the mark exemption sent them back: `_looped`).
     """
 
     packets: int = 0
@@ -191,6 +194,7 @@ class _BatchReader:
         self.sock = sock
         self.stats = stats
         self.left = 0
+    looped: int = 0
 
     def recv(self, size: int) -> bytes:
         if self.left <= 0:
@@ -313,6 +317,60 @@ def _ip_length(raw: bytes) -> int | None:
 class NfqueueAdapter:
     """Reads one NFQUEUE, feeds the handler, applies its decisions. One instance per queue and process.
 
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+
+
+def has_capabilities(*caps: int) -> bool:
+    """Whether this process holds every capability in `caps` (effective set), root or not: the systemd
+    service runs as an unprivileged user with just CAP_NET_ADMIN and CAP_NET_RAW."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    eff = int(line.split()[1], 16)
+                    return all(eff >> cap & 1 for cap in caps)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
+def queue_owner(queue_num: int, table: str = "/proc/net/netfilter/nfnetlink_queue") -> int | None:
+    """The netlink port id bound to `queue_num` (the kernel's queue table), which for the first netlink
+    socket of a process is its pid; None if the queue is free or the table cannot be read."""
+    try:
+        with open(table, encoding="ascii") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == str(queue_num):
+                    return int(fields[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def bind_problem(queue_num: int) -> str:
+    """What to tell the operator when NFQUEUE `queue_num` cannot be bound."""
+    if not has_capabilities(CAP_NET_ADMIN):
+        return (
+            f"cannot bind NFQUEUE {queue_num}: tcpguard needs CAP_NET_ADMIN (and CAP_NET_RAW for resets); "
+            "run it as root or as the systemd service"
+        )
+    owner = queue_owner(queue_num)
+    if owner is not None:
+        try:
+            with open(f"/proc/{owner}/cmdline", "rb") as f:
+                cmd = " ".join(f.read().replace(b"\0", b" ").decode(errors="replace").split())[:200]
+        except OSError:
+            cmd = ""
+        who = f"process {owner} ({cmd})" if cmd else f"netlink port {owner}"
+        return (
+            f"cannot bind NFQUEUE {queue_num}: {who} is bound to it (another tcpguard?); stop it, or give "
+            "this one another queue.num"
+        )
+    return f"cannot bind NFQUEUE {queue_num}: the kernel refused it (is the nfnetlink_queue module loaded?)"
+
+
     Construction does no I/O (tests drive `process`/`apply_output`/`drain` with fake packets); `open()`
     binds the queue (root or CAP_NET_ADMIN), `run()` loops until `stop()` and then drains and closes.
     """
@@ -380,7 +438,12 @@ class NfqueueAdapter:
         from netfilterqueue import COPY_PACKET, NetfilterQueue  # optional dependency: import on use
 
         nfq = NetfilterQueue()
-        nfq.bind(self.queue_num, self.process, max_len=self.max_len, mode=COPY_PACKET, range=self.copy_range)
+        try:
+            nfq.bind(
+                self.queue_num, self.process, max_len=self.max_len, mode=COPY_PACKET, range=self.copy_range
+            )
+        except OSError as exc:  # NetfilterQueue says only "Failed to create queue N."
+            raise OSError(bind_problem(self.queue_num)) from exc
         self._nfq = nfq
         self._next_id = 1  # a new binding is a new kernel queue instance, whose first packet is id 1
         try:
@@ -521,6 +584,10 @@ class NfqueueAdapter:
             # The common packet: its accept waits for the end of the read batch (_flush).
             st.accepted += 1
             self._pending.append(pkt)
+        rmark = self.repeat_mark
+        if rmark is not None and pkt.mark == rmark:
+            self._looped(pkt)
+            return
             self._current_done = True
             return
         if self._pending and (verdict is not Verdict.DROP or dec.releases or dec.send):
@@ -558,6 +625,37 @@ class NfqueueAdapter:
 
     def drain(self) -> None:
         """Give every packet we hold or have queued a verdict: the shutdown releases, then the fallback."""
+    def _looped(self, pkt: QueuedPacket) -> None:
+        """A packet carrying our mark is one we accepted already (or forged): with `queue.repeat` it went
+        back through the hook and was queued again, because the NFQUEUE rule that sent it here does not
+        exempt the mark (tcpguard's own chain does; an operator's rule with `iptables.manage: false` may
+        not). Judging it again would repeat it for ever, 100,000s of verdicts a second for one SYN and no
+        packet ever leaving. It gets a plain accept, which ends its trip through this hook: the rules after
+        ours do not see it, the packet is not lost, and the log says once what to fix."""
+        st = self.stats
+        st.looped += 1
+        st.accepted += 1
+        if st.looped == 1:
+            log.error(
+                "a packet came back to queue %d carrying tcpguard's mark %#x: the NFQUEUE rule that feeds "
+                "the queue must not match it (add `-m mark ! --mark %#x` to it, or a `-m mark --mark %#x "
+                "-j RETURN` rule before it). Such packets are accepted without a second look, and skip the "
+                "rules after the queue rule; counted as 'looped'",
+                self.queue_num,
+                self.repeat_mark,
+                self.repeat_mark,
+                self.repeat_mark,
+            )
+        if self._pending:
+            self._flush()
+        try:
+            pkt.accept()
+        except (RuntimeError, TypeError, OSError) as exc:
+            st.verdict_errors += 1
+            log.warning("verdict ACCEPT failed: %s", exc)
+        if pkt is self._current:
+            self._current_done = True
+
         if self._draining:
             return
         self._draining = True

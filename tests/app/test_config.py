@@ -214,7 +214,7 @@ def test_unknown_key() -> None:
     assert issue.message == "unknown key (did you mean 'workers'?)"
     issue = only_issue("colour: blue\n")
     assert (issue.line, issue.key) == (1, "colour")
-    assert issue.message.startswith("unknown key (known keys: rules_dir, queue, iptables,")
+    assert issue.message.startswith("unknown key (known keys: rules_dir, rules_load_budget, queue, iptables,")
 
 
 def test_unknown_key_in_engine_section() -> None:
