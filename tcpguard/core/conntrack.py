@@ -61,6 +61,7 @@ class Connection:
         "_heap_at",
         "_send",
         "_store",
+        "_syn_ts",
         "action",
         "bytes_down",
         "bytes_up",
@@ -128,6 +129,10 @@ class Connection:
         # TCP-MD5/AO (engine._check_signature): 0 the SYN was unsigned, 1 the SYN was signed, 2 both SYNs
         # were (or the connection was picked up signed): signed segments are then inspected as usual.
         self._auth = 0
+        # The TSvals of the client's first and latest SYN (first << 32 | last), -1 if its SYN had no
+        # timestamp: the RST and SYN-ACK checks of the handshake need them (engine._syn_timestamp). One
+        # int rather than two slots: each slot is 8 bytes on every tracked connection.
+        self._syn_ts = -1
 
     @property
     def key(self) -> FlowKey:

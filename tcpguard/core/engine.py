@@ -393,6 +393,7 @@ class Engine:
         if flags & SYN and not flags & ACK:
             wscale = pkt.options().wscale
             conn.wscale_client = wscale if wscale is not None else -1
+            self._syn_timestamp(conn, pkt)
             if pkt.tcp_hlen > 20 and pkt.signed():
                 conn._auth = 1  # the client signs; negotiated once the SYN-ACK does too
         conn.expires = self.now + self._timeout[state]
@@ -453,11 +454,12 @@ class Engine:
         conn.last_seen = self.now
         # Re-arm the idle timeout; the heap entry catches up lazily (see ConnTable).
         conn.expires = self.now + self._timeout[state]
-        if s.isn < 0 and (flags & SYN or state is not _SYN_SENT):
-            # First packet of a direction picked up mid-stream (or the SYN-ACK): this fixes its ISN. While
-            # the client's SYN waits only the SYN-ACK may: anything else the server side sends then is
-            # dropped, and must not make the real SYN-ACK look like one with the wrong sequence number.
-            s.isn = pkt.seq if flags & SYN else (pkt.seq - 1) & 0xFFFFFFFF
+        if s.isn < 0 and not flags & SYN and state is not _SYN_SENT:
+            # First packet of a direction picked up mid-stream: this fixes its ISN. A SYN fixes it only
+            # once accepted (below), and while the client's SYN waits nothing else from the server side
+            # may: a segment the gateway drops must not make the real SYN or SYN-ACK look like one with
+            # the wrong sequence number.
+            s.isn = (pkt.seq - 1) & 0xFFFFFFFF
 
         # ---- SYN and SYN-ACK
         if flags & SYN:
@@ -470,13 +472,20 @@ class Engine:
                 self._finish(conn, "reopened")
                 self.table.remove(conn)
                 return self._open(pkt, token)
-            if not isinstance(nxt, State) or pkt.seq != s.isn:  # INVALID
+            if not isinstance(nxt, State) or pkt.seq != (s.isn if s.isn >= 0 else pkt.seq):  # INVALID
                 self.stats.invalid += 1
                 return Decision(DROP, flow_id=conn.id, reason=f"SYN invalid in {state.name}")
             if ev == Event.SYNACK:
                 if o.isn >= 0 and pkt.ack != (o.isn + 1) & 0xFFFFFFFF:
                     self.stats.invalid += 1
                     return Decision(DROP, flow_id=conn.id, reason="SYN-ACK acknowledges the wrong ISN")
+                if state is _SYN_SENT and not self._echo_fits(conn, pkt):
+                    # The client's SYN-SENT discards it (Linux: PAWSActiveRejected) and answers with an
+                    # RST; taking it would fix the wrong server ISN and refuse the real SYN-ACK.
+                    self.stats.invalid += 1
+                    return Decision(DROP, flow_id=conn.id, reason="SYN-ACK echoes a timestamp never sent")
+            s.isn = pkt.seq
+            if d == DOWN:
                 wscale = pkt.options().wscale
                 if wscale is None or conn.wscale_client < 0:
                     # Scaling is on only when both SYNs offered it (RFC 7323).
@@ -486,7 +495,12 @@ class Engine:
                 if not conn.midstream:
                     conn.up.wscale = conn.wscale_server
                     conn.down.wscale = conn.wscale_client
-                    o.ack(0, pkt.window)  # the window in a SYN-ACK is never scaled
+            elif ev == Event.SYN:
+                self._syn_timestamp(conn, pkt)  # a retransmitted SYN: the client's clock moved on
+            if not conn.midstream and (d == DOWN or ev == Event.SYNACK):
+                # The window in any segment with SYN is never scaled. A bare SYN from the server (a
+                # simultaneous open or a split handshake) carries its window as a SYN-ACK does.
+                o.ack(0, pkt.window)
             self._set_state(conn, nxt)
             if pkt.payload or flags & URG:
                 return self._accept(conn, pkt, b"", "syn data stripped")
@@ -498,11 +512,19 @@ class Engine:
                 ack_ok = bool(flags & ACK) and pkt.ack == (o.isn + 1) & 0xFFFFFFFF
                 # The client's answer to an older connection's ACK (_older_connection_ack).
                 owed = d == UP and pkt.seq == s.owed_rst and not flags & (ACK | URG) and not pkt.payload
-                check = check_rst(state, 0, 0, 0, ack_ok, owed=owed)
+                ts_ok = d == UP or self._echo_fits(conn, pkt)
+                check = check_rst(state, 0, 0, 0, ack_ok, owed=owed, ts_ok=ts_ok)
             else:
                 wnd = s.wnd_end - s.next if s.wnd_end >= 0 else 65535
                 fin_acked = 0 <= s.fin_off < s.acked
-                check = check_rst(state, s.offset(pkt.seq), s.next, wnd, False, fin_acked)
+                ack_ok = ts_ok = True
+                if state is State.SYN_RECV and d == UP and not conn.midstream:
+                    # The server's half-open connection: a listening Linux server hands an RST whose ACK
+                    # is not its ISS+1 to the listener, which discards it, and applies PAWS to it against
+                    # the SYN's timestamp (tcp_check_req).
+                    ack_ok = not flags & ACK or pkt.ack == (o.isn + 1) & 0xFFFFFFFF
+                    ts_ok = self._tsval_not_older(conn, pkt)
+                check = check_rst(state, s.offset(pkt.seq), s.next, wnd, ack_ok, fin_acked, ts_ok=ts_ok)
             if check == RstCheck.DROP:
                 self.stats.rst_injections += 1
                 return Decision(DROP, flow_id=conn.id, reason="RST outside the window")
@@ -541,6 +563,11 @@ class Engine:
             if pre is StateAction.INVALID and not fresh:
                 self.stats.invalid += 1
                 return Decision(DROP, flow_id=conn.id, reason=f"segment invalid in {state.name}")
+            if state is State.CLIENT_SYNACK and d == DOWN and o.offset(pkt.ack) < 0:
+                # The server's ACK that would end a simultaneous open or split handshake must acknowledge
+                # the client's SYN, or the client (in SYN-RECEIVED) does not take it.
+                self.stats.invalid += 1
+                return Decision(DROP, flow_id=conn.id, reason="ACK does not acknowledge the SYN")
         if flags & ACK and o.isn >= 0:
             ack_off = o.offset(pkt.ack)
             if ack_off > o.sent and self._verify_acks and not self._skip_unseen(conn, o, ack_off):
@@ -610,6 +637,63 @@ class Engine:
         o.owed_rst = pkt.ack
         return Decision(ACCEPT, flow_id=conn.id, reason="ACK of an older connection")
 
+    @staticmethod
+    def _syn_timestamp(conn: Connection, pkt: Packet) -> None:
+        """Note the TSval of a client SYN (the first one and the latest, as `_syn_ts`: first << 32 | last).
+
+        Linux's SYN-SENT takes an RST/ACK or a SYN-ACK whose timestamp echo is non-zero only if the echo
+        lies between the time it first sent the SYN and now (tcp_rcv_synsent_state_process: the
+        PAWSActiveRejected check); a peer echoes the TSval of a SYN it received, so the SYNs the gateway
+        forwarded bound every echo the client takes from an honest peer. The options of a SYN were
+        validated by `decode`.
+        """
+        tsv = pkt.options().ts_val
+        if tsv is None:
+            return
+        ts = conn._syn_ts
+        if ts < 0:
+            conn._syn_ts = tsv << 32 | tsv
+            return
+        first, last = ts >> 32, ts & 0xFFFFFFFF
+        if (tsv - first) & 0xFFFFFFFF > (last - first) & 0xFFFFFFFF:
+            conn._syn_ts = first << 32 | tsv
+
+    @staticmethod
+    def _echo_fits(conn: Connection, pkt: Packet) -> bool:
+        """Whether the client in SYN-SENT accepts this segment's timestamp echo (see `_syn_timestamp`).
+
+        No option, or an echo of 0 (Linux checks only a non-zero one): it fits. An echo when the client's
+        SYN carried no timestamp cannot be one the client sent: it does not fit. A malformed option block
+        does not fit either: the gateway cannot tell what the client parses, and dropping an RST or SYN-ACK
+        that no correct peer sends is the side that cannot desynchronise the two."""
+        if pkt.tcp_hlen <= 20:
+            return True
+        try:
+            ecr = pkt.options().ts_ecr
+        except DecodeError:
+            return False
+        if not ecr:
+            return True
+        ts = conn._syn_ts
+        if ts < 0:
+            return False
+        first, last = ts >> 32, ts & 0xFFFFFFFF
+        return (ecr - first) & 0xFFFFFFFF <= (last - first) & 0xFFFFFFFF
+
+    @staticmethod
+    def _tsval_not_older(conn: Connection, pkt: Packet) -> bool:
+        """PAWS as a Linux server's half-open connection applies it to the client's RST: a TSval older
+        than the latest SYN's is refused (tcp_check_req, tcp_paws_reject). A SYN whose TSval was 0 turns
+        the check off (tcp_paws_check)."""
+        ts = conn._syn_ts
+        if ts < 0 or pkt.tcp_hlen <= 20 or not ts & 0xFFFFFFFF:
+            return True
+        try:
+            tsv = pkt.options().ts_val
+        except DecodeError:
+            return False
+        return tsv is None or (tsv - (ts & 0xFFFFFFFF)) & 0xFFFFFFFF < 0x80000000
+
     def _check_signature(self, conn: Connection, pkt: Packet, d: int, fresh: bool) -> Decision | None:
         """A segment with a TCP-MD5/AO option on a connection that has not negotiated one: the drop, or
         None to handle it as usual.
@@ -624,6 +708,8 @@ class Engine:
         """
         flags = pkt.flags
         if flags & SYN and not flags & ACK:
+            if d == DOWN and conn._auth == 1 and conn.state is State.SYN_SENT:
+                conn._auth = 2  # the server's signed SYN to a signed SYN (simultaneous open): negotiated
             return None  # a SYN is judged by the SYN path (a new connection records its own signing)
         if conn._auth == 1 and (flags & SYN or conn.state is State.SYN_SENT):
             if flags & SYN and d == DOWN:

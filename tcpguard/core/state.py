@@ -9,8 +9,13 @@ about both sides at once:
 
 =============  =====================================================================================
 SYN_SENT       the client's SYN passed
-SYN_RECV       the server's SYN-ACK passed
-ESTABLISHED    the client acknowledged the SYN-ACK (or sent data)
+BOTH_SYN       the server answered with a SYN of its own (simultaneous open, split handshake): both SYNs
+               passed, neither is acknowledged
+SYN_RECV       the server acknowledged the client's SYN (its SYN-ACK passed); the client's ACK of the
+               server's SYN is awaited
+CLIENT_SYNACK  after BOTH_SYN, the client acknowledged the server's SYN (its SYN-ACK passed); the
+               server's ACK of the client's SYN is awaited
+ESTABLISHED    both SYNs are acknowledged
 CLIENT_FIN     the client sent FIN, the server did not yet
 SERVER_FIN     the server sent FIN, the client did not yet
 BOTH_FIN       both sent FIN, not both acknowledged yet
@@ -24,6 +29,21 @@ finished connection: the tracker ends the old connection and starts a new one. `
 server's ACK of a connection it still holds on these ports, in answer to a new SYN: it passes without a
 transition when it is a bare ACK that does not acknowledge the SYN (`Engine._older_connection_ack`), and
 so does the client's RST answering it (`check_rst`).
+
+Simultaneous open and the split handshake (RFC 793 section 3.4, RFC 9293 3.5 figure 7): a SYN-SENT stack
+that receives a SYN without ACK moves to SYN-RECEIVED and answers with a SYN-ACK that repeats its own
+ISN; Linux, the BSDs and Windows all complete such a connection, so the gateway tracks it as they do
+(BOTH_SYN, then SYN_RECV or CLIENT_SYNACK according to which side acknowledged first, then ESTABLISHED).
+The split handshake (Beardsley and Qian, 2010) is the same exchange driven by a server: it answers the
+client's SYN with a bare SYN, the client answers with a SYN-ACK, the server ends with an ACK. Devices that
+name the SYN-ACK's sender the server then see the roles swapped and scan the server's download as the
+client's upload. Here the roles never move after the first SYN: the client (`flow.srcip`) is the sender
+of the first SYN the gateway saw, in a simultaneous open as in the split handshake, so 'up' is always
+what reaches the host the client connected to, and rules keyed on direction or on `dstport` read the
+same bytes as in a plain handshake. A segment without SYN from a side whose own SYN is not acknowledged
+yet is invalid (an endpoint in SYN-RECEIVED sends no data before it is synchronised, and answers the
+peer's SYN with a SYN-ACK, not a bare ACK); Linux's SYN-SENT also discards a bare ACK of its SYN, which
+is what keeps the five-step variant of the split handshake (ACK first, then SYN) on this path.
 """
 
 from __future__ import annotations
@@ -43,6 +63,8 @@ class State(enum.IntEnum):
     BOTH_FIN = 6
     TIME_WAIT = 7
     CLOSED = 8
+    BOTH_SYN = 9
+    CLIENT_SYNACK = 10
 
 
 class Event(enum.IntEnum):
@@ -71,7 +93,7 @@ TRANSITIONS: Final[dict[tuple[State, int, Event], State | Action]] = {
     # Handshake.
     (_S.SYN_SENT, UP, _E.SYN): _S.SYN_SENT,  # retransmitted SYN
     (_S.SYN_SENT, DOWN, _E.SYNACK): _S.SYN_RECV,
-    (_S.SYN_SENT, DOWN, _E.SYN): Action.INVALID,  # simultaneous open is not supported through the gateway
+    (_S.SYN_SENT, DOWN, _E.SYN): _S.BOTH_SYN,  # simultaneous open or split handshake
     (_S.SYN_SENT, UP, _E.ACK): Action.INVALID,  # data before the handshake
     # A server still holding an older connection on these ports (TIME_WAIT, half-open) answers the SYN
     # with an ACK of it; the client answers that with an RST, which clears it (RFC 9293 figures 9-11).
@@ -88,6 +110,34 @@ TRANSITIONS: Final[dict[tuple[State, int, Event], State | Action]] = {
     (_S.SYN_RECV, DOWN, _E.FIN): Action.INVALID,
     (_S.SYN_RECV, UP, _E.RST): _S.CLOSED,
     (_S.SYN_RECV, DOWN, _E.RST): _S.CLOSED,
+    # The client's SYN-ACK after both SYNs (the server acknowledged first). After a plain handshake no
+    # client sends one; the engine still requires it to repeat the client's ISN and acknowledge exactly
+    # the server's SYN, so at worst it counts as the client's ACK a step early.
+    (_S.SYN_RECV, UP, _E.SYNACK): _S.ESTABLISHED,
+    # Both SYNs passed, none acknowledged (see the module docstring). Retransmitted SYNs stay here; each
+    # side's SYN-ACK acknowledges the other's SYN.
+    (_S.BOTH_SYN, UP, _E.SYN): _S.BOTH_SYN,
+    (_S.BOTH_SYN, DOWN, _E.SYN): _S.BOTH_SYN,
+    (_S.BOTH_SYN, UP, _E.SYNACK): _S.CLIENT_SYNACK,
+    (_S.BOTH_SYN, DOWN, _E.SYNACK): _S.SYN_RECV,
+    (_S.BOTH_SYN, UP, _E.ACK): Action.INVALID,
+    (_S.BOTH_SYN, DOWN, _E.ACK): Action.INVALID,
+    (_S.BOTH_SYN, UP, _E.FIN): Action.INVALID,
+    (_S.BOTH_SYN, DOWN, _E.FIN): Action.INVALID,
+    (_S.BOTH_SYN, UP, _E.RST): _S.CLOSED,
+    (_S.BOTH_SYN, DOWN, _E.RST): _S.CLOSED,
+    # The client acknowledged the server's SYN; the server's ACK (the split handshake's last step, or the
+    # SYN-ACK of a simultaneous open) completes the connection.
+    (_S.CLIENT_SYNACK, UP, _E.SYN): _S.CLIENT_SYNACK,
+    (_S.CLIENT_SYNACK, UP, _E.SYNACK): _S.CLIENT_SYNACK,
+    (_S.CLIENT_SYNACK, DOWN, _E.SYN): _S.CLIENT_SYNACK,
+    (_S.CLIENT_SYNACK, DOWN, _E.SYNACK): _S.ESTABLISHED,
+    (_S.CLIENT_SYNACK, DOWN, _E.ACK): _S.ESTABLISHED,
+    (_S.CLIENT_SYNACK, DOWN, _E.FIN): _S.SERVER_FIN,
+    (_S.CLIENT_SYNACK, UP, _E.ACK): Action.INVALID,  # the client's SYN is not acknowledged yet
+    (_S.CLIENT_SYNACK, UP, _E.FIN): Action.INVALID,
+    (_S.CLIENT_SYNACK, UP, _E.RST): _S.CLOSED,
+    (_S.CLIENT_SYNACK, DOWN, _E.RST): _S.CLOSED,
     # Data transfer.
     (_S.ESTABLISHED, UP, _E.FIN): _S.CLIENT_FIN,
     (_S.ESTABLISHED, DOWN, _E.FIN): _S.SERVER_FIN,
@@ -120,13 +170,19 @@ for _st in (_S.ESTABLISHED, _S.CLIENT_FIN, _S.SERVER_FIN, _S.BOTH_FIN):
     for _d in (UP, DOWN):
         TRANSITIONS[(_st, _d, _E.SYN)] = Action.INVALID
 
+# States before both SYNs are acknowledged: a segment without SYN that completes the handshake must
+# acknowledge the peer's SYN exactly (engine: `_handshake_ack`).
+HANDSHAKE: Final = frozenset({State.SYN_SENT, State.BOTH_SYN, State.SYN_RECV, State.CLIENT_SYNACK})
+
 # States in which the connection is over: `end_connection` has fired and no data is delivered.
 FINISHED: Final = frozenset({State.TIME_WAIT, State.CLOSED})
 
 # Timeout class of each state (the names of `tcpguard.core.settings.Timeouts` fields).
 TIMEOUT_OF: Final[dict[State, str]] = {
     State.SYN_SENT: "syn_sent",
+    State.BOTH_SYN: "syn_sent",
     State.SYN_RECV: "syn_recv",
+    State.CLIENT_SYNACK: "syn_recv",
     State.ESTABLISHED: "established",
     State.CLIENT_FIN: "fin_wait",
     State.SERVER_FIN: "fin_wait",
@@ -171,17 +227,37 @@ def check_rst(
     ack_ok: bool,
     fin_acked: bool = False,
     owed: bool = False,
+    ts_ok: bool = True,
 ) -> RstCheck:
     """What an RST does to the connection (RFC 793 and RFC 5961, seen from the middle).
 
+    The rule behind every answer: the gateway closes only on an RST its receiver accepts, and drops one
+    the receiver surely discards. Closing on an RST the endpoint ignores is the dangerous mistake: the
+    gateway forgets a connection the endpoints keep, and picks it up later mid-stream, where the rules
+    have lost its beginning (adversarial E16-E18). Dropping one the receiver would have taken only
+    keeps both ends and the gateway agreeing that the connection lives.
+
     `seq_off` is the RST's sequence number as an offset in the sender's stream and `expected_off` the
-    next offset of that stream the receiver expects (the end of what the gateway forwarded). In SYN_SENT
-    the client only accepts an RST that acknowledges its SYN (`ack_ok`); the client's own RST answering a
-    server's ACK of an older connection (`owed`: it carries that ACK's acknowledgment number, and no ACK
-    flag) passes without closing, since it clears the server's old state, not the new connection.
+    next offset of that stream the receiver expects (the end of what the gateway forwarded).
+
+    `ack_ok`: in SYN_SENT, the RST acknowledges exactly the client's SYN (RFC 9293 3.10.7.3; Linux
+    tcp_rcv_synsent_state_process compares it with SND.NXT); elsewhere, false only when the receiver
+    also judges the ACK field of an RST: a listening Linux server's half-open connection (SYN_RECV, the
+    client's RST) hands a segment whose ACK is not its ISS+1 to the listener, which discards an RST
+    (tcp_check_req). `ts_ok`: the timestamp option passes the receiver's check (Linux SYN-SENT: a
+    non-zero echo must lie between the first SYN's TSval and now; a half-open server: PAWS against the
+    SYN's TSval); the engine judges it (`Engine._rst_timestamp_ok`).
+
+    In SYN_SENT the client's own RST answering a server's ACK of an older connection (`owed`: it carries
+    that ACK's acknowledgment number, and no ACK flag) passes without closing, since it clears the
+    server's old state, not the new connection.
     Otherwise only an exact match closes; an RST elsewhere in the window passes, since the endpoint
     itself will challenge it and keep the connection, so we keep tracking it too; an RST outside the
-    window, including the classic blind seq=0 RST, is an injection attempt and is dropped.
+    window, including the classic blind seq=0 RST, is an injection attempt and is dropped. (A Linux
+    listener's half-open connection takes any in-window RST, not only the exact one; passing it without
+    closing errs on the safe side: the server forgets, the gateway keeps an entry until it times out.)
+    An RST fails no PAWS check in a synchronised Linux connection (tcp_validate_incoming accepts it
+    whatever its timestamp), so timestamps are judged only in the two handshake cases above.
 
     `fin_acked`: the receiver acknowledged the sender's FIN, which sits at `expected_off`. It then expects
     the number after the FIN, and Linux also takes an RST at the FIN itself (tcp_reset_check, in
@@ -189,10 +265,14 @@ def check_rst(
     FIN with such an RST (a server whose TIME_WAIT table is full, or whose FIN_WAIT2 timed out); a
     connection left open here would refuse the client's next SYN on the same ports.
     """
+    if not ts_ok:
+        return RstCheck.DROP
     if state == State.SYN_SENT:
         if ack_ok:
             return RstCheck.CLOSE
         return RstCheck.PASS if owed else RstCheck.DROP
+    if not ack_ok:
+        return RstCheck.DROP
     if fin_acked:
         if seq_off == expected_off:
             return RstCheck.CLOSE
