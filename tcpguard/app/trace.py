@@ -63,6 +63,7 @@ each gap with its stream offset, its length and where in the file the bytes afte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ipaddress
 import json
@@ -70,6 +71,7 @@ import logging
 import math
 import mmap
 import os
+import re
 import socket
 import struct
 import sys
@@ -80,6 +82,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tcpguard.app.replay import EXIT_DAMAGED, PROGRESS_EVERY, RECORD_OVERHEAD, damage_warning, progress_bar
 from tcpguard.core.conntrack import Action, Connection, FlowKey, flow_key
 from tcpguard.core.cursor import Cursor
 from tcpguard.core.decision import Decision, Verdict
@@ -111,7 +114,6 @@ _pack_epb = _NG_EPB.pack
 _PADS = (b"", b"\0", b"\0\0", b"\0\0\0")
 _CLASSIC, _PCAPNG, _JSON = 0, 1, 2
 _NG_SHB = struct.pack("<IIIHHqI", 0x0A0D0D0A, 28, 0x1A2B3C4D, 1, 0, -1, 28)
-_PROGRESS_EVERY = 4096
 
 
 # ================================================================================== settings
@@ -661,6 +663,12 @@ class TCP:
             self._files.close_all()
         return tuple(self._index)
 
+    def discard(self) -> None:
+        """The run failed: close every output file without writing what is still spooled. No more
+        frames (the caller removes the files; see `trace_capture`)."""
+        self._submitted = True
+        self._files.close_all()
+
     def advance(self, ts: float) -> None:
         """Let capture time pass without a frame (a frame another job traces): timeouts fire on time."""
         if ts >= self._next_tick:
@@ -1082,16 +1090,29 @@ class TraceSummary:
     engine: dict[str, int]
     reasons: dict[str, int]
     seconds: float = 0.0
+    #: Where the capture is damaged (byte offset, what is wrong) when it is; the trace covers every whole
+    #: record before it.
+    damage: tuple[int, str] | None = None
+    #: Files of an earlier trace into the same directory that this one removed first (see `_clear_previous`).
+    cleared: int = 0
 
     def lines(self) -> list[str]:
         s = self.stats
         rate = s.frames / self.seconds if self.seconds > 0 else 0.0
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items()))
-        return [
+        out = [
             f"{self.capture}: {s.frames} frames ({s.traced} traced, {s.not_ip} not IP, {s.not_tcp} not TCP)"
             f" in {self.seconds:.2f} s ({rate:,.0f} frames/s)",
             f"{s.flows} flows ({reasons or 'none'}) written to {self.outdir}/index.json",
         ]
+        if self.cleared:
+            out.append(f"removed {self.cleared} files of the earlier trace in {self.outdir} first")
+        if self.damage is not None:
+            out.append(
+                f"capture damaged at byte {self.damage[0]}: {self.damage[1]}; traced the {s.frames} whole "
+                "records before it (flows still open there end as capture-end)"
+            )
+        return out
 
 
 class _IndexWriter:
@@ -1152,22 +1173,84 @@ class _IndexWriter:
             os.unlink(p)
 
 
-def _progress_bar(path: str, enabled: bool | None) -> Any:
-    """A tqdm bar over the capture's bytes, shown only on a terminal (tqdm's own test when `enabled`
-    is None), or None when tqdm is missing: a progress bar is never worth failing a trace for."""
-    if enabled is False:
-        return None
-    if enabled is None and not sys.stderr.isatty():
-        return None  # tqdm's own test, made before importing it (0.03 s of every trace otherwise)
+def _output_names(flow: Any) -> list[str]:
+    """The file names one flow record of index.json lists (packets or JSON, payload per direction),
+    relative to the trace's directory. Names that are not a plain file name (a path, '..') are left out:
+    an index.json is input here, and whatever it says, only files directly in the directory go."""
+    names: list[Any] = []
+    if isinstance(flow, dict):
+        names.append(flow.get("fpout"))
+        payload = flow.get("payload")
+        if isinstance(payload, dict):
+            names += [d.get("fpout") for d in payload.values() if isinstance(d, dict)]
+    return [
+        n for n in names if isinstance(n, str) and n and n == os.path.basename(n) and n not in (".", "..")
+    ]
+
+
+def _clear_previous(out: Path) -> int:
+    """Make `out` ready for a new trace without mixing in the files of an earlier one; the number of
+    files removed.
+
+    Why this and not "clear the directory": the directory is the operator's, and `-o .` or `-o ~` must
+    never cost them a file. What an earlier trace wrote is known exactly from its index.json, so those
+    files (and index.json, and the spools of an interrupted run) go, and anything else stays. A
+    directory that holds files but no index.json (a trace that was killed, or someone's own files) is
+    refused: which of its files are stale cannot be known, and guessing by name could delete a file the
+    operator keeps.
+    """
+    if not out.exists():
+        return 0
+    if not out.is_dir():
+        raise NotADirectoryError(f"{out}: not a directory")
+    index = out / "index.json"
+    leftovers = [*out.glob(".index.spool.*"), out / "index.json.part"]
+    names: list[str] = []
+    if index.exists():
+        try:
+            doc = json.loads(index.read_bytes())
+            flows = doc["flows"]
+            if not isinstance(flows, list):
+                raise TypeError("flows is not a list")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FileExistsError(
+                f"{index}: not the index of an earlier trace ({e}); give a new or empty directory"
+            ) from None
+        for flow in flows:
+            names += _output_names(flow)
+    elif any(p.name not in {q.name for q in leftovers} for p in out.iterdir()):
+        raise FileExistsError(
+            f"{out}: the directory is not empty and holds no index.json of an earlier trace (one that did "
+            "not finish, or other files); give a new or empty directory"
+        )
+    removed = 0
+    for path in [*(out / n for n in names), index, *leftovers]:
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+# The names trace writes: flow files (labels: first frame, client, server), its spools and index.json.
+_OURS = re.compile(
+    r"(\d{6,}_[0-9a-f.-]+_[0-9a-f.-]+\.(pcap|pcapng|json|forward\.bin|reverse\.bin)"
+    r"|\.index\.spool\.\d+|index\.json(\.part)?)"
+)
+
+
+def _remove_ours(out: Path, before: set[str]) -> None:
+    """A run failed: remove every file it wrote (named as trace names its files, and not in the
+    directory when the run started), so that nothing half-written looks like a result."""
     try:
-        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
-    except ImportError:
-        return None
-    try:
-        size = os.path.getsize(path)
+        names = os.listdir(out)
     except OSError:
-        size = None
-    return tqdm(total=size, unit="B", unit_scale=True, desc="trace", disable=None, leave=False)
+        return
+    for name in names:
+        if name not in before and _OURS.fullmatch(name):
+            with contextlib.suppress(OSError):
+                os.unlink(out / name)
 
 
 def _owner(ip: bytes | None, jobs: int) -> int:
@@ -1209,6 +1292,7 @@ class _ShardResult:
     spool: str
     order: array[int]
     container: Container
+    damage: tuple[int, str] | None  # (offset, message): a PcapError itself does not survive pickling
 
 
 def _run_shard(
@@ -1227,8 +1311,9 @@ def _run_shard(
     jobs; it still advances its clock on them so timeouts fire at the same capture times.
     """
     index = _IndexWriter(out, shard)
-    reader = PcapReader(capture)
+    reader = PcapReader(capture, stop_at_damage=True)
     bar = None
+    tracer: TCP | None = None
     try:
         container: Container = "pcapng" if reader.format == "pcapng" else "pcap"
         tracer = TCP(
@@ -1240,8 +1325,8 @@ def _run_shard(
             on_flow=index.add,
             keep_index=False,
         )
-        bar = _progress_bar(reader.path, progress) if shard == 0 else None
-        overhead = 28 if container == "pcapng" else 16
+        bar = progress_bar(reader.path, progress, "trace") if shard == 0 else None
+        overhead = RECORD_OVERHEAD[container]
         feed = tracer._feed  # one call per frame instead of two: this loop runs 100,000 times a second
         done = 0
         for n, frame in enumerate(reader, 1):
@@ -1251,16 +1336,24 @@ def _run_shard(
                 tracer.advance(frame.ts)
             if bar is not None:
                 done += len(frame.data) + overhead
-                if not n % _PROGRESS_EVERY:
+                if not n % PROGRESS_EVERY:
                     bar.update(done)
                     done = 0
                     bar.set_postfix(frames=n, flows=tracer.stats.flows, refresh=False)
         tracer.submit()
+    except BaseException:
+        # Release the descriptors; trace_capture removes what this run wrote.
+        with contextlib.suppress(OSError):
+            index.close()  # its last flush may be what failed (a full disk)
+        if tracer is not None:
+            tracer.discard()
+        raise
     finally:
         if bar is not None:
             bar.close()
         reader.close()
         index.close()
+    damage = reader.damage
     return _ShardResult(
         tracer.stats,
         tracer.engine.stats.as_dict(),
@@ -1268,6 +1361,7 @@ def _run_shard(
         str(index.spool_path),
         index.order,
         container,
+        None if damage is None else (damage.offset, damage.message),
     )
 
 
@@ -1295,8 +1389,13 @@ def trace_capture(
 
     t0 = time.perf_counter()
     out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
     cap = os.fspath(capture)
+    # A file that is not a capture fails here, before the directory is made or an earlier trace cleared.
+    PcapReader(cap).close()
+    cleared = _clear_previous(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # What is in the directory now is not this run's: if the run fails, everything of ours but these goes.
+    before = set(os.listdir(out))
     jobs = max(1, jobs)
     shard_settings = _shard_settings(settings or TraceSettings(), jobs)
     results: list[_ShardResult] = []
@@ -1317,8 +1416,7 @@ def trace_capture(
                 results.append(_run_shard(cap, out, format, payload, shard_settings, 0, jobs, progress))
                 results += [f.result() for f in futures]
     except BaseException:
-        for shard in range(jobs):
-            (out / f".index.spool.{shard}").unlink(missing_ok=True)
+        _remove_ours(out, before)
         raise
     stats = TraceStats()
     engine: dict[str, int] = {}
@@ -1331,8 +1429,10 @@ def trace_capture(
         for name, v in r.reasons.items():
             reasons[name] = reasons.get(name, 0) + v
     container = results[0].container
+    damage = results[0].damage  # every job reads the whole capture: the first one speaks for all
     header = {
         "capture": os.path.abspath(cap),
+        "damage": None if damage is None else {"offset": damage[0], "error": damage[1]},
         "format": format,
         "container": container if format == "pcap" else None,
         "payload": payload,
@@ -1344,8 +1444,12 @@ def trace_capture(
         "reasons": reasons,
         "tracker": engine,
     }
-    _IndexWriter.finish_from(out, header, [(r.spool, r.order) for r in results])
-    return TraceSummary(cap, str(out), stats, engine, reasons, time.perf_counter() - t0)
+    try:
+        _IndexWriter.finish_from(out, header, [(r.spool, r.order) for r in results])
+    except BaseException:
+        _remove_ours(out, before)
+        raise
+    return TraceSummary(cap, str(out), stats, engine, reasons, time.perf_counter() - t0, damage, cleared)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -1367,6 +1471,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
         return 1
     for line in summary.lines():
         print(line)
+    if summary.damage is not None:
+        offset, message = summary.damage
+        damage = PcapError(summary.capture, offset, message)
+        print(damage_warning("trace", damage, summary.stats.frames), file=sys.stderr)
+        return EXIT_DAMAGED
     return 0
 
 

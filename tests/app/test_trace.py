@@ -27,8 +27,9 @@ from typing import Any
 import pytest
 
 from tcpguard.app import trace as tr
+from tcpguard.app.replay import EXIT_DAMAGED
 from tcpguard.core.packet import decode
-from tcpguard.io.pcap import LINKTYPE_ETHERNET, Frame, PcapWriter, iter_frames
+from tcpguard.io.pcap import LINKTYPE_ETHERNET, Frame, PcapReader, PcapWriter, iter_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "samples" / "trace.pcapng"
@@ -413,3 +414,133 @@ def test_jobs_split_connections_without_changing_the_result(
         for name in [f["fpout"], *(p["fpout"] for p in f["payload"].values() if p["fpout"])]:
             assert (tmp_path / name).read_bytes() == (ref_out / name).read_bytes()
     assert not list(tmp_path.glob(".index.spool*"))
+
+
+# ------------------------------------------------------------------------------ damaged captures, re-runs
+
+
+def _files(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir()}
+
+
+def _listed(index: dict[str, Any]) -> set[str]:
+    names = {"index.json"}
+    for f in index["flows"]:
+        names.add(f["fpout"])
+        names |= {p["fpout"] for p in f.get("payload", {}).values() if p["fpout"]}
+    return names
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_cut_capture_is_traced_up_to_the_damage_with_every_flow_and_the_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], jobs: int
+) -> None:
+    """Before: the trace stopped with an error, left some flow files and no index.json. Now every whole
+    record is traced, every flow written and listed, the index says where the damage is, and the status
+    is EXIT_DAMAGED. The result is the trace of the capture cut cleanly before the damaged record."""
+    raw = SAMPLE.read_bytes()
+    damaged = tmp_path / "damaged.pcapng"
+    damaged.write_bytes(raw[: len(raw) * 2 // 3])
+    with PcapReader(damaged, stop_at_damage=True) as reader:
+        whole = len(list(reader))
+        assert reader.damage is not None
+        offset = reader.damage.offset
+    clean = tmp_path / "clean.pcapng"
+    clean.write_bytes(raw[:offset])  # the whole records only: a file without damage
+
+    out = tmp_path / "out"
+    args = [str(damaged), "-o", str(out), "--payload", "--no-progress", "-j", str(jobs)]
+    assert tr.main(args) == EXIT_DAMAGED
+    captured = capsys.readouterr()
+    assert f"{damaged}: offset {offset}: file ends inside a block" in captured.err
+    assert f"capture damaged at byte {offset}: " in captured.out
+    index = json.loads((out / "index.json").read_text())
+    assert index["damage"]["offset"] == offset and "cut short" in index["damage"]["error"]
+    assert index["frames"] == whole and index["flow_count"] == len(index["flows"]) > 0
+    assert _files(out) == _listed(index)  # every flow's files, no spool left
+
+    ref_out = tmp_path / "ref"
+    ref = run_trace(clean, ref_out, payload=True)
+    assert ref["damage"] is None
+    strip = ("capture", "damage")
+    assert {k: v for k, v in index.items() if k not in strip} == {
+        k: v for k, v in ref.items() if k not in strip
+    }
+    for name in _listed(index) - {"index.json"}:
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+
+
+def test_a_failed_trace_leaves_nothing(tmp_path: Path) -> None:
+    """Not a capture: status 1, the output directory is not even made, and an earlier trace in an
+    existing one is left whole."""
+    bogus = tmp_path / "notes.pcap"
+    bogus.write_text("not a capture\n")
+    assert tr.main([str(bogus), "-o", str(tmp_path / "new"), "--no-progress"]) == 1
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "out"
+    first = run_trace(SAMPLE, out)
+    before = {n: (out / n).read_bytes() for n in _files(out)}
+    assert tr.main([str(bogus), "-o", str(out), "--no-progress"]) == 1
+    assert {n: (out / n).read_bytes() for n in _files(out)} == before
+    assert _files(out) == _listed(first)
+
+
+def test_a_second_trace_into_the_same_directory_leaves_no_stale_files(tmp_path: Path) -> None:
+    """The earlier trace's files (listed in its index.json) are removed first; anything else stays."""
+    out = tmp_path / "out"
+    first = run_trace(SAMPLE, out, payload=True)
+    (out / "notes.txt").write_text("mine\n")
+    # A smaller capture, other options: fewer flows, JSON files, no payload.
+    small = tmp_path / "small.pcapng"
+    with PcapReader(SAMPLE) as reader:
+        rewrite(SAMPLE, small, (f for f in reader if f.number <= 40))
+    second = run_trace(small, out, format="json")
+    assert len(second["flows"]) < len(first["flows"])
+    assert _files(out) == _listed(second) | {"notes.txt"}
+    assert not any(n.endswith((".bin", ".pcapng")) for n in _files(out))
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_directory_with_other_files_and_no_index_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000001_10.0.0.1.1_10.0.0.2.2.pcap").write_bytes(b"left by a trace that was killed")
+    assert tr.main([str(SAMPLE), "-o", str(out), "--no-progress"]) == 1
+    assert _files(out) == {"000001_10.0.0.1.1_10.0.0.2.2.pcap"}
+
+
+def test_an_index_naming_files_outside_the_directory_removes_none_of_them(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    keep = tmp_path / "precious.txt"
+    keep.write_text("keep\n")
+    flows = [
+        {"fpout": "../precious.txt"},
+        {"fpout": str(keep)},
+        {"fpout": "x", "payload": {"a": {"fpout": ".."}}},
+    ]
+    (out / "index.json").write_text(json.dumps({"flows": flows}))
+    (out / "x").write_text("stale\n")
+    run_trace(SAMPLE, out)
+    assert keep.read_text() == "keep\n" and not (out / "x").exists()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: a real full disk for a trace to fail on. Unmounted also when the test fails."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tcpguard-test", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], check=False).returncode:
+            subprocess.run(["umount", "--lazy", str(mnt)], check=True)  # a descriptor left open
+
+
+def test_a_trace_that_fails_midway_removes_the_files_it_wrote(tmp_path: Path, tiny_fs: Path) -> None:
+    """The disk fills up mid-trace (ENOSPC, on a real tmpfs): status 1 and none of this run's files stay
+    to look like a result."""
+    out = tiny_fs / "out"
+    assert tr.main([str(SAMPLE), "-o", str(out), "--payload", "--no-progress"]) == 1
+    assert _files(out) == set()
