@@ -143,7 +143,8 @@ def cmd_iptables(args: argparse.Namespace) -> int:
     mgr = IptablesManager(iptables_spec(cfg))
     try:
         if args.action == "install":
-            mgr.install()
+            for line in mgr.install():
+                print(line)
         elif args.action == "remove":
             mgr.remove()
         print(mgr.show(), end="")

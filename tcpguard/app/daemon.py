@@ -250,6 +250,9 @@ class Worker:
             bytes_received=est.bytes,
             packets_accepted=est.accepted + rel.packets_accepted,
             bytes_accepted=est.bytes_accepted + rel.bytes_accepted,
+        # Mid-stream pickups already reported in the log, and when (see _report_midstream).
+        self._midstream_reported = 0
+        self._midstream_next = 0.0
             packets_dropped=est.dropped + rel.packets_dropped,
             bytes_dropped=est.bytes_dropped + rel.bytes_dropped,
         )
@@ -325,6 +328,8 @@ class Worker:
         done = self.reload()
         if n is not None:
             n.ready(self.status_line())
+        if self.engine.stats.midstream != self._midstream_reported and now >= self._midstream_next:
+            self._report_midstream(now)
         return done
 
     def status_line(self) -> str:
@@ -341,6 +346,23 @@ class Worker:
         self.budget.stop()
         self._account_output(out)
         if self.dumps is not None:
+    def _report_midstream(self, now: float) -> None:
+        """Connections that were open before this daemon started (a restart, a crash) or that the tracker
+        forgot reach it mid-stream: say so, at most once a minute, so that an operator reading the log after
+        a restart knows these were picked up (inspected from their next byte, or by the midstream policy)."""
+        n = self.engine.stats.midstream
+        first = self._midstream_reported == 0
+        log.info(
+            "%d connection%s met mid-stream%s (open before this start, or forgotten by the tracker); "
+            "engine.policies.midstream=%s",
+            n - self._midstream_reported,
+            "" if n - self._midstream_reported == 1 else "s",
+            " for the first time since start" if first else " in the last minute",
+            self.engine.settings.policies.midstream,
+        )
+        self._midstream_reported = n
+        self._midstream_next = now + 60.0
+
             self.dumps.close()
         """Reload now, in this tick (a control request: its trial already ran in the control thread)."""
         self.alerts.close()
@@ -493,6 +515,7 @@ class Worker:
     def reload(self, cfg: Config | None = None) -> bool:
         """Load config (unless given) and rules again, here, under the load budget; swap them in only if
         both load. Callers run the trial load first (`_start_reload`, the dispatcher's reload check)."""
+                "midstream": est.midstream,
         try:
             if cfg is None:
                 cfg = load_config(self.config_path)
@@ -620,7 +643,11 @@ def start_services(
     """Serve the control socket and (if configured) the metrics endpoint for the workers behind `links`.
     Raises ControlError or OSError when either cannot be served, having closed what it opened."""
     disp = dispatcher or Dispatcher(
-        links, mode, reload_check=reload_check, bypassed=bypass.read if bypass is not None else None
+        links,
+        mode,
+        reload_check=reload_check,
+        bypassed=bypass.read if bypass is not None else None,
+        bypassed_note=_bypass_note(cfg),
     )
     services = Services()
     try:
@@ -660,6 +687,19 @@ class Daemon:
     def run_inline(self) -> int:
         adapter, worker = _serve_queue(
             self.cfg, self.config_path, self.rules, self.cfg.queue.num, self.notifier
+def _bypass_note(cfg: Config) -> str | None:
+    """Why the status cannot count the packets that passed uninspected, or None when it can."""
+    if not cfg.queue.bypass:
+        return "not counted with queue.bypass false: a packet that misses the queue is dropped, not passed"
+    if not cfg.iptables.manage:
+        return (
+            "not counted with iptables.manage false: the NFQUEUE rules are yours, so tcpguard cannot tell "
+            "the packets that passed them uninspected (queue full, or no daemon bound, as during a restart) "
+            "from the packets it read"
+        )
+    return None
+
+
         )
 
         def stop(*_: object) -> None:
@@ -674,6 +714,7 @@ class Daemon:
                 self.cfg,
                 InboxLinks(self.cfg.queue.num, worker.inbox),
                 "single",
+        self.bypass_note = _bypass_note(cfg)
                 bypass=self.bypass,
                 # The trial load runs in the control thread, so the packet loop only does the real one.
                 reload_check=self._reload_check,
@@ -779,6 +820,7 @@ class Daemon:
                     self.notifier.reloading()
                     self._reload_check(lambda: self.flags.stop)
                     self._signal_children(signal.SIGHUP)
+            bypassed_note=self.bypass_note,
                     self.notifier.ready(f"{len(self.children)} workers")
                 with contextlib.suppress(ChildProcessError):
                     pid, status = os.waitpid(-1, os.WNOHANG)
@@ -835,8 +877,12 @@ class Daemon:
     # -------------------------------------------------------------------- iptables
     def _install_iptables(self) -> None:
         if self.iptables is not None:
-            self.iptables.install()
-            log.info("iptables chain %s installed", self.cfg.iptables.chain)
+            found = self.iptables.install()
+            for line in found:
+                # A daemon killed with SIGKILL (or a crash) leaves its chain; with queue.bypass false the
+                # traffic it queued was dropped meanwhile, with true it passed uninspected.
+                log.warning("restart after an unclean stop: %s", line)
+            log.info("iptables chain %s %s", self.cfg.iptables.chain, "reused" if found else "installed")
 
     def _remove_iptables(self) -> None:
         if self.iptables is not None:

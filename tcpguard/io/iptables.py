@@ -201,10 +201,16 @@ class IptablesManager:
         v4, v6 = self.spec.binaries
         return [v4, v6] if self.spec.ipv6 else [v4]
 
-    def install(self) -> None:
-        """Make the tables contain exactly this spec's chain and jumps. Safe to repeat; reuses leftovers."""
+    def install(self) -> list[str]:
+        """Make the tables contain exactly this spec's chain and jumps. Safe to repeat; reuses leftovers.
+
+        Returns what it found from an earlier run (a daemon killed with SIGKILL leaves its chain), one
+        line each, so a restart can say it reused rules instead of installing them; empty on a clean start.
+        """
+        found: list[str] = []
         for binary in self.families():
-            self._install_family(binary)
+            found += self._install_family(binary)
+        return found
 
     def remove(self) -> None:
         """Delete the chain and every rule jumping to it, in both families. A no-op when not installed.
@@ -270,6 +276,15 @@ class IptablesManager:
             positions = self._jump_positions(binary, hook)
             if hook in self.spec.hooks:
                 if not positions:
+        found: list[str] = []
+        if self._chain_exists(binary):
+            held = len(self._rules(binary, chain))
+            jumps = [hook for hook in HOOKS if self._jump_positions(binary, hook)]
+            found.append(
+                f"{binary}: chain {chain} was already there ({held} rule{'' if held == 1 else 's'}"
+                + (f", jumped to from {', '.join(jumps)}" if jumps else ", no jumps")
+                + "): refilled and reused"
+            )
                     # At the top: an operator's earlier ACCEPT (e.g. for established traffic) must not let
                     # packets skip inspection.
                     self._run([binary, "-w", "-t", "filter", "-I", hook, "1", "-j", chain])
@@ -285,6 +300,7 @@ class IptablesManager:
             return
         for line in self._rules(binary, None):
             if self._is_jump_line(line):
+        return found
                 args = shlex.split(line)
                 # "-A CHAIN rest..." becomes "-D CHAIN rest...": iptables deletes the first identical rule.
                 self._run([binary, "-w", "-t", "filter", "-D", *args[1:]])

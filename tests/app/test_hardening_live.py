@@ -134,3 +134,49 @@ def test_packets_sent_back_by_an_operator_rule_without_the_mark_exemption_do_not
         assert g.stop_daemon() == 0
     finally:
         lab.run("gw", ["iptables", "-w", "-F", "FORWARD"], check=False)
+
+
+def test_a_restart_after_kill9_says_what_it_found(lab: Lab, tmp_path: Path) -> None:
+    g = Gateway(lab, tmp_path)
+    g.start_server(OPEN_PORT, reply=10)
+    g.start_daemon()
+    # A connection that lives across the restart: a chunk before the kill, one after.
+    spec = {"chunks": [hexs(b"before "), hexs(b"after")], "gap": 3, "timeout": 15}
+    client = g.lab.popen(
+        "client",
+        [*_client_argv(), json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    g.stop_daemon(signal.SIGKILL)
+    start = len(g.daemon_log.read_text())
+    g.start_daemon()
+    out, _ = client.communicate(timeout=40)
+    assert json.loads(out)["error"] is None
+    wait_for(lambda: "mid-stream" in g.daemon_log.read_text()[start:], "the mid-stream report", timeout=10)
+    log = g.daemon_log.read_text()[start:]
+    assert "restart after an unclean stop: iptables: chain TCPGUARD was already there (" in log
+    assert "chain TCPGUARD reused" in log
+    assert "removed the control socket" in log and "left by a run that did not stop cleanly" in log
+    assert "1 connection met mid-stream for the first time since start" in log
+    assert status(g)["totals"]["connections"]["midstream"] == 1
+    assert g.stop_daemon() == 0
+    # A clean start after a clean stop finds nothing.
+    start = len(g.daemon_log.read_text())
+    g.start_daemon()
+    assert g.stop_daemon() == 0
+    log = g.daemon_log.read_text()[start:]
+    assert "unclean stop" not in log and "removed the control socket" not in log and "installed" in log
+
+
+def test_the_status_says_why_bypassed_packets_are_not_counted(lab: Lab, tmp_path: Path) -> None:
+    g = Gateway(lab, tmp_path, manage=False)
+    g.config.write_text(g.config.read_text().replace("bypass: true", "bypass: true\n  repeat: false"))
+    g.start_daemon()
+    argv = [TCPGUARD, "status", "--config", str(g.config)]
+    text = g.lab.run("gw", argv, cwd=g.tmp).stdout
+    assert "queue bypassed: not counted with iptables.manage false" in text
+    assert "no daemon bound" in text
+    assert status(g)["totals"]["queue_drops"]["bypassed"] is None
+    assert g.stop_daemon() == 0
