@@ -119,7 +119,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(line)
     if summary.damage is not None:
-        print(damage_warning("replay", summary.damage, summary.frames), file=sys.stderr)
+        done = f"replayed the {summary.frames} whole records before it"
+        print(damage_warning("replay", summary.damage, done), file=sys.stderr)
         return EXIT_DAMAGED
     return 0
 

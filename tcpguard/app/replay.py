@@ -70,12 +70,9 @@ def progress_bar(path: str, enabled: bool | None, desc: str) -> Any:
     return tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=None, leave=False)
 
 
-def damage_warning(command: str, damage: PcapError, records: int) -> str:
-    """The warning line for a damaged capture, in the words tshark uses for a cut file."""
-    return (
-        f"tcpguard {command}: warning: {damage}; processed the {records} whole records before it "
-        f"(exit status {EXIT_DAMAGED})"
-    )
+def damage_warning(command: str, damage: PcapError, done: str) -> str:
+    """The warning line for a damaged capture: where, what, and what was `done` with the records before."""
+    return f"tcpguard {command}: warning: {damage}; {done} (exit status {EXIT_DAMAGED})"
 
 
 class Replacing:

@@ -18,6 +18,13 @@ and a timer tick every second as in `tcpguard replay`, with:
   on those the real rules would refuse; a streamed one's coroutine is started and ends at once;
 * every rule: the set as it would run.
 
+Rules run under the daemon's per-call time budget (`engine.limits.rule_time_budget`): a call that runs
+past it is interrupted and counted as a rule error, and a rule set whose calls time out is measured on one
+run up to its first timeout and marked `timed out` (its figure is the budget, not the rule). Rule errors are
+listed after the table with their exception text (bytes in it elided), from one more, untimed, run of the
+row. A damaged capture (cut mid-record, junk at the end) is measured on its whole records before the
+damage, with a warning and exit status 3 when the damage was reached.
+
 Each figure is the best of `--repeat` runs, in CPU time of this process, per packet of all traffic,
 including the end of the connections still open when the frames run out (their `end_connection`). The
 rule modules are loaded afresh before every run (untimed), so what a module keeps between calls (a rate
@@ -44,11 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tcpguard.app.replay import TIMER_INTERVAL
+from tcpguard.app.replay import EXIT_DAMAGED, TIMER_INTERVAL, RuleErrors, damage_warning, rule_budget
 from tcpguard.core.engine import Engine
 from tcpguard.core.rules import Rule, RuleSet
 from tcpguard.core.settings import EngineSettings
-from tcpguard.io.pcap import iter_frames
+from tcpguard.io.pcap import PcapError, PcapReader
 
 DEFAULT_FRAMES = 100_000
 MAX_BYTES = 512 * 2**20  # of IP packets held in memory, whatever --frames says (GRO captures: 64 KB frames)
@@ -71,40 +78,63 @@ class CostRow:
     alerts: int = 0
     rule_errors: int = 0
     bad_checksum: int = 0
+    timed_out: bool = False  # a call ran past the rule time budget: the run stopped there
+    errors: tuple[str, ...] = ()  # the distinct rule errors of one run (RuleErrors.lines)
+
+
+def read_frames(
+    capture: str | Path, max_frames: int, max_bytes: int = MAX_BYTES
+) -> tuple[list[tuple[bytes, float]], PcapError | None]:
+    """The first IP frames of `capture` as (IP packet, timestamp): at most `max_frames` of them and
+    `max_bytes` of packets. Frames without IP are skipped (the engine never sees them in the daemon).
+    Reading stops at damage in the file (see `PcapReader`'s stop_at_damage), which is returned with the
+    frames before it; None when the file was clean as far as it was read."""
+    out: list[tuple[bytes, float]] = []
+    size = 0
+    with PcapReader(capture, stop_at_damage=True) as reader:
+        for frame in reader:
+            ip = frame.ip
+            if ip is None:
+                continue
+            size += len(ip)
+            if size > max_bytes:
+                break
+            out.append((ip, frame.ts))
+            if len(out) >= max_frames:
+                break
+        return out, reader.damage
 
 
 def load_frames(
     capture: str | Path, max_frames: int, max_bytes: int = MAX_BYTES
 ) -> list[tuple[bytes, float]]:
-    """The first IP frames of `capture` as (IP packet, timestamp): at most `max_frames` of them and
-    `max_bytes` of packets. Frames without IP are skipped (the engine never sees them in the daemon)."""
-    out: list[tuple[bytes, float]] = []
-    size = 0
-    for frame in iter_frames(capture):
-        ip = frame.ip
-        if ip is None:
-            continue
-        size += len(ip)
-        if size > max_bytes:
-            break
-        out.append((ip, frame.ts))
-        if len(out) >= max_frames:
-            break
-    return out
+    """`read_frames` for callers that want damage as an error: raises it after reading the frames."""
+    frames, damage = read_frames(capture, max_frames, max_bytes)
+    if damage is not None:
+        raise damage
+    return frames
 
 
-def run_once(frames: Frames, engine: Engine) -> None:
-    """One pass of `engine` over `frames`, ticking its timer as `tcpguard replay` does."""
+_CHUNK = 1024  # frames between two looks at `stop` (the slice costs next to nothing per frame)
+
+
+def run_once(frames: Frames, engine: Engine, stop: Callable[[], bool] | None = None) -> None:
+    """One pass of `engine` over `frames`, ticking its timer as `tcpguard replay` does. With `stop`,
+    the pass ends early (at a chunk boundary, then the engine's shutdown) once it returns True."""
     handle = engine.handle_packet
     next_timer: float | None = None
     ts = 0.0
-    for raw, ts in frames:
-        if next_timer is None:
-            next_timer = ts + TIMER_INTERVAL
-        elif ts >= next_timer:
-            engine.handle_timer(ts)
-            next_timer = ts + TIMER_INTERVAL
-        handle(raw, ts)
+    step = len(frames) if stop is None else _CHUNK
+    for start in range(0, len(frames), max(1, step)):
+        for raw, ts in frames[start : start + step]:
+            if next_timer is None:
+                next_timer = ts + TIMER_INTERVAL
+            elif ts >= next_timer:
+                engine.handle_timer(ts)
+                next_timer = ts + TIMER_INTERVAL
+            handle(raw, ts)
+        if stop is not None and stop():
+            break
     engine.shutdown(ts)
 
 
@@ -165,12 +195,13 @@ def measure(
     rows: list[CostRow] = []
     base = 0.0
     was_disabled = engine_log.disabled
-    engine_log.disabled = True
     try:
+        engine_log.disabled = True
         run_once(frames, Engine(settings, RuleSet()))  # warm-up: first-use allocations, caches
         for label, what, make in sets:
             best = float("inf")
             alerts = 0
+            timed_out = False
             for _ in range(repeat):
                 engine = Engine(settings, make())
                 alerts = 0
@@ -180,15 +211,39 @@ def measure(
                     alerts += 1
 
                 engine.alert_hook = count
+                budget = rule_budget(engine, settings)
+                # A call that times out costs the whole budget: stop the run there, and the repeats.
+                stop = _stopper(budget)
                 gc.collect()  # the previous run's garbage is not this run's cost
-                t = clock()
-                run_once(frames, engine)
-                best = min(best, clock() - t)
+                try:
+                    t = clock()
+                    run_once(frames, engine, stop)
+                    best = min(best, clock() - t)
+                finally:
+                    if budget is not None:
+                        budget.stop()
+                if budget is not None and budget.timeouts:
+                    timed_out = True
+                    break
             us = best / len(frames) * 1e6
             if not rows:
                 base = us
             st = engine.stats
-            row = CostRow(label, what, us, us - base, st.dropped, alerts, st.rule_errors, st.bad_checksum)
+            errors: tuple[str, ...] = ()
+            if st.rule_errors:
+                errors = _error_texts(frames, settings, make, engine_log)
+            row = CostRow(
+                label,
+                what,
+                us,
+                us - base,
+                st.dropped,
+                alerts,
+                st.rule_errors,
+                st.bad_checksum,
+                timed_out,
+                errors,
+            )
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -197,10 +252,38 @@ def measure(
     return rows
 
 
+def _stopper(budget: Any) -> Callable[[], bool] | None:
+    """`run_once`'s stop test for a run under `budget` (None: no budget, nothing to stop for)."""
+    if budget is None:
+        return None
+    return lambda: bool(budget.timeouts)
+
+
+def _error_texts(
+    frames: Frames, settings: EngineSettings | None, make: Loader, engine_log: logging.Logger
+) -> tuple[str, ...]:
+    """The distinct rule errors of one more run of `make`'s rules, untimed: the timed runs keep the
+    engine's log off (a log record per error would be part of the figure), so the texts come from here."""
+    engine = Engine(settings, make())
+    collect = RuleErrors(quiet=True)
+    collect.attach(engine)
+    engine_log.disabled = False
+    budget = rule_budget(engine, settings)
+    try:
+        run_once(frames, engine, _stopper(budget))
+    finally:
+        if budget is not None:
+            budget.stop()
+        engine_log.disabled = True
+        collect.detach()
+    return tuple(collect.lines())
+
+
 def format_row(row: CostRow) -> str:
     added = "" if row.label == "(no rules)" else f"{row.added:+.2f}"
+    us = "timed out" if row.timed_out else f"{row.us_per_packet:9.2f}"
     return (
-        f"{row.label:44s} {row.listens:46s} {row.us_per_packet:9.2f} {added:>8s} "
+        f"{row.label:44s} {row.listens:46s} {us:>9s} {added if not row.timed_out else '':>8s} "
         f"{row.dropped:>8,} {row.alerts:>7,} {row.rule_errors:>7,}"
     )
 
@@ -214,7 +297,6 @@ HEADER = (
 def cmd_cost(args: argparse.Namespace) -> int:
     from tcpguard.app.cli import load_settings_and_rules
     from tcpguard.app.ruleload import load_rules
-    from tcpguard.io.pcap import PcapError
 
     if args.frames < 1 or args.repeat < 1:
         print("tcpguard cost: --frames and --repeat must be at least 1", file=sys.stderr)
@@ -224,7 +306,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         return loaded
     settings, rules, rules_dir = loaded
     try:
-        frames = load_frames(args.capture, args.frames)
+        frames, damage = read_frames(args.capture, args.frames)
     except (PcapError, OSError) as e:
         print(f"tcpguard cost: {e}", file=sys.stderr)
         return 1
@@ -255,6 +337,25 @@ def cmd_cost(args: argparse.Namespace) -> int:
             "them; a capture taken on a sending host often has offloaded (unfilled) checksums: measure it "
             "with --ignore-checksums"
         )
+    failing = [row for row in rows if row.errors]
+    if failing:
+        print("rule errors (one untimed run of each row that had them):")
+        for row in failing:
+            print(f" {row.label}:")
+            for line in row.errors:
+                print(line)
+    if any(row.timed_out for row in rows):
+        budget = settings.limits.rule_time_budget
+        print(
+            f"timed out: a rule call ran past the rule time budget ({budget:g} s, "
+            "engine.limits.rule_time_budget); that row's run stopped there"
+        )
+    if damage is not None:
+        print(f"capture damaged at byte {damage.offset}: {damage.message}; measured the frames before it")
+        print(
+            damage_warning("cost", damage, f"measured the {len(frames)} IP frames before it"), file=sys.stderr
+        )
+        return EXIT_DAMAGED
     return 0
 
 

@@ -1474,7 +1474,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if summary.damage is not None:
         offset, message = summary.damage
         damage = PcapError(summary.capture, offset, message)
-        print(damage_warning("trace", damage, summary.stats.frames), file=sys.stderr)
+        done = f"traced the {summary.stats.frames} whole records before it"
+        print(damage_warning("trace", damage, done), file=sys.stderr)
         return EXIT_DAMAGED
     return 0
 

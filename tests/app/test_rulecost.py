@@ -228,3 +228,71 @@ def test_a_broken_rule_names_its_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "bad.py").write_text("from tcpguard import rule\n\nx = 1 / 0\n")
     r = run(str(DEMO), "--rules", str(tmp_path))
     assert r.returncode == 1 and f"{tmp_path / 'bad.py'}:3: ZeroDivisionError" in r.stderr
+
+
+# ------------------------------------------------------------------------------ damage, loops, errors
+
+LOOPING = """
+from tcpguard import rule, tcp_connection
+
+
+@rule(on=tcp_connection.events.receive_data)
+def spin(flow, stream, current, direction):
+    while True:
+        pass
+"""
+
+RAISING = """
+from tcpguard import rule, tcp_connection
+
+
+@rule(on=tcp_connection.events.receive_data)
+def parse(flow, stream, current, direction):
+    raise ValueError("cannot parse %r" % current.peek(current.available()))
+"""
+
+
+def test_a_damaged_capture_is_measured_up_to_the_damage(tmp_path: Path) -> None:
+    """Before: `cost` stopped with the reader's error and measured nothing."""
+    raw = DEMO.read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(raw[:150_000])
+    r = run(str(cut), "--rules", "rules", "--repeat", "1")
+    assert r.returncode == 3, r.stderr
+    assert r.stdout.startswith("181 IP frames of") and "(all 6 rules)" in r.stdout
+    assert "capture damaged at byte 149416: " in r.stdout
+    assert f"tcpguard cost: warning: {cut}: offset 149416: " in r.stderr
+    # Damage past the frames asked for is never reached: a clean run.
+    r = run(str(cut), "--rules", "rules", "--repeat", "1", "--frames", "100")
+    assert r.returncode == 0 and r.stdout.startswith("100 IP frames of") and "capture damaged" not in r.stdout
+
+
+def test_a_looping_rule_times_out_instead_of_hanging(tmp_path: Path) -> None:
+    """Before: the first call never returned. Now the daemon's budget interrupts it, the row's run stops at
+    the first timeout, and the row says so."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "spin.py").write_text(LOOPING)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("engine:\n  limits:\n    rule_time_budget: 0.1\n")
+    r = run(str(DEMO), "--rules", str(rules), "--config", str(cfg), "--repeat", "3")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("spin.spin", "(all 1 rules)"))]
+    assert len(rows) == 2 and all("timed out" in row for row in rows)
+    assert "RuleTimeout: rule spin.spin exceeded its time budget of 0.1 s" in r.stdout
+    assert "timed out: a rule call ran past the rule time budget (0.1 s" in r.stdout
+
+
+def test_rule_errors_are_listed_with_their_text_without_payload(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "parser.py").write_text(RAISING)
+    r = run(str(DEMO), "--rules", str(rules), "--repeat", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # nothing logged per call while the clock runs
+    lines = r.stdout.splitlines()
+    start = lines.index("rule errors (one untimed run of each row that had them):")
+    listed = [line for line in lines[start:] if "parser.parse at" in line]
+    assert len(listed) == 2  # the rule alone, and the whole set
+    assert all(f"{rules / 'parser.py'}:7: ValueError: cannot parse b'...' (" in line for line in listed)
+    assert "GET" not in r.stdout  # the demo's HTTP requests are what the rule choked on
