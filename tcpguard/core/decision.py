@@ -8,6 +8,15 @@ packet object, or a frame number) and gets back a `Decision`. It must:
 2. apply every `Release` in `releases`, in order (they are earlier held packets, by token);
 3. transmit every packet in `send`, in order, after the verdicts (forged RSTs; raw IP packets).
 
+One exception serves delivery. When the verdict is DROP and `in_place` is an index into `send`, that
+packet (an RST) goes where the dropped packet was going: same addresses, same ports, same direction. An
+adapter that can rewrite a queued packet may transmit it *as the dropped packet's verdict* (its bytes
+replaced by the RST, accepted), at the point of step 3 where it would have been sent, instead of through
+a socket of its own. Why: the packet is already routed and queued, so the RST needs no socket buffer and
+cannot be refused with EAGAIN when the outgoing link is congested, which is exactly when a limit resets
+connections (issue 18: 17-23% of raw sends failed so behind a 40 Mbit/s link). An adapter that cannot
+(pcap replay) ignores `in_place` and sends `send` as usual; the outcome on the wire is the same.
+
 `Output` is the same minus the verdict, for timer ticks and shutdown.
 """
 
@@ -57,7 +66,7 @@ class Decision:
     """The verdict on one packet. `releases` and `send` are empty (shared empty tuples) on almost every
     packet, which saves two list allocations per packet on the hot path."""
 
-    __slots__ = ("flow_id", "packet", "reason", "releases", "send", "verdict")
+    __slots__ = ("flow_id", "in_place", "packet", "reason", "releases", "send", "verdict")
 
     def __init__(
         self,
@@ -67,6 +76,7 @@ class Decision:
         send: Sequence[bytes] = (),
         flow_id: int | None = None,
         reason: str = "",
+        in_place: int = -1,
     ) -> None:
         self.verdict = verdict
         self.packet = packet
@@ -74,9 +84,11 @@ class Decision:
         self.send = send
         self.flow_id = flow_id
         self.reason = reason
+        self.in_place = in_place  # index in `send` of an RST that may ride this DROP's verdict; -1: none
 
     def __repr__(self) -> str:
         return (
             f"Decision(verdict={self.verdict!r}, packet={self.packet!r}, releases={self.releases!r}, "
-            f"send={self.send!r}, flow_id={self.flow_id!r}, reason={self.reason!r})"
+            f"send={self.send!r}, flow_id={self.flow_id!r}, reason={self.reason!r}, "
+            f"in_place={self.in_place!r})"
         )

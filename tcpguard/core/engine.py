@@ -54,6 +54,7 @@ from tcpguard.core.state import (
 from tcpguard.core.stream import DROP as SEG_DROP
 from tcpguard.core.stream import EMPTY, HalfStream, Held
 from tcpguard.core.stream import HOLD as SEG_HOLD
+from tcpguard.core.stream import LIMIT as SEG_LIMIT
 
 log = logging.getLogger("tcpguard.engine")
 
@@ -207,6 +208,8 @@ class Engine:
         if out is not None:
             dec.releases = out.releases
             dec.send = out.send
+            if dec.verdict is DROP and out.send:
+                dec.in_place = _same_route(raw, out.send)
         v = dec.verdict
         if v is ACCEPT:
             stats.accepted += 1
@@ -751,15 +754,36 @@ class Engine:
             cut = 0
         was_eof = s.eof
         before = s.buffered()
+        # The bounds are checked before the bytes are taken (see Bounds in tcpguard.core.stream): the
+        # stream takes nothing that would put it over `max_stream_buffer` or the total over
+        # `max_total_buffer`.
+        room = min(self._max_stream_buffer - before, self._max_total_buffer - self.buffered)
         status, fix, new_start, reason, held = s.receive(
-            off,
-            payload,
-            fin,
-            token,
-            self._hold_ooo,
-            self._max_ooo_bytes,
-            self._max_ooo_segments,
+            off, payload, fin, token, self._hold_ooo, self._max_ooo_bytes, self._max_ooo_segments, room
         )
+        if status == SEG_LIMIT:
+            need = new_start
+            if before + need <= self._max_stream_buffer and self._free_largest(conn, need):
+                # Only the total was short, and the connections holding more gave way: take it now.
+                room = min(self._max_stream_buffer - before, self._max_total_buffer - self.buffered)
+                status, fix, new_start, reason, held = s.receive(
+                    off,
+                    payload,
+                    fin,
+                    token,
+                    self._hold_ooo,
+                    self._max_ooo_bytes,
+                    self._max_ooo_segments,
+                    room,
+                )
+            if status == SEG_LIMIT:
+                if off > s.next:
+                    # Out of order: refusing the segment is enough (the sender retransmits it), as for
+                    # the out-of-order bounds themselves; the connection is not blocked for it.
+                    self.stats.limit_hits += 1
+                    self.stats.ooo_dropped += 1
+                    return Decision(DROP, flow_id=conn.id, reason="buffer limit (out of order)")
+                return self._limit(conn, s)
         self.buffered += s.buffered() - before
         if status == SEG_DROP:
             if reason in ("out of order", "out-of-order buffer full"):
@@ -800,11 +824,6 @@ class Engine:
         pulled = len(s.held) - s.held.index(held) if held is not None else 0
         if conn.action:
             return self._block_now(conn, "rule")
-        # Out-of-order bytes have their own bound (checked when they are held).
-        if len(s.buf) > self._max_stream_buffer:
-            return self._limit(conn, s)
-        if self.buffered > self._max_total_buffer and not self._free_largest(conn):
-            return self._limit(conn, s)
         end = off + len(payload)
         if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
             if self.held_packets >= self._max_held_packets:
@@ -855,12 +874,12 @@ class Engine:
         conn.action = Action.RESET if pol == "reset" else Action.DROP
         return False
 
-    def _free_largest(self, conn: Connection) -> bool:
-        """The total buffer bound is exceeded while `conn` takes bytes. The limit policy goes to the
+    def _free_largest(self, conn: Connection, need: int) -> bool:
+        """`conn` needs `need` bytes more than the total buffer bound leaves. The limit policy goes to the
         connections that hold the most, largest first, as long as they hold more than `conn` and the
-        total is over the bound: one that never sees its data acknowledged must not make every other
-        connection meet the policy in turn. True if that brought the total back within its bound (then
-        `conn` goes on as usual).
+        bytes do not fit: one that never sees its data acknowledged must not make every other
+        connection meet the policy in turn. True if that made room for them (then `conn` goes on as
+        usual).
 
         Finding them scans the table, so it is done at most every `LARGEST_SCAN_INTERVAL` seconds of
         engine time (a clock that stepped back, as a merged capture's can, allows a scan at once);
@@ -871,19 +890,20 @@ class Engine:
         if 0 <= since < LARGEST_SCAN_INTERVAL:
             return False
         self._last_largest_scan = self.now
-        mine = conn.up.buffered() + conn.down.buffered()
+        mine = conn.up.buffered() + conn.down.buffered() + need  # what it would hold with the bytes
         larger: list[tuple[int, int, Connection]] = []
         for c in self.table:
             held = c.up.buffered() + c.down.buffered()
             if held > mine:
                 larger.append((held, c.id, c))
         larger.sort(reverse=True)
+        bound = self._max_total_buffer - need
         for held, _, c in larger:
-            if self.buffered <= self._max_total_buffer:
+            if self.buffered <= bound:
                 break
             if not self._limit_policy(c, held, "total buffer bound reached, freeing the buffer of"):
                 self._apply_block(c, "limit")
-        return self.buffered <= self._max_total_buffer
+        return self.buffered <= bound
 
     # ================================================================ rules
     def _call(self, conn: Connection, r: Rule, *args: Any) -> None:
@@ -1228,6 +1248,32 @@ class Engine:
         if self.alert_hook is not None:
             self.alert_hook(ev)
         self._emit(ev)
+
+
+def _route(p: bytes) -> bytes:
+    """A TCP/IP packet's version, addresses and ports as one key; b"" when it is not plain TCP (IPv6
+    extension headers, a truncated header)."""
+    if len(p) < 20:
+        return b""
+    v = p[0] >> 4
+    if v == 4:
+        ihl = (p[0] & 15) * 4
+        if p[9] != 6 or len(p) < ihl + 4:
+            return b""
+        return p[12:20] + p[ihl : ihl + 4]
+    if v == 6 and len(p) >= 44 and p[6] == 6:
+        return p[8:44]
+    return b""
+
+
+def _same_route(raw: bytes, send: list[bytes]) -> int:
+    """The index of the first packet in `send` that goes where `raw` was going (Decision.in_place)."""
+    key = _route(raw)
+    if key:
+        for i, p in enumerate(send):
+            if _route(p) == key:
+                return i
+    return -1
 
 
 def _lookbacks(rules: RuleSet) -> tuple[int, int]:

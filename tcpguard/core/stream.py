@@ -26,8 +26,14 @@ bytes the rules see are the bytes the receiver gets. The rules that make that tr
   and the hold mark, plus a look-back tail so that plain rules can find a pattern split across packets:
   the largest `lookback` the direction's plain listeners declared (`LOOKBACK` unless they say less; none
   in a direction no plain rule reads: there a retransmission of acknowledged bytes is cut, see above).
-  If retention exceeds `max_stream_buffer`, `over_limit` becomes true and the engine applies the limit
-  policy.
+* **Bounds, checked before the bytes are taken**: `receive` gets the `room` the engine can still give
+  this direction (the least of what `max_stream_buffer` leaves of this direction and `max_total_buffer`
+  leaves of all of them) and answers LIMIT, taking nothing, for a segment that would grow the buffers
+  beyond it: `end - next` bytes for new in-order bytes (pulling held out-of-order segments in after them
+  never grows the count: their bytes were counted when they were held), the payload's length for an
+  out-of-order segment. So `buffered()`, in-order and out-of-order bytes together, never exceeds
+  `max_stream_buffer`, and the engine's total never exceeds `max_total_buffer`. (A segment whose bytes
+  partly repeat held out-of-order ones is counted whole, so one can be refused a little early; never late.)
 
 Data on SYN, data on RST and the urgent pointer are normalised by the engine before bytes get here.
 """
@@ -65,7 +71,8 @@ class Held:
 
 
 # What `HalfStream.receive` decided: (status, fix, new_start, reason, held).
-#   status     OK, DROP or HOLD
+#   status     OK, DROP, HOLD or LIMIT (the segment needs more room than it was given: nothing was taken,
+#              and new_start says how many bytes it needs)
 #   fix        the payload to forward instead (first copy restored where the segment conflicted), or None
 #   new_start  offset where bytes new to the rules start (the stream's end before the segment), or -1
 #   reason     why it was dropped or held
@@ -75,6 +82,7 @@ class Held:
 OK: Final = 0
 DROP: Final = 1
 HOLD: Final = 2
+LIMIT: Final = 3
 SegmentResult = tuple[int, "bytes | None", int, str, "Held | None"]
 
 
@@ -165,8 +173,10 @@ class HalfStream:
         hold_ooo: bool,
         max_ooo_bytes: int,
         max_ooo_segments: int,
+        room: int,
     ) -> SegmentResult:
-        """Take one segment's payload at offset `off`. See the module docstring for the rules."""
+        """Take one segment's payload at offset `off`. See the module docstring for the rules; `room` is
+        how many bytes the buffers may still grow by (see Bounds there)."""
         n = len(payload)
         end = off + n
         nxt = self.next
@@ -187,6 +197,8 @@ class HalfStream:
                     self.eof = True
                 return OK, fix, -1, "", None
             # New bytes at the end of the stream.
+            if end - nxt > room:
+                return LIMIT, None, end - nxt, "buffer limit", None
             head = nxt - off
             fixed = self._first_copy(off, payload[:head]) if head else None
             new = payload[head:] if head else payload
@@ -211,6 +223,8 @@ class HalfStream:
             return DROP, None, -1, "duplicate of held data", None
         if len(self.ooo) >= max_ooo_segments or self.ooo_bytes + n > max_ooo_bytes:
             return DROP, None, -1, "out-of-order buffer full", None
+        if n > room:
+            return LIMIT, None, n, "buffer limit", None
         held = Held(off, end, token, None, fin, fixed_payload)
         self._insert_ooo(held)
         return HOLD, (fixed_payload if fixed_payload is not payload else None), -1, "out of order", held

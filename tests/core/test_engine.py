@@ -390,6 +390,71 @@ def test_stream_buffer_limit_applies_the_limit_policy() -> None:
     assert len(d.send) == 2  # default limit policy: reset
 
 
+def test_the_stream_bound_is_checked_before_the_bytes_are_taken() -> None:
+    """3,800 bytes retained of 4,000: a 1,000-byte segment meets the policy before the rules see it, and
+    the limit is reported with what the stream held, within its bound (it used to be 4,800)."""
+    rec = Recorder()
+    st = EngineSettings()
+    st.limits.max_stream_buffer = 4000
+    pb = Playbook(rec.rules, st)
+    pb.handshake()
+    for _ in range(2):
+        assert pb.client("PA", b"x" * 1900).verdict == ACCEPT
+    d = pb.client("PA", b"y" * 1000)
+    assert d.verdict == DROP and d.reason == "reset by limit"
+    assert b"y" not in rec.data()  # never taken, never shown to the rules
+    assert [e["buffered"] for e in pb.names("limit")] == [3800]
+
+
+def test_an_exact_fit_is_within_the_stream_bound() -> None:
+    st = EngineSettings()
+    st.limits.max_stream_buffer = 4000
+    pb = Playbook(settings=st)
+    pb.handshake()
+    assert pb.client("PA", b"x" * 3000).verdict == ACCEPT
+    assert pb.client("PA", b"x" * 1000).verdict == ACCEPT
+    assert pb.engine.buffered == 4000 and pb.engine.stats.limit_hits == 0
+
+
+def test_held_out_of_order_bytes_count_into_the_stream_bound() -> None:
+    """3,000 in-order bytes of 4,000 retained: a 1,500-byte segment beyond a gap would make 4,500. It is
+    refused (the sender retransmits it), the connection goes on."""
+    st = EngineSettings()
+    st.limits.max_stream_buffer = 4000
+    pb = Playbook(settings=st)
+    pb.handshake()
+    assert pb.client("PA", b"x" * 3000).verdict == ACCEPT
+    d = pb.client("PA", b"z" * 1500, seq=pb.cnext + 100)
+    assert d.verdict == DROP and d.reason == "buffer limit (out of order)"
+    assert pb.engine.buffered == 3000 and pb.engine.stats.limit_hits == 1
+    assert conn_of(pb).action == Action.NONE
+    assert pb.client("PA", b"x" * 500).verdict == ACCEPT  # still inspected, still passing
+
+
+def test_held_out_of_order_bytes_are_refused_beyond_the_total_bound() -> None:
+    """The total bound counts held out-of-order bytes and used to cap them only by max_held_packets (the
+    second segment below was held, 10,800 of 10,000). No connection holds more than B would, so B's
+    segment is refused; B is not blocked for it."""
+    a, b = _connections(2)
+    assert at(a, 1.0).client("PA", b"a" * 5000, dt=0).verdict == ACCEPT
+    assert at(b, 1.01).client("PA", b"b" * 4000, dt=0).verdict == ACCEPT
+    gap = b.cnext + 10
+    assert at(b, 1.02).client("PA", b"o" * 900, seq=gap, dt=0).verdict == HOLD  # 9,900
+    d = at(b, 1.2).client("PA", b"o" * 900, seq=gap + 900, dt=0)
+    assert d.verdict == DROP and d.reason == "buffer limit (out of order)"
+    assert b.engine.buffered == 9900
+    assert conn_at(a).action == Action.NONE and conn_at(b).action == Action.NONE
+
+
+def test_a_held_out_of_order_segment_can_free_a_larger_holder() -> None:
+    """The out-of-order bytes are refused only after the connections holding more met the policy."""
+    a, b = _connections(2)
+    assert at(a, 1.0).client("PA", b"a" * 7000, dt=0).verdict == ACCEPT
+    assert at(b, 1.01).client("PA", b"b" * 2500, dt=0).verdict == ACCEPT
+    assert at(b, 1.2).client("PA", b"o" * 900, seq=b.cnext + 10, dt=0).verdict == HOLD
+    assert conn_at(a).action == Action.RESET and b.engine.buffered == 3400
+
+
 def conn_at(pb: Playbook) -> Connection:
     """The connection of `pb` in an engine several playbooks share."""
     (conn,) = [c for c in pb.engine.table if c.cport == pb.cport]
@@ -591,6 +656,48 @@ def test_halfreset_resets_the_server_only() -> None:
     p = decode(only)
     assert p.dst == pb.saddr.packed and p.seq == pb.cisn + 1
     assert pb.client("PA", b"again", seq=pb.cisn + 1).verdict == DROP
+
+
+@pytest.mark.parametrize(
+    ("version", "action", "from_client", "expect"),
+    [
+        (4, "reset", True, "to server"),
+        (4, "reset", False, "to client"),
+        (6, "reset", True, "to server"),
+        (6, "reset", False, "to client"),
+        (4, "halfreset", True, "to server"),
+        (4, "halfreset", False, None),  # the only RST goes to the server, not where this packet went
+        (4, "drop", True, None),
+    ],
+)
+def test_the_rst_toward_the_dropped_packets_destination_is_marked_in_place(
+    version: int, action: str, from_client: bool, expect: str | None
+) -> None:
+    """Decision.in_place names the RST that goes where the dropped packet was going (same addresses and
+    ports), so that an adapter can send it as that packet's verdict; none when no RST goes there."""
+    rec = Recorder()
+    rec.on_data = (b"bad", action)
+    client, server = ("10.0.0.1", "10.0.0.2") if version == 4 else ("fd00::1", "fd00::2")
+    pb = Playbook(rec.rules, client=client, server=server)
+    pb.handshake()
+    d = pb.client("PA", b"bad") if from_client else pb.server("PA", b"bad")
+    assert d.verdict == DROP
+    if expect is None:
+        assert d.in_place == -1
+        return
+    rst = decode(d.send[d.in_place])
+    dst, dport = (pb.saddr, 80) if expect == "to server" else (pb.caddr, 40000)
+    assert rst.flags & RST and (rst.dst, rst.dport) == (dst.packed, dport)
+
+
+def test_an_accepted_or_held_packet_has_no_rst_in_place() -> None:
+    rec = Recorder()
+    pb = Playbook(rec.rules)
+    pb.handshake()
+    assert pb.client("PA", b"fine").in_place == -1
+    pb.engine.act(1, Action.RESET, pb.now)  # the operator's reset: forged in a timer output, no packet
+    d = pb.client("PA", b"late")
+    assert d.verdict == DROP and not d.send and d.in_place == -1
 
 
 def test_rule_error_gets_the_configured_verdict_and_the_engine_continues() -> None:

@@ -721,9 +721,10 @@ def check_bounds(engine: Engine, lim: Limits) -> None:
         for s in (conn.up, conn.down):
             assert len(s.ooo) <= lim.max_ooo_segments
             assert s.ooo_bytes <= lim.max_ooo_bytes
-            assert len(s.buf) <= lim.max_stream_buffer
-            # Retained in-order bytes and held out-of-order bytes have a bound each.
-            assert s.buffered() <= lim.max_stream_buffer + lim.max_ooo_bytes
+            # Retained in-order bytes and held out-of-order bytes together: the stream bound is exact.
+            assert s.buffered() <= lim.max_stream_buffer
+    # The total bound is exact too: held out-of-order bytes count into it and are refused beyond it.
+    assert engine.buffered <= lim.max_total_buffer
     # The running totals the bounds are checked against are exactly what the streams hold.
     assert engine.buffered == sum(s.buffered() for conn in engine.table for s in (conn.up, conn.down))
     assert engine.held_packets == sum(
@@ -828,9 +829,15 @@ def test_small_limits_bound_the_table_and_every_stream(
     )
     cfg = EngineSettings(limits=lim, policies=Policies(limit=limit, table_full=table_full))
 
+    # What the rules find buffered while they read new bytes: the moment the bytes are in, before the
+    # packet's verdict (a bound checked only after taking them would be over here and back by then).
+    over: list[tuple[int, int]] = []
+
     @rule(on=EV.receive_data)
     def plain(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
         current.read()
+        if stream.buffered() > stream_buf or engine.buffered > total_buf:
+            over.append((stream.buffered(), engine.buffered))
 
     @rule(on=EV.receive_data, streamed=True)
     def hog_rule(flow: Connection, stream: HalfStream, current: Cursor, direction: str) -> None:
@@ -840,5 +847,6 @@ def test_small_limits_bound_the_table_and_every_stream(
     traffic = Traffic(engine, lim, seed)
     for op in ops:
         traffic.op(*op)
+        assert not over, f"bounds {stream_buf}/{total_buf} exceeded while the rules ran: {over}"
     engine.handle_timer(traffic.now + 100_000)
     check_bounds(engine, lim)
