@@ -230,3 +230,49 @@ def test_error_text_elides_bytes_and_bounds_the_length() -> None:
 def test_replay_from_the_library_is_unchanged_for_a_clean_capture() -> None:
     summary = replay(DEMO, load_rules(ROOT / "rules"))
     assert summary.damage is None and summary.frames == 412
+
+
+# ------------------------------------------------------------------------------ progress on a terminal
+
+
+def _stderr_through_a_terminal(*args: str) -> tuple[int, str]:
+    """Run `tcpguard` with its stderr on a pseudo-terminal (stdout a pipe); what the terminal got."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, and tqdm fits its bar to that: make it a usual 120.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        proc = subprocess.Popen([*TCPGUARD, *args], stdout=subprocess.PIPE, stderr=slave, cwd=ROOT)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+        proc.communicate(timeout=120)
+        return proc.returncode, seen.decode(errors="replace")
+    finally:
+        os.close(master)
+
+
+def test_replay_shows_a_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    """Like `trace`: tqdm's bar over the capture's bytes on a terminal, nothing when stderr is a pipe."""
+    big = tmp_path / "big.pcap"
+    with PcapReader(DEMO) as reader:
+        frames = [(f.ts, f.data) for f in reader]
+    # 20 copies of the demo, later copies shifted in time so the connections do not overlap: 8,240 frames.
+    _write(big, [(ts + 3600 * k, data) for k in range(20) for ts, data in frames], LINKTYPE_ETHERNET)
+    rc, seen = _stderr_through_a_terminal("replay", str(big), "--rules", "rules")
+    assert rc == 0
+    assert "replay:" in seen and "%|" in seen and "/6.13M" in seen  # the bar, over the file's bytes
+    r = run("replay", str(big), "--rules", "rules")
+    assert r.returncode == 0 and "%|" not in r.stderr
