@@ -35,7 +35,6 @@ import importlib.util
 import inspect
 import re
 import sys
-import textwrap
 import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -282,18 +281,6 @@ def engine_end_reasons() -> set[str]:
     return found | {n for n in conntrack.Action.NAMES if n != "none"}
 
 
-def dict_keys_in(func: Callable[..., Any]) -> list[str]:
-    """The string keys of the dict literals built in `func` (in source order, without repeats)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
-    keys: list[str] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Dict):
-            for k in node.keys:
-                if isinstance(k, ast.Constant) and isinstance(k.value, str) and k.value not in keys:
-                    keys.append(k.value)
-    return keys
-
-
 def field_comments(cls: type) -> dict[str, str]:
     """The `#` comment lines right above each field of a dataclass, joined (how settings.py documents)."""
     lines = inspect.getsource(cls).splitlines()
@@ -351,12 +338,8 @@ def end_reasons_table() -> str:
     return table([(f"`{k}`", v) for k, v in END_REASONS.items()], ("`flow.end_reason`", "why"))
 
 
-def alert_fields() -> str:
-    from tcpguard.app.daemon import AlertLog
-
-    daemon_keys = [k for k in dict_keys_in(AlertLog.__call__) if k not in ("event",)]
-    engine_keys = dict_keys_in(engine.Engine._alert)
-    return ", ".join(f"`{k}`" for k in [*daemon_keys, *engine_keys])
+def alert_severities() -> str:
+    return ", ".join(f"`{name}` ({n})" for name, n in engine.SEVERITIES.items())
 
 
 def flag_table() -> str:
@@ -402,7 +385,7 @@ def render_rules_md() -> str:
         "store_doc": docstring(conntrack.Connection.store),
         "alert_sig": signature(conntrack.Connection.alert, "flow.alert"),
         "alert_doc": docstring(conntrack.Connection.alert),
-        "alert_fields": alert_fields(),
+        "alert_severities": alert_severities(),
         "send_doc": docstring(conntrack.Connection.send),
         "rule_error_doc": policies.get("rule_error", ""),
         "budget_doc": field_comments(settings.Limits).get("rule_time_budget", ""),
@@ -708,10 +691,14 @@ and TLS samples leave `host` and `sni` there.
 
 `{{alert_sig}}`
 
-{{alert_doc}} Severity is free text; the samples use `low`, `medium` and `high`. Extra keyword
-arguments become fields of the alert. The daemon writes each alert as one JSON object per line to
-`alerts.file` and logs it (with journald fields `TCPGUARD_FLOW`, `TCPGUARD_SEVERITY`). Fields of an
-alert line, in order: {{alert_fields}} (plus the extra keyword arguments).
+{{alert_doc}} Severities, with the number each has in the alert record (Suricata's scale, 1 the most
+severe): {{alert_severities}}; another severity, or a direction other than `up`, `down` and None, raises
+`ValueError` in the rule. Extra keyword arguments become `tcpguard.fields` of the alert. The daemon
+writes each alert as one JSON object per line to `alerts.file`, in the shape of Suricata's EVE alerts
+(docs/observability.md describes every field), and logs it (with journald fields `TCPGUARD_FLOW`,
+`TCPGUARD_SEVERITY`, `TCPGUARD_RULE`, `TCPGUARD_ACTION`). An alert raised in a rule call is written
+when the call returns, so that it records what the rule did to the connection (`flow.alert(...)` then
+`flow.reset()` gives `"action": "blocked"`); its timestamp is the moment of the alert.
 
 ## Errors
 

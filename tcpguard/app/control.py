@@ -1,12 +1,13 @@
-"""The control socket: `tcpguard status`, `connections`, `drop`, `reset` and `reload` on a running daemon.
+"""The control socket: `tcpguard version`, `status`, `connections`, `drop`, `reset` and `reload` on a
+running daemon.
 
 Protocol. A Unix stream socket carrying one JSON object per line (UTF-8) each way: a request
 `{"cmd": "status"}` is answered by `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`. A
 client may send several requests on one connection, one at a time. Line-delimited JSON needs nothing but
 the standard library on either end and can be typed by hand (`socat - UNIX:/run/tcpguard/control.sock`).
 
-Commands: `ping`; `status`; `connections` (`filter`: {key: "value[,value...]"}, `limit`); `drop` and
-`reset` (`id`: "QUEUE:FLOW"); `reload`. See docs/observability.md for the result documents.
+Commands: `ping`; `version`; `status`; `connections` (`filter`: {key: "value[,value...]"}, `limit`);
+`drop` and `reset` (`id`: "QUEUE:FLOW"); `reload`. See docs/observability.md for the result documents.
 
 Who may connect. Root, the daemon's own user, and members of `control.group`; nobody else. The file
 system enforces it first (the socket is 0600, or 0660 with the group; a directory tcpguard creates, or
@@ -79,7 +80,20 @@ Response = dict[str, Any]
 MAX_REQUEST = 64 * 1024
 #: How long the control side waits for a worker's timer tick to answer.
 WORKER_TIMEOUT = 10.0
-COMMANDS = ("ping", "status", "connections", "drop", "reset", "reload")
+COMMANDS = ("ping", "version", "status", "connections", "drop", "reset", "reload")
+
+
+def version_info() -> dict[str, str]:
+    """The running code: the package version and which core runs (`compiled`, or `pure` with the reason).
+
+    The main process answers for its workers: they are forks of it, so they run the same code, and a
+    `version` request must answer even while a worker restarts. The core mode is here because a daemon
+    that silently runs the pure-Python core works, at about half the speed, and nothing else says so.
+    """
+    import tcpguard
+    import tcpguard.core
+
+    return {"version": tcpguard.__version__, "core": tcpguard.core.MODE}
 
 
 class ControlError(Exception):
@@ -235,6 +249,20 @@ class Inbox:
 _FILTER_KEYS = ("state", "ip", "client", "server", "port", "cport", "sport", "queue")
 
 
+def _states(items: list[str]) -> frozenset[str]:
+    """TCP state names, any case; a name that is not one is an error that lists the valid ones (a
+    misspelt state would otherwise match nothing, and an empty table reads as "no such connections")."""
+    from tcpguard.core.state import State
+
+    names = [v.upper() for v in items]
+    unknown = [v for v in names if v not in State.__members__]
+    if unknown:
+        raise ValueError(
+            f"filter state: unknown state {', '.join(unknown)} (states: {', '.join(State.__members__)})"
+        )
+    return frozenset(names)
+
+
 @dataclass(frozen=True, slots=True)
 class ConnFilter:
     """`connections --filter`: every given key must match; comma-separated values within a key are
@@ -265,7 +293,7 @@ class ConnFilter:
             if not items:
                 raise ValueError(f"filter {key}: empty value")
             if key == "state":
-                kw["states"] = frozenset(v.upper() for v in items)
+                kw["states"] = _states(items)
             elif key in ("ip", "client", "server"):
                 try:
                     kw[key] = tuple(ipaddress.ip_network(v, strict=False) for v in items)
@@ -514,12 +542,16 @@ _TOTAL_PATHS = (
     ("connections", ("tracked", "opened", "midstream")),
     ("queue_drops", ("kernel_dropped", "kernel_user_dropped", "kernel_waiting", "enobufs")),
     ("memory", ("rss", "buffered")),
+    ("adapter", ("sent_in_place", "send_pending", "send_errors", "looped")),
 )
+
+
+_TOTAL_COUNTS = ("resets_sent", "rule_errors", "alerts", "reloads", "reload_failures")
 
 
 def totals(workers: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum of the workers' counters (workers that answered), in the same shape as one worker's."""
-    out: dict[str, Any] = {"resets_sent": 0, "rule_errors": 0, "reloads": 0, "reload_failures": 0}
+    out: dict[str, Any] = dict.fromkeys(_TOTAL_COUNTS, 0)
     for section, keys in _TOTAL_PATHS:
         out[section] = dict.fromkeys(keys, 0)
     by_state: dict[str, int] = {}
@@ -527,7 +559,7 @@ def totals(workers: list[dict[str, Any]]) -> dict[str, Any]:
     for w in workers:
         if "error" in w:
             continue
-        for key in ("resets_sent", "rule_errors", "reloads", "reload_failures"):
+        for key in _TOTAL_COUNTS:
             out[key] += int(w.get(key) or 0)
         for section, keys in _TOTAL_PATHS:
             sub = w.get(section) or {}
@@ -542,7 +574,6 @@ def totals(workers: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-    ("adapter", ("sent_in_place", "send_pending", "send_errors", "looped")),
 class Dispatcher:
     """Executes control requests against the workers; the same code for one worker and for many."""
 
@@ -554,12 +585,15 @@ class Dispatcher:
         reload_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None,
         timeout: float = WORKER_TIMEOUT,
         bypassed: Callable[[], int | None] | None = None,
+        bypassed_note: str | None = None,
     ) -> None:
         self.links = links
         self.mode = mode
         # Packets that passed uninspected (fail-open), counted for all queues together since one NFQUEUE
         # rule feeds them all (tcpguard.app.metrics.BypassMeter); None when not measured.
         self.bypassed = bypassed
+        # Why `bypassed` is not measured, shown where the missing number is (status, docs).
+        self.bypassed_note = bypassed_note
         self.reload_check = reload_check
         self.reload_hooks = reload_hooks
         self.timeout = timeout
@@ -571,6 +605,8 @@ class Dispatcher:
         cmd = request.get("cmd")
         if cmd == "ping":
             return ok("pong")
+        if cmd == "version":
+            return ok({**version_info(), "pid": os.getpid()})
         if cmd == "status":
             return ok(self.status())
         if cmd == "connections":
@@ -585,15 +621,15 @@ class Dispatcher:
         queues = self.links.queues()
         answers = self.links.call(queues, {"cmd": "status"}, self.timeout)
         workers: list[dict[str, Any]] = []
-        bypassed_note: str | None = None,
         for q in queues:
             a = answers.get(q) or error("no answer")
             workers.append(a["result"] if a.get("ok") else {"queue": q, "error": a.get("error")})
         total = totals(workers)
         total["queue_drops"]["bypassed"] = self.bypassed() if self.bypassed is not None else None
+        if self.bypassed is None and self.bypassed_note is not None:
+            total["queue_drops"]["bypassed_note"] = self.bypassed_note
         return {
-        # Why `bypassed` is not measured, shown where the missing number is (status, docs).
-        self.bypassed_note = bypassed_note
+            **version_info(),
             "mode": self.mode,
             "pid": os.getpid(),
             "started": self.started_wall,
@@ -626,8 +662,6 @@ class Dispatcher:
                 continue
             rows.extend(a["result"]["connections"])
             truncated = truncated or bool(a["result"].get("truncated"))
-        if self.bypassed is None and self.bypassed_note is not None:
-            total["queue_drops"]["bypassed_note"] = self.bypassed_note
         rows.sort(key=lambda r: (r["queue"], r["flow"]))
         if limit is not None and len(rows) > limit:
             rows, truncated = rows[:limit], True
@@ -802,6 +836,7 @@ class ControlServer:
         except (ConnectionRefusedError, FileNotFoundError):
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+            log.warning("removed the control socket %s, left by a run that did not stop cleanly", self.path)
             return
         except OSError as exc:
             raise ControlError(f"cannot check the existing socket {self.path}: {exc}") from exc
@@ -836,7 +871,6 @@ class ControlServer:
             with self._lock:
                 busy = len(self._clients) >= self.max_clients
                 if not busy:
-            log.warning("removed the control socket %s, left by a run that did not stop cleanly", self.path)
                     self._clients.add(conn)
             if busy:
                 with contextlib.suppress(OSError):
@@ -979,13 +1013,16 @@ _STATUS_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("  accepted", ("packets", "accepted"), "n"),
     ("  dropped", ("packets", "dropped"), "n"),
     ("  held now", ("packets", "held"), "n"),
+    ("  looped back (mark)", ("adapter", "looped"), "n"),
     ("bytes received", ("bytes", "received"), "n"),
     ("  accepted", ("bytes", "accepted"), "n"),
     ("  dropped", ("bytes", "dropped"), "n"),
     ("resets sent", ("resets_sent",), "n"),
     ("rule errors", ("rule_errors",), "n"),
+    ("alerts", ("alerts",), "n"),
     ("connections tracked", ("connections", "tracked"), "n"),
     ("connections opened", ("connections", "opened"), "n"),
+    ("  met mid-stream", ("connections", "midstream"), "n"),
     ("queue full drops", ("queue_drops", "kernel_dropped"), "n"),
     ("queue user drops", ("queue_drops", "kernel_user_dropped"), "n"),
     ("queue bypassed", ("queue_drops", "bypassed"), "n"),
@@ -1013,19 +1050,17 @@ def _cell(value: Any, kind: str) -> str:
 
 
 def format_status(st: dict[str, Any]) -> str:
-    ("  looped back (mark)", ("adapter", "looped"), "n"),
     """A table: one column for the total, one per worker; connections by state after the counts."""
     workers = st.get("workers", [])
     live = [w for w in workers if "error" not in w]
     lines = [
-        f"tcpguard: up {_duration(st.get('uptime', 0))}, {st.get('mode')} mode, pid {st.get('pid')}, "
-        f"main RSS {_human_bytes(st.get('rss'))}"
+        f"tcpguard {st.get('version')} ({st.get('core')} core): up {_duration(st.get('uptime', 0))}, "
+        f"{st.get('mode')} mode, pid {st.get('pid')}, main RSS {_human_bytes(st.get('rss'))}"
     ]
     lines += [f"queue {w.get('queue')}: {w['error']}" for w in workers if "error" in w]
     cols: list[dict[str, Any]] = [st.get("totals", {}), *live]
     table = [["", "total", *(f"queue {w['queue']}" for w in live)]]
     rows = list(_STATUS_ROWS)
-    ("  met mid-stream", ("connections", "midstream"), "n"),
     states = sorted({s for c in cols for s in (_get(c, ("connections", "by_state")) or {})})
     at = next(i for i, r in enumerate(rows) if r[0] == "connections opened") + 1
     rows[at:at] = [(f"  {s}", ("connections", "by_state", s), "n") for s in states]
@@ -1046,6 +1081,9 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(
             "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip()
         )
+    note = _get(st.get("totals", {}), ("queue_drops", "bypassed_note"))
+    if note:
+        lines.append(f"queue bypassed: {note}")
     return "\n".join(lines)
 
 
@@ -1084,9 +1122,6 @@ def _parse_filters(items: list[str] | None) -> dict[str, str]:
         key = key.strip()
         if not sep or not key or not value.strip():
             raise ControlError(
-    note = _get(st.get("totals", {}), ("queue_drops", "bypassed_note"))
-    if note:
-        lines.append(f"queue bypassed: {note}")
                 f"--filter {item!r}: expected KEY=VALUE, e.g. state=ESTABLISHED or port=80,443"
             )
         if key in spec:
@@ -1105,6 +1140,8 @@ def cmd_control(args: argparse.Namespace) -> int:
                 req["limit"] = args.limit
         elif name in ("drop", "reset"):
             req = {"cmd": name, "id": args.id}
+        elif name == "version":
+            req = {"cmd": "version"}
         else:
             req = {"cmd": name}
         resp = ControlClient(path, timeout=args.timeout).call(req)
@@ -1120,6 +1157,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     result: Any = resp.get("result")
     if name == "status":
         print(format_status(result))
+    elif name == "version":
+        print(f"tcpguard {result['version']} ({result['core']} core), daemon pid {result['pid']}")
     elif name == "connections":
         print(format_connections(result))
     elif name in ("drop", "reset"):
@@ -1135,7 +1174,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 
 def add_subparser(sub: Any) -> None:
-    """Register status, connections, drop, reset and reload with the `tcpguard` command line."""
+    """Register version, status, connections, drop, reset and reload with the `tcpguard` command line."""
     common = argparse.ArgumentParser(add_help=False)
     where = common.add_mutually_exclusive_group()
     where.add_argument("--socket", help="control socket path (default: control.socket of the config)")
@@ -1144,6 +1183,14 @@ def add_subparser(sub: Any) -> None:
         help="config file to read control.socket from (default /etc/tcpguard/tcpguard.yaml when it exists)",
     )
     common.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
+
+    v = sub.add_parser(
+        "version",
+        parents=[common],
+        help="the running daemon's version and core (`tcpguard --version`: the installed one)",
+    )
+    v.add_argument("--json", action="store_true", help="print the answer as JSON")
+    v.set_defaults(func=cmd_control)
 
     s = sub.add_parser("status", parents=[common], help="counters of the running daemon, per worker")
     s.add_argument("--json", action="store_true", help="print the status document as JSON")

@@ -160,22 +160,43 @@ HELD_THEN_DROPPED = "held, then dropped"
 
 
 class AlertLog:
-    """Alerts as JSON lines (one object per alert, flushed at once) plus a log line each."""
+    """The alerts file: one JSON object per line, each flushed at once, as the engine built it (Suricata's
+    EVE alert shape, see `Engine._alert` and docs/observability.md); the engine logs a line for each too.
+
+    Each line goes out in one write() on a file opened for appending, so the lines of several workers
+    sharing the file do not interleave. A write that fails (disk full, file system gone read-only) must
+    not fail the packet being judged: it is counted and logged, once a minute at most, and the alert is
+    still in the log line the engine wrote.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self.write_errors = 0
+        self._error_logged: float | None = None  # monotonic time of the last error line
         self._file: IO[str] | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def __call__(self, alert: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps({"wall_time": time.time(), **alert}, default=str) + "\n")
+        if self._file is None:
+            return
+        try:
+            self._file.write(json.dumps(alert, default=str) + "\n")
+        except OSError as exc:
+            self.write_errors += 1
+            now = time.monotonic()
+            if self._error_logged is None or now - self._error_logged >= 60:
+                self._error_logged = now
+                log.error(
+                    "alerts file %s: cannot write (%s); %d alerts lost", self.path, exc, self.write_errors
+                )
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            # A line a failed write left in the buffer fails again here; it was counted already.
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
 
 
@@ -205,12 +226,17 @@ class Worker:
         self.alerts = AlertLog(cfg.alerts.file)
         self.engine = Engine(cfg.engine, rules)
         self.engine.alert_hook = self.alerts
+        self.engine.wall_clock = time.time  # alert timestamps (the engine's own clock is monotonic)
+        self.engine.queue = queue_num  # alert ids are QUEUE:FLOW, as the control commands take them
         self.engine.log_payload = cfg.logging.log_payload
         # Made here, in the thread that runs the packet loop: that is the thread it interrupts.
         self.budget = RuleBudget(self.engine, cfg.engine.limits.rule_time_budget)
         if self.budget.budget > 0:
             self.budget.start()
         self.reload_requested = False
+        # A SIGHUP reload in progress: the new config and the trial load of its rules, which runs in a
+        # child interpreter while this loop goes on forwarding (tcpguard.app.ruleload).
+        self._pending_reload: tuple[Config, RuleTrial] | None = None
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload_error: str | None = None
@@ -224,6 +250,9 @@ class Worker:
         # Held packets by id(token): (token, size, raw bytes if the dropped dump may need them later).
         self._held: dict[int, tuple[object, int, bytes | None]] = {}
         self._tick_out: Output | None = None
+        # Mid-stream pickups already reported in the log, and when (see _report_midstream).
+        self._midstream_reported = 0
+        self._midstream_next = 0.0
 
     # ------------------------------------------------------------------ the packet path
     def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
@@ -234,9 +263,6 @@ class Worker:
             dumps.input(raw)
         dec = self.engine.handle_packet(raw, now, token)
         if dec.verdict is not _ACCEPT or dec.releases or dumps is not None:
-        # A SIGHUP reload in progress: the new config and the trial load of its rules, which runs in a
-        # child interpreter while this loop goes on forwarding (tcpguard.app.ruleload).
-        self._pending_reload: tuple[Config, RuleTrial] | None = None
             self._account(raw, token, dec, dumps)
         return dec
 
@@ -250,9 +276,6 @@ class Worker:
             bytes_received=est.bytes,
             packets_accepted=est.accepted + rel.packets_accepted,
             bytes_accepted=est.bytes_accepted + rel.bytes_accepted,
-        # Mid-stream pickups already reported in the log, and when (see _report_midstream).
-        self._midstream_reported = 0
-        self._midstream_next = 0.0
             packets_dropped=est.dropped + rel.packets_dropped,
             bytes_dropped=est.bytes_dropped + rel.bytes_dropped,
         )
@@ -305,6 +328,8 @@ class Worker:
         if self._pending_reload is not None:
             self._poll_reload()
         out = self.engine.handle_timer(now)
+        if self.engine.stats.midstream != self._midstream_reported and now >= self._midstream_next:
+            self._report_midstream(now)
         # Control requests run here, in the packet-loop thread; operator resets add to this output.
         self._tick_out = out
         try:
@@ -321,31 +346,6 @@ class Worker:
                 n.status(self.status_line())
         return out
 
-    def _reload_notified(self) -> bool:
-        n = self.notifier
-        if n is not None:
-            n.reloading()
-        done = self.reload()
-        if n is not None:
-            n.ready(self.status_line())
-        if self.engine.stats.midstream != self._midstream_reported and now >= self._midstream_next:
-            self._report_midstream(now)
-        return done
-
-    def status_line(self) -> str:
-        st = self.engine.stats
-        return (
-            f"queue {self.queue_num}: {len(self.engine.table)} connections, {st.packets} packets "
-            f"({st.accepted} accepted, {st.dropped} dropped), {st.resets_sent} resets, "
-            f"{st.rule_errors} rule errors"
-        )
-
-    def shutdown(self, now: float) -> Output:
-        self.inbox.close()
-        out = self.engine.shutdown(now)
-        self.budget.stop()
-        self._account_output(out)
-        if self.dumps is not None:
     def _report_midstream(self, now: float) -> None:
         """Connections that were open before this daemon started (a restart, a crash) or that the tracker
         forgot reach it mid-stream: say so, at most once a minute, so that an operator reading the log after
@@ -363,16 +363,16 @@ class Worker:
         self._midstream_reported = n
         self._midstream_next = now + 60.0
 
-            self.dumps.close()
+    def _reload_notified(self) -> bool:
         """Reload now, in this tick (a control request: its trial already ran in the control thread)."""
-        self.alerts.close()
-        return out
+        n = self.notifier
+        if n is not None:
+            n.reloading()
+        done = self.reload()
+        if n is not None:
+            n.ready(self.status_line())
+        return done
 
-    # ------------------------------------------------------------------ control requests (in the tick)
-    def control(self, req: Request, now: float) -> Response:
-        """Execute one control request. Runs in the packet-loop thread, between packets."""
-        cmd = req.get("cmd")
-        if cmd == "status":
     def _start_reload(self) -> None:
         """SIGHUP: read the config and start the trial load of its rules; `_poll_reload` finishes it.
         A SIGHUP while one is in progress is folded into it."""
@@ -413,6 +413,30 @@ class Worker:
         self.last_reload_error = str(e)
         log.error("reload failed, keeping the running config and rules: %s", e)
 
+    def status_line(self) -> str:
+        st = self.engine.stats
+        return (
+            f"queue {self.queue_num}: {len(self.engine.table)} connections, {st.packets} packets "
+            f"({st.accepted} accepted, {st.dropped} dropped), {st.resets_sent} resets, "
+            f"{st.rule_errors} rule errors"
+        )
+
+    def shutdown(self, now: float) -> Output:
+        self.cancel_reload()
+        self.inbox.close()
+        out = self.engine.shutdown(now)
+        self.budget.stop()
+        self._account_output(out)
+        if self.dumps is not None:
+            self.dumps.close()
+        self.alerts.close()
+        return out
+
+    # ------------------------------------------------------------------ control requests (in the tick)
+    def control(self, req: Request, now: float) -> Response:
+        """Execute one control request. Runs in the packet-loop thread, between packets."""
+        cmd = req.get("cmd")
+        if cmd == "status":
             return ok(self.status(now))
         if cmd == "connections":
             try:
@@ -422,7 +446,6 @@ class Worker:
             limit = req.get("limit")
             rows: list[dict[str, Any]] = []
             truncated = False
-        self.cancel_reload()
             for conn in self.engine.table.by_key.values():
                 if flt.matches(conn, self.queue_num):
                     if limit is not None and len(rows) >= limit:
@@ -488,9 +511,11 @@ class Worker:
             "bytes": {"received": t.bytes_received, "accepted": t.bytes_accepted, "dropped": t.bytes_dropped},
             "resets_sent": est.resets_sent,
             "rule_errors": est.rule_errors,
+            "alerts": est.alerts,
             "connections": {
                 "tracked": len(eng.table),
                 "opened": est.connections,
+                "midstream": est.midstream,
                 "by_state": dict(sorted(by_state.items())),
             },
             "queue_drops": {
@@ -515,7 +540,6 @@ class Worker:
     def reload(self, cfg: Config | None = None) -> bool:
         """Load config (unless given) and rules again, here, under the load budget; swap them in only if
         both load. Callers run the trial load first (`_start_reload`, the dispatcher's reload check)."""
-                "midstream": est.midstream,
         try:
             if cfg is None:
                 cfg = load_config(self.config_path)
@@ -639,6 +663,7 @@ def start_services(
     mode: str,
     dispatcher: Dispatcher | None = None,
     bypass: BypassMeter | None = None,
+    reload_check: Callable[[], str | None] | None = None,
 ) -> Services:
     """Serve the control socket and (if configured) the metrics endpoint for the workers behind `links`.
     Raises ControlError or OSError when either cannot be served, having closed what it opened."""
@@ -662,31 +687,6 @@ def start_services(
     return services
 
 
-class Daemon:
-    def __init__(self, config_path: Path, cfg: Config, rules: RuleSet) -> None:
-        self.config_path = config_path
-        self.cfg = cfg
-        self.rules = rules
-        self.iptables = IptablesManager(iptables_spec(cfg)) if cfg.iptables.manage else None
-        # Fail-open leaves no trace in the kernel's queue counters: compare our rules' counters with them.
-    reload_check: Callable[[], str | None] | None = None,
-        # Only with rules we installed (their counters start with our queues) and with bypass on (without
-        # it a packet that misses the queue is dropped, not passed).
-        self.bypass = (
-            BypassMeter(self.iptables.queued_packets, range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
-            if self.iptables is not None and cfg.queue.bypass
-            else None
-        )
-        self.flags = _Flags()
-        self.children: dict[int, int] = {}  # pid -> queue number
-        self.notifier = Notifier()
-        self.links = ChannelLinks(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
-        self.services: Services | None = None
-
-    # -------------------------------------------------------------------- single process
-    def run_inline(self) -> int:
-        adapter, worker = _serve_queue(
-            self.cfg, self.config_path, self.rules, self.cfg.queue.num, self.notifier
 def _bypass_note(cfg: Config) -> str | None:
     """Why the status cannot count the packets that passed uninspected, or None when it can."""
     if not cfg.queue.bypass:
@@ -700,10 +700,38 @@ def _bypass_note(cfg: Config) -> str | None:
     return None
 
 
+class Daemon:
+    def __init__(self, config_path: Path, cfg: Config, rules: RuleSet) -> None:
+        self.config_path = config_path
+        self.cfg = cfg
+        self.rules = rules
+        self.iptables = IptablesManager(iptables_spec(cfg)) if cfg.iptables.manage else None
+        # Fail-open leaves no trace in the kernel's queue counters: compare our rules' counters with them.
+        # Only with rules we installed (their counters start with our queues) and with bypass on (without
+        # it a packet that misses the queue is dropped, not passed).
+        self.bypass = (
+            BypassMeter(self.iptables.queued_packets, range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
+            if self.iptables is not None and cfg.queue.bypass
+            else None
         )
+        self.bypass_note = _bypass_note(cfg)
+        self.flags = _Flags()
+        self.children: dict[int, int] = {}  # pid -> queue number
+        self.notifier = Notifier()
+        self.links = ChannelLinks(range(cfg.queue.num, cfg.queue.num + cfg.queue.workers))
+        self.services: Services | None = None
+
+    # -------------------------------------------------------------------- single process
+    def run_inline(self) -> int:
+        adapter, worker = _serve_queue(
+            self.cfg, self.config_path, self.rules, self.cfg.queue.num, self.notifier
+        )
+
+        deadline = StopDeadline(self._remove_iptables)
 
         def stop(*_: object) -> None:
             self.notifier.stopping()
+            deadline.arm()
             adapter.stop()
 
         signal.signal(signal.SIGTERM, stop)
@@ -714,7 +742,6 @@ def _bypass_note(cfg: Config) -> str | None:
                 self.cfg,
                 InboxLinks(self.cfg.queue.num, worker.inbox),
                 "single",
-        self.bypass_note = _bypass_note(cfg)
                 bypass=self.bypass,
                 # The trial load runs in the control thread, so the packet loop only does the real one.
                 reload_check=self._reload_check,
@@ -732,11 +759,9 @@ def _bypass_note(cfg: Config) -> str | None:
             adapter.run()
         finally:
             worker.inbox.close()
-        deadline = StopDeadline(self._remove_iptables)
-
             self.services.close()
             self._remove_iptables()
-            deadline.arm()
+            deadline.disarm()
         log.info("stopped: %s", adapter.stats.as_dict())
         return 0
 
@@ -761,7 +786,6 @@ def _bypass_note(cfg: Config) -> str | None:
                 code = _run_worker_process(self.cfg, self.config_path, self.rules, queue_num, w, child_end)
             except BaseException:
                 log.exception("worker for queue %d crashed", queue_num)
-            deadline.disarm()
             finally:
                 os._exit(code)
         os.close(w)
@@ -796,6 +820,7 @@ def _bypass_note(cfg: Config) -> str | None:
                 lambda: self.notifier.ready(f"{len(self.children)} workers"),
             ),
             bypassed=self.bypass.read if self.bypass is not None else None,
+            bypassed_note=self.bypass_note,
         )
         try:
             for i in range(self.cfg.queue.workers):
@@ -820,7 +845,6 @@ def _bypass_note(cfg: Config) -> str | None:
                     self.notifier.reloading()
                     self._reload_check(lambda: self.flags.stop)
                     self._signal_children(signal.SIGHUP)
-            bypassed_note=self.bypass_note,
                     self.notifier.ready(f"{len(self.children)} workers")
                 with contextlib.suppress(ChildProcessError):
                     pid, status = os.waitpid(-1, os.WNOHANG)
@@ -872,6 +896,10 @@ def _bypass_note(cfg: Config) -> str | None:
         except ConfigError as e:
             log.error("reload will fail, workers keep the running config and rules: %s", e)
             return str(e)
+        result = RuleTrial(cfg.rules_dir, cfg.rules_load_budget).wait(give_up)
+        if result.error is not None:
+            log.error("reload will fail, workers keep the running config and rules: %s", result.error)
+            return str(result.error)
         return None
 
     # -------------------------------------------------------------------- iptables
@@ -900,16 +928,22 @@ def _bypass_note(cfg: Config) -> str | None:
 
 def main_run(config_path: str, verbose: int = 0) -> int:
     path = Path(config_path)
-        result = RuleTrial(cfg.rules_dir, cfg.rules_load_budget).wait(give_up)
-        if result.error is not None:
-            log.error("reload will fail, workers keep the running config and rules: %s", result.error)
-            return str(result.error)
+    # First, before any file is opened: without these every later step fails, each in its own words.
+    if not has_capabilities(CAP_NET_ADMIN, CAP_NET_RAW):
+        print(
+            "tcpguard run: needs CAP_NET_ADMIN (NFQUEUE, iptables) and CAP_NET_RAW (resets): run it as root "
+            "or as the systemd service",
+            file=sys.stderr,
+        )
+        return 1
     try:
         cfg = load_config(path)
     except ConfigError as e:
         print(f"tcpguard run: {e}", file=sys.stderr)
         return 1
     setup_logging(cfg, verbose)
+    for warning in config_warnings(cfg):
+        log.warning("%s: %s", path, warning)
     try:
         rules = load_rules_bounded(cfg.rules_dir, cfg.rules_load_budget)
     except RuleLoadError as e:
@@ -926,13 +960,3 @@ def main_run(config_path: str, verbose: int = 0) -> int:
         log.error("cannot start: %s", e)
         print(f"tcpguard run: {e}", file=sys.stderr)
         return 1
-    # First, before any file is opened: without these every later step fails, each in its own words.
-    if not has_capabilities(CAP_NET_ADMIN, CAP_NET_RAW):
-        print(
-            "tcpguard run: needs CAP_NET_ADMIN (NFQUEUE, iptables) and CAP_NET_RAW (resets): run it as root "
-            "or as the systemd service",
-            file=sys.stderr,
-        )
-        return 1
-    for warning in config_warnings(cfg):
-        log.warning("%s: %s", path, warning)

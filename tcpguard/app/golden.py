@@ -56,7 +56,7 @@ def record(
         elif kind == "action":
             flows[ev["flow"]]["actions"].append(ev["action"])
         elif kind == "alert":
-            flows[ev["flow"]]["alerts"].append([ev["severity"], ev["description"]])
+            flows[ev["flow"]]["alerts"].append([ev["tcpguard"]["severity"], ev["alert"]["signature"]])
         elif kind == "end_connection":
             flows[ev["flow"]].update(end=ev["reason"], packets=ev["packets"], bytes=ev["bytes"])
     forged = []

@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -44,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -311,6 +313,14 @@ def burst(host: str, port: int, count: int) -> list[dict[str, Any]]:
 # ==================================================================================== the gateway's view
 
 
+def _unix_time(alert: dict[str, Any]) -> float:
+    """An alert's ISO-8601 `timestamp` as Unix time (0 when it has none or it does not parse)."""
+    try:
+        return datetime.fromisoformat(str(alert.get("timestamp"))).timestamp()
+    except ValueError:
+        return 0.0
+
+
 def read_jsonl(path: Path | None) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file (a line still being written is skipped)."""
     if path is None or not path.exists():
@@ -361,7 +371,7 @@ class GatewayView:
 
     def alerts_of(self, flow_id: int) -> list[dict[str, Any]]:
         alerts = read_jsonl(self.alerts)
-        return [a for a in alerts if a.get("flow") == flow_id and a.get("wall_time", 0) >= self.since]
+        return [a for a in alerts if a.get("flow_id") == flow_id and _unix_time(a) >= self.since]
 
     def server_saw(self, cport: int, port: int, wait: float = 1.0) -> dict[str, Any] | None:
         if self.server_log is None:
@@ -599,7 +609,9 @@ class Driver:
         for c in conns:
             self._gateway(sc, c, deadline)
         verdicts = [self._verdict(c, kind) for c in conns]
-        alerts = [f"[{a.get('severity')}] {a.get('description')}" for c in conns for a in c["alerts"]]
+        alerts = [
+            f"[{a['tcpguard']['severity']}] {a['alert']['signature']}" for c in conns for a in c["alerts"]
+        ]
         gateway = self._gateway_words(conns)
         if kind == "burst":
             passed = verdicts.count("allowed")
@@ -1008,6 +1020,15 @@ class LabRun:
         self.say(f"  ip netns exec {c} {sys.executable} -m tcpguard.app.lab drive --server {net_server}")
         self.say(f"  tail -f {alerts}")
         self.say(f"  ip netns exec {net.name('gw')} iptables -L TCPGUARD -v -n")
+        # The daemon's control socket is a file in the work directory, reachable from the host: these
+        # need no namespace, only this lab's config (the default config names another socket).
+        cli = Path(sys.executable).parent / "tcpguard"
+        tcpguard = (
+            shlex.quote(str(cli)) if cli.exists() else f"{shlex.quote(sys.executable)} -m tcpguard.app.cli"
+        )
+        config = shlex.quote(str(self.work / "tcpguard.yaml"))
+        self.say(f"  {tcpguard} status --config {config}")
+        self.say(f"  {tcpguard} connections --config {config}")
         assert self.daemon is not None
         try:
             while self.daemon.poll() is None:

@@ -172,6 +172,7 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("tcpguard_bytes_dropped", "Bytes of the packets dropped.", ("bytes", "dropped")),
     ("tcpguard_resets_sent", "RST packets forged (rules, limits and operator resets).", ("resets_sent",)),
     ("tcpguard_rule_errors", "Rule calls that raised.", ("rule_errors",)),
+    ("tcpguard_alerts", "Alerts the rules raised (`flow.alert`).", ("alerts",)),
     (
         "tcpguard_connections_opened",
         "Connections tracked since the worker started.",
@@ -275,6 +276,15 @@ class StatusCollector:
         up = GaugeMetricFamily("tcpguard_up", "1: the daemon answered this scrape.", labels=[])
         up.add_metric([], 1.0)
         yield up
+        # Prometheus's convention for what runs: a constant 1 whose labels say it. The core label tells
+        # a gateway silently running the pure-Python core (about half the speed) from a compiled one.
+        info = GaugeMetricFamily(
+            "tcpguard_build_info",
+            "Always 1: the daemon's version and core (compiled, or pure with the reason).",
+            labels=["version", "core"],
+        )
+        info.add_metric([str(status.get("version")), str(status.get("core"))], 1.0)
+        yield info
         answering = GaugeMetricFamily(
             "tcpguard_workers", "Worker processes answering (configured workers minus restarting ones)."
         )
@@ -362,14 +372,51 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+#: The one path the endpoint serves; any other answers 404.
+METRICS_PATH = "/metrics"
+
+
+def _only_metrics_path(app: Callable[..., Any]) -> Callable[..., Any]:
+    """The exposition app on METRICS_PATH alone. prometheus_client's server answers the metrics on every
+    path, so a mistyped scrape URL or a scanner's probe got a 200 that hid the mistake (and cost a gather
+    from every worker each time); an endpoint that answers only its own path makes both visible."""
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            body = f"not found: tcpguard serves its metrics at {METRICS_PATH}\n".encode()
+            headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+            start_response("404 Not Found", headers)
+            return [body]
+        return app(environ, start_response)
+
+    return serve
+
+
 def start_metrics_server(host: str, port: int, gather: Callable[[], dict[str, Any]]) -> MetricsServer:
-    """Serve `/metrics` on host:port from a private registry (no process or platform collectors: they
-    would describe only the process that serves, not the workers). Raises OSError if it cannot bind."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    """Serve METRICS_PATH on host:port from a private registry (no process or platform collectors: they
+    would describe only the process that serves, not the workers), one thread per request, request lines
+    not logged. Raises OSError if it cannot bind."""
+    import socket
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatusCollector(gather))
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True  # a slow scraper never holds up the daemon's exit
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = make_server(host, port, _only_metrics_path(make_wsgi_app(registry)), Server, QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True)
+    thread.start()
     bound = httpd.socket.getsockname()
     log.info("metrics endpoint on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", bound[1])
     return MetricsServer(httpd, thread, (host, int(bound[1])))

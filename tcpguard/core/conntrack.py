@@ -202,7 +202,8 @@ class Connection:
     def alert(
         self, description: str, severity: str = "medium", direction: str | None = None, **fields: Any
     ) -> None:
-        """Raise an alert about this connection (logged and written to the alerts file by the daemon)."""
+        """Raise an alert about this connection (logged and written to the alerts file by the daemon).
+        `severity`: high, medium, low or info; `direction`: the direction it is about, if one."""
         if self._alert is not None:
             self._alert(self, description, severity, direction, fields)
 

@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import greenlet
@@ -70,6 +71,12 @@ MAX_DROP_REASONS: Final = 64
 #: Seconds between two scans of the table for the connections holding the most buffered bytes, when the
 #: total buffer bound is exceeded (Engine._free_largest): a scan visits every connection.
 LARGEST_SCAN_INTERVAL: Final = 0.1
+#: The severities `flow.alert` takes, and the number each has in the alert record: Suricata's scale, on
+#: which 1 is the most severe, so that tools reading EVE alerts rank ours with theirs.
+SEVERITIES: Final = {"high": 1, "medium": 2, "low": 3, "info": 4}
+#: Alerts of one rule call kept until the call returns (to record what the rule then did to the
+#: connection); past it they are written at once, saying the action taken so far.
+MAX_PENDING_ALERTS: Final = 64
 
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
@@ -81,6 +88,7 @@ class Stats:
     """Counters an operator reads to see what the engine did and what it refused."""
 
     accepted: int = 0
+    alerts: int = 0  # alerts the rules raised (`flow.alert`)
     bad_checksum: int = 0
     # Bytes of the packets handed in, and of those answered at once with ACCEPT or DROP (a held packet's
     # fate comes later, in a Release, which the adapter side counts: the engine does not keep sizes).
@@ -145,6 +153,14 @@ class Engine:
         self._last_largest_scan = -math.inf  # engine time of the last scan for the largest buffers
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self.alert_hook: Callable[[dict[str, Any]], None] | None = None
+        # Unix time for the alerts' timestamps. None: the engine's own time is Unix time (a replayed
+        # capture's packet times); the daemon's engine runs on the monotonic clock and sets time.time.
+        self.wall_clock: Callable[[], float] | None = None
+        # The worker's queue, so that an alert's connection id is the `QUEUE:FLOW` the control commands
+        # take; None offline, where the id is the flow number alone.
+        self.queue: int | None = None
+        # Alerts raised in the rule call running now, written when it returns (see _alert).
+        self._pending_alerts: list[tuple[Connection, dict[str, Any], str]] = []
         self._read_settings()
         # For a rule-time watchdog outside the core: the rule running now (None between calls) and a
         # counter of calls, so the watchdog can tell one long call from many short ones.
@@ -917,6 +933,8 @@ class Engine:
             self._rule_error(conn, r, e)
         finally:
             self.in_rule = None
+            if self._pending_alerts:
+                self._flush_alerts()
 
     def _rule_error(self, conn: Connection, r: Rule, e: BaseException) -> None:
         self.stats.rule_errors += 1
@@ -1015,6 +1033,8 @@ class Engine:
                     conn._greenlets = None
             if result.error is not None:
                 self._rule_error(conn, r, result.error)
+        if self._pending_alerts:
+            self._flush_alerts()
 
     def _resume_readers(self, conn: Connection, d: int) -> None:
         """The stream of direction `d` ended: let its streamed listeners see the end and finish."""
@@ -1228,26 +1248,82 @@ class Engine:
     def _alert(
         self, conn: Connection, description: str, severity: str, direction: str | None, fields: dict[str, Any]
     ) -> None:
-        ev = {
-            "event": "alert",
-            "time": self.now,
-            "flow": conn.id,
-            "connection": conn.describe(),
-            "description": description,
+        """Build the alert record, the one place its shape is decided: Suricata's EVE alert, which
+        operators' log pipelines already parse, plus a `tcpguard` object with what EVE has no key for.
+        docs/observability.md describes every field. Nothing of the payload is added here.
+
+        Rules alert first and act after (`flow.alert(...)` then `flow.reset()`), so an alert raised
+        inside a rule call is written when the call returns, with the action the connection then has
+        (`_flush_alerts`); the timestamp is the moment of the alert.
+        """
+        level = SEVERITIES.get(severity)
+        if level is None:
+            raise ValueError(f"alert severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
+        if direction is not None and direction not in DIRECTION_NAMES:
+            raise ValueError(f"alert direction {direction!r}: expected 'up', 'down' or None")
+        when = self.wall_clock() if self.wall_clock is not None else self.now
+        client, server = (str(conn.srcip), conn.cport), (str(conn.dstip), conn.sport)
+        # EVE's addresses are the sender's and the receiver's of the alert's direction; an alert about
+        # the connection as a whole (no direction) reads client to server.
+        src, dest = (server, client) if direction == "down" else (client, server)
+        r = self.in_rule
+        mine: dict[str, Any] = {
+            "id": f"{self.queue}:{conn.id}" if self.queue is not None else str(conn.id),
+            "rule": r.name if r is not None else None,
             "severity": severity,
-            "direction": direction,
-            **fields,
+            "action": None,  # set when written
         }
+        if fields:
+            mine["fields"] = fields
+        record: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f%z"),
+            "flow_id": conn.id,
+            "event_type": "alert",
+            "src_ip": src[0],
+            "src_port": src[1],
+            "dest_ip": dest[0],
+            "dest_port": dest[1],
+            "proto": "TCP",
+            "direction": "to_client" if direction == "down" else "to_server",
+            "alert": {"action": None, "signature": description, "severity": level},
+            "tcpguard": mine,
+        }
+        if r is None or len(self._pending_alerts) >= MAX_PENDING_ALERTS:
+            self._write_alert(conn, record, direction or "")
+        else:
+            self._pending_alerts.append((conn, record, direction or ""))
+
+    def _flush_alerts(self) -> None:
+        pending = self._pending_alerts
+        self._pending_alerts = []
+        for conn, record, direction in pending:
+            self._write_alert(conn, record, direction)
+
+    def _write_alert(self, conn: Connection, record: dict[str, Any], direction: str) -> None:
+        action = conn.action
+        record["alert"]["action"] = "blocked" if action >= Action.DROP else "allowed"
+        mine = record["tcpguard"]
+        mine["action"] = Action.NAMES[action]
+        self.stats.alerts += 1
         log.warning(
-            "alert [%s] %s: %s",
-            severity,
+            "alert [%s] %s: %s (rule %s, action %s)",
+            mine["severity"],
             conn.describe(),
-            description,
-            extra=_fields(conn, SEVERITY=severity, DIRECTION=direction or ""),
+            record["alert"]["signature"],
+            mine["rule"],
+            mine["action"],
+            extra=_fields(
+                conn,
+                SEVERITY=mine["severity"],
+                DIRECTION=direction,
+                RULE=mine["rule"] or "",
+                ACTION=mine["action"],
+            ),
         )
         if self.alert_hook is not None:
-            self.alert_hook(ev)
-        self._emit(ev)
+            self.alert_hook(record)
+        if self.sink is not None:
+            self._emit({"event": "alert", "flow": conn.id, **record})
 
 
 def _route(p: bytes) -> bytes:

@@ -212,16 +212,22 @@ class IptablesManager:
             found += self._install_family(binary)
         return found
 
-    def remove(self) -> None:
+    def remove(self) -> list[str]:
         """Delete the chain and every rule jumping to it, in both families. A no-op when not installed.
 
         Both families are cleaned even when `spec.ipv6` is off, so turning IPv6 off in the config and
         restarting does not leave an orphan ip6tables chain behind.
+
+        Returns what was deleted, one line each (`iptables rule: -A FORWARD -j TCPGUARD`, then the chain
+        with the number of rules it held); empty when there was nothing. An operator cleaning up by hand,
+        after a crash or with `iptables.manage: false`, needs to see whether anything was there at all.
         """
+        removed: list[str] = []
         for binary in self.spec.binaries:
             if not self._have(binary):
                 continue
-            self._remove_family(binary)
+            removed += self._remove_family(binary)
+        return removed
 
     def is_installed(self) -> bool:
         """True when the chain exists and every configured hook jumps to it, in every family."""
@@ -268,14 +274,8 @@ class IptablesManager:
         return total
 
     # ------------------------------------------------------------------ per family
-    def _install_family(self, binary: str) -> None:
+    def _install_family(self, binary: str) -> list[str]:
         chain = self.spec.chain
-        # One transaction fills (or refills) the chain before anything jumps to it.
-        self._run([f"{binary}-restore", "-w", "--noflush"], stdin=self.spec.restore_script())
-        for hook in HOOKS:
-            positions = self._jump_positions(binary, hook)
-            if hook in self.spec.hooks:
-                if not positions:
         found: list[str] = []
         if self._chain_exists(binary):
             held = len(self._rules(binary, chain))
@@ -285,6 +285,12 @@ class IptablesManager:
                 + (f", jumped to from {', '.join(jumps)}" if jumps else ", no jumps")
                 + "): refilled and reused"
             )
+        # One transaction fills (or refills) the chain before anything jumps to it.
+        self._run([f"{binary}-restore", "-w", "--noflush"], stdin=self.spec.restore_script())
+        for hook in HOOKS:
+            positions = self._jump_positions(binary, hook)
+            if hook in self.spec.hooks:
+                if not positions:
                     # At the top: an operator's earlier ACCEPT (e.g. for established traffic) must not let
                     # packets skip inspection.
                     self._run([binary, "-w", "-t", "filter", "-I", hook, "1", "-j", chain])
@@ -294,18 +300,23 @@ class IptablesManager:
             # Highest position first, so the remaining numbers stay valid.
             for pos in reversed(extra):
                 self._run([binary, "-w", "-t", "filter", "-D", hook, str(pos)])
+        return found
 
-    def _remove_family(self, binary: str) -> None:
+    def _remove_family(self, binary: str) -> list[str]:
         if not self._chain_exists(binary):
-            return
+            return []
+        removed: list[str] = []
         for line in self._rules(binary, None):
             if self._is_jump_line(line):
-        return found
                 args = shlex.split(line)
                 # "-A CHAIN rest..." becomes "-D CHAIN rest...": iptables deletes the first identical rule.
                 self._run([binary, "-w", "-t", "filter", "-D", *args[1:]])
+                removed.append(f"{binary} rule: {line}")
+        held = len(self._rules(binary, self.spec.chain))
         self._run([binary, "-w", "-t", "filter", "-F", self.spec.chain])
         self._run([binary, "-w", "-t", "filter", "-X", self.spec.chain])
+        removed.append(f"{binary} chain {self.spec.chain} ({held} rule{'' if held == 1 else 's'})")
+        return removed
 
     # ------------------------------------------------------------------ helpers
     def _is_jump_line(self, line: str) -> bool:

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -917,5 +918,125 @@ def test_two_workers_one_socket_ids_by_queue(lab: Lab, tmp_path: Path) -> None:
         )
         assert g.stop_daemon() == 0
         assert not g.socket.exists()
+    finally:
+        g.cleanup()
+
+
+# ================================================================================== versions and filters
+
+
+def test_a_misspelt_state_filter_is_an_error_listing_the_states(tmp_path: Path) -> None:
+    w = make_worker(tmp_path)
+    WorkerBook(w).handshake()
+    resp = ask(w, {"cmd": "connections", "filter": {"state": "established,SYN_SNET"}})[0]
+    assert not resp["ok"]
+    assert "unknown state SYN_SNET" in resp["error"] and "SYN_SENT, SYN_RECV, ESTABLISHED" in resp["error"]
+    # The dispatcher refuses it before asking any worker.
+    links = FakeLinks({0: lambda req: {"ok": True, "result": {"connections": []}}})
+    resp = Dispatcher(links, "single").handle({"cmd": "connections", "filter": {"state": "open"}})
+    assert not resp["ok"] and "unknown state OPEN (states: SYN_SENT" in resp["error"] and links.calls == []
+    # Any case of a real state still works.
+    assert ConnFilter.parse({"state": "established,time_wait"}).states == {"ESTABLISHED", "TIME_WAIT"}
+
+
+def test_version_is_answered_by_the_dispatcher_even_without_workers() -> None:
+    import tcpguard
+    import tcpguard.core
+
+    links = FakeLinks({0: lambda req: {"ok": False, "error": "restarting"}})
+    d = Dispatcher(links, "single")
+    resp = d.handle({"cmd": "version"})
+    assert resp == {
+        "ok": True,
+        "result": {"version": tcpguard.__version__, "core": tcpguard.core.MODE, "pid": os.getpid()},
+    }
+    assert links.calls == []
+    st = d.handle({"cmd": "status"})["result"]
+    assert (st["version"], st["core"]) == (tcpguard.__version__, tcpguard.core.MODE)
+    assert format_status(st).startswith(f"tcpguard {tcpguard.__version__} ({tcpguard.core.MODE} core): up ")
+
+
+def test_alerts_are_summed_over_workers_and_shown_in_the_status() -> None:
+    workers = [{**_worker_doc(0, 5), "alerts": 2}, {**_worker_doc(1, 6), "alerts": 3}]
+    total = totals(workers)
+    assert total["alerts"] == 5
+    text = format_status({"uptime": 1, "mode": "workers", "pid": 1, "workers": workers, "totals": total})
+    row = next(line.split() for line in text.splitlines() if line.startswith("alerts"))
+    assert row == ["alerts", "5", "2", "3"]
+
+
+def test_tcpguard_version_flag_names_the_version_and_the_core() -> None:
+    import tcpguard
+    import tcpguard.core
+
+    r = subprocess.run([TCPGUARD, "--version"], capture_output=True, text=True, timeout=60, check=True)
+    assert r.stdout == f"tcpguard {tcpguard.__version__} ({tcpguard.core.MODE} core)\n"
+
+
+ALERTING_RULE = """
+from tcpguard import rule, tcp_connection
+
+@rule(on=tcp_connection.events.receive_data)
+def canary(flow, stream, current, direction):
+    if direction == "up" and current.find(b"CANARY"):
+        flow.alert("canary from the client", severity="high", direction=direction, seen=current.available())
+        flow.reset()
+"""
+
+
+@pytest.mark.root
+def test_the_daemon_answers_its_version_and_writes_eve_alerts(lab: Lab, tmp_path: Path) -> None:
+    import tcpguard
+    import tcpguard.core
+
+    g = ObservedGateway(lab, tmp_path)
+    try:
+        (g.rules_dir / "alerting.py").write_text(ALERTING_RULE)
+        g.start_server(OPEN_PORT)
+        g.start_daemon()
+        r = g.cli("version")
+        assert r.stdout.startswith(
+            f"tcpguard {tcpguard.__version__} ({tcpguard.core.MODE} core), daemon pid "
+        )
+        assert json.loads(g.cli("version", "--json").stdout)["pid"] == g.status()["pid"]
+        before = time.time()
+        proc, port = g.hold_open("xx CANARY xx")
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["error"] == "ConnectionResetError"
+        proc.wait(timeout=10)
+        after = time.time()
+        alerts_file = tmp_path / "alerts.jsonl"
+        wait_for(lambda: alerts_file.exists() and alerts_file.read_text().strip() != "", "the alert written")
+        (line,) = alerts_file.read_text().splitlines()
+        a = json.loads(line)
+        flow = a["flow_id"]
+        assert a == {
+            "timestamp": a["timestamp"],
+            "flow_id": flow,
+            "event_type": "alert",
+            "src_ip": CLIENT_V4,
+            "src_port": port,
+            "dest_ip": SERVER_V4,
+            "dest_port": OPEN_PORT,
+            "proto": "TCP",
+            "direction": "to_server",
+            "alert": {"action": "blocked", "signature": "canary from the client", "severity": 1},
+            "tcpguard": {
+                "id": f"0:{flow}",
+                "rule": "alerting.canary",
+                "severity": "high",
+                "action": "reset",
+                "fields": {"seen": 12},
+            },
+        }
+        # Wall time (the engine's own clock is monotonic), with its time zone.
+        stamp = datetime.fromisoformat(a["timestamp"])
+        assert stamp.utcoffset() is not None and before - 1 <= stamp.timestamp() <= after + 1
+        assert "CANARY" not in line.replace("canary from the client", "")  # no payload
+        st = g.status()
+        assert st["totals"]["alerts"] == 1 and st["workers"][0]["alerts"] == 1
+        assert st["workers"][0]["engine"]["alerts"] == 1
+        # The journal/log line carries the rule and the action too.
+        assert "(rule alerting.canary, action reset)" in g.daemon_log.read_text()
     finally:
         g.cleanup()

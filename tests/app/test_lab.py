@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -164,11 +165,17 @@ def test_sigterm_while_the_lab_stays_up_tears_everything_down(tmp_path: Path) ->
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        seen = read_until(proc, r"The lab stays up until Ctrl-C")
+        seen = read_until(proc, r" connections --config ")
         gw = next(n for n in namespaces(seen) if n.endswith("-gw"))
         chain = subprocess.run(["ip", "netns", "exec", gw, "iptables", "-w", "-S", "TCPGUARD"],
                                capture_output=True, text=True, check=False)  # fmt: skip
         assert "NFQUEUE" in chain.stdout
+        # The status and connections commands it prints work as pasted, from the host.
+        for command in ("status", "connections"):
+            line = next(x for x in seen.splitlines() if f" {command} --config " in x)
+            r = subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=60, check=False)
+            assert r.returncode == 0, (line, r.stderr)
+            assert r.stdout.startswith("tcpguard " if command == "status" else "ID "), r.stdout
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
     finally:

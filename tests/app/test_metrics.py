@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ def worker_doc(q: int) -> dict[str, Any]:
         "bytes": {"received": 1000, "accepted": 700, "dropped": 300},
         "resets_sent": 2,
         "rule_errors": 1,
+        "alerts": 4 + q,
         "connections": {"tracked": 3, "opened": 4, "by_state": {"ESTABLISHED": 2, "CLOSED": 1}},
         "queue_drops": {"kernel_dropped": 5, "kernel_user_dropped": 0, "kernel_waiting": 1, "enobufs": None},
         "memory": {"rss": 123456, "buffered": 77},
@@ -51,6 +53,8 @@ def worker_doc(q: int) -> dict[str, Any]:
 
 
 STATUS = {
+    "version": "9.8.7",
+    "core": "pure (stale build)",
     "mode": "workers",
     "pid": 1,
     "uptime": 99.0,
@@ -94,9 +98,33 @@ def test_endpoint_serves_the_status_document_as_metrics() -> None:
     assert m[("tcpguard_uptime_seconds", ())] == 99
     assert m[("tcpguard_main_rss_bytes", ())] == 5000
     assert m[("tcpguard_queue_bypassed_total", ())] == 42
+    assert m[("tcpguard_alerts_total", q0)] == 4 and m[("tcpguard_alerts_total", q1)] == 5
+    assert m[("tcpguard_build_info", (("core", "pure (stale build)"), ("version", "9.8.7")))] == 1
     # A value the worker could not read is left out, and so is the worker that is restarting.
     assert ("tcpguard_queue_netlink_enobufs_total", q0) not in m
     assert not any(dict(labels).get("queue") == "2" for _, labels in m)
+
+
+def test_endpoint_answers_404_off_its_path_without_gathering() -> None:
+    gathered: list[int] = []
+
+    def gather() -> dict[str, Any]:
+        gathered.append(1)
+        return STATUS
+
+    server = start_metrics_server("127.0.0.1", 0, gather)
+    try:
+        host, port = server.address
+        for path in ("/", "/metric", "/metrics/", "/favicon.ico", "/admin?x=1"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                fetch(f"http://{host}:{port}{path}")
+            assert err.value.code == 404, path
+            assert b"/metrics" in err.value.read()
+        assert gathered == []
+        assert ("tcpguard_up", ()) in samples(fetch(f"http://{host}:{port}/metrics"))
+        assert gathered == [1]
+    finally:
+        server.close()
 
 
 def test_a_failing_gather_gives_an_empty_scrape_not_an_error() -> None:
@@ -196,6 +224,15 @@ print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())
 """
 
 
+FETCH_STATUS = r"""
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=10).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+"""
+
+
 def scrape(g: ObservedGateway, port: int = 9464) -> Samples:
     return samples(g.lab.run("gw", [sys.executable, "-c", FETCH, f"http://127.0.0.1:{port}/metrics"]).stdout)
 
@@ -240,6 +277,11 @@ def test_the_daemon_serves_its_counters(lab: Lab, tmp_path: Path) -> None:
         g.start_daemon()
         m = scrape(g)
         assert m[("tcpguard_up", ())] == 1 and m[("tcpguard_workers", ())] == 1
+        st = g.status()
+        assert m[("tcpguard_build_info", (("core", st["core"]), ("version", st["version"])))] == 1
+        assert m[("tcpguard_alerts_total", (("queue", "0"),))] == 0
+        probe = g.lab.run("gw", [sys.executable, "-c", FETCH_STATUS, "http://127.0.0.1:9464/"])
+        assert probe.stdout.strip() == "404"
         assert m[("tcpguard_packets_received_total", (("queue", "0"),))] == 0
         syns = crafted_syns(4)
         g.send_raw(syns)

@@ -1025,8 +1025,9 @@ def test_alert_reaches_the_hook_with_flow_and_direction() -> None:
     pb.engine.alert_hook = got.append
     pb.handshake()
     pb.client("PA", b"abc")
-    assert got[0]["description"] == "saw data" and got[0]["severity"] == "high"
-    assert got[0]["direction"] == "up" and got[0]["size"] == 3 and got[0]["flow"] == 1
+    assert got[0]["alert"]["signature"] == "saw data" and got[0]["alert"]["severity"] == 1
+    assert got[0]["tcpguard"]["severity"] == "high" and got[0]["tcpguard"]["fields"] == {"size": 3}
+    assert got[0]["direction"] == "to_server" and got[0]["flow_id"] == 1
 
 
 def test_replace_rules_keeps_connections() -> None:

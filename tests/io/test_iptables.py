@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -230,3 +232,36 @@ def test_errors_carry_the_command(lab: Lab) -> None:
     local = IptablesManager(IptablesSpec(ipv6=False, binaries=("iptables-no-such-binary", "x")))
     with pytest.raises(IptablesError, match="exited 127"):
         local.install()
+
+
+@pytest.mark.root
+def test_remove_reports_what_it_removed(gw_lab: Lab) -> None:
+    lab = gw_lab
+    mgr = IptablesManager(IptablesSpec(hooks=("FORWARD", "INPUT"), ipv6=False), netns=lab.name("gw"))
+    mgr.install()
+    lab.run("gw", ["iptables", "-w", "-A", "OPERATOR", "-p", "tcp", "--dport", "25", "-j", "TCPGUARD"])
+    assert sorted(mgr.remove()) == [
+        "iptables chain TCPGUARD (2 rules)",
+        "iptables rule: -A FORWARD -j TCPGUARD",
+        "iptables rule: -A INPUT -j TCPGUARD",
+        "iptables rule: -A OPERATOR -p tcp -m tcp --dport 25 -j TCPGUARD",
+    ]
+    assert mgr.remove() == []
+
+
+@pytest.mark.root
+def test_iptables_remove_command_says_what_it_removed(lab: Lab, tmp_path: Path) -> None:
+    config = tmp_path / "tcpguard.yaml"
+    config.write_text("rules_dir: .\niptables:\n  ipv6: false\n  chain: TG_CLI\n")
+    tcpguard = str(Path(sys.executable).parent / "tcpguard")
+
+    def run(action: str) -> str:
+        r = lab.run("gw", [tcpguard, "iptables", action, "--config", str(config)], check=False)
+        assert r.returncode == 0, r.stderr
+        return str(r.stdout)
+
+    run("install")
+    assert run("remove") == (
+        "removed iptables rule: -A FORWARD -j TG_CLI\nremoved iptables chain TG_CLI (2 rules)\n"
+    )
+    assert run("remove") == "nothing to remove: no chain TG_CLI in iptables or ip6tables\n"

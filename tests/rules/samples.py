@@ -51,7 +51,7 @@ def playbook(rules: RuleSet, settings: EngineSettings | None = None, **kw: Any) 
 
 
 def alerts(pb: Playbook) -> list[str]:
-    return [e["description"] for e in pb.names("alert")]
+    return [e["alert"]["signature"] for e in pb.names("alert")]
 
 
 def actions(pb: Playbook) -> list[str]:

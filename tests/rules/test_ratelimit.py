@@ -29,7 +29,7 @@ class Sources:
         return int(pb.client("S", dt=0.0).verdict)
 
     def alerts(self) -> list[str]:
-        return [e["description"] for e in self.events if e["event"] == "alert"]
+        return [e["alert"]["signature"] for e in self.events if e["event"] == "alert"]
 
 
 def test_burst_then_rate() -> None:

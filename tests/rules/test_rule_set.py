@@ -106,7 +106,7 @@ def test_the_whole_set_through_the_engine() -> None:
     events: list[dict[str, Any]] = []
     engine = Engine(rules=load_rules(RULES), sink=events.append)
     assert play_mix(engine, []) == EXPECTED
-    assert [e["description"] for e in events if e["event"] == "alert"] == EXPECTED_ALERTS
+    assert [e["alert"]["signature"] for e in events if e["event"] == "alert"] == EXPECTED_ALERTS
     assert [e["action"] for e in events if e["event"] == "action"] == EXPECTED_ACTIONS
     assert engine.stats.rule_errors == 0
 
@@ -124,7 +124,7 @@ def test_the_whole_set_replayed_from_a_capture(tmp_path: Path) -> None:
     assert summary.frames == len(frames)
     assert summary.alerts == len(EXPECTED_ALERTS)
     lines = [json.loads(line) for line in events.getvalue().splitlines()]
-    assert [e["description"] for e in lines if e["event"] == "alert"] == EXPECTED_ALERTS
+    assert [e["alert"]["signature"] for e in lines if e["event"] == "alert"] == EXPECTED_ALERTS
     assert summary.stats.get("rule_errors", 0) == 0
     # Every forged RST is in the replay's count: one per reset end, one for each half-reset.
     assert summary.forged == 1 + 2 + 2 + 1 + 1
