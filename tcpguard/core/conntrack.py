@@ -150,7 +150,10 @@ class Connection:
     # -- the rule API ----------------------------------------------------------------------------------
     @property
     def srcip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        """The client's address (the SYN sender)."""
+        """The client's address: the sender of the first SYN tcpguard saw. When the other side sends a
+        SYN of its own (a simultaneous open, or a split handshake, where a server answers the SYN with a
+        SYN and the client sends the SYN-ACK), the roles stay those of the first SYN, so `'up'` is what
+        reaches the host the client connected to, whichever side sent the SYN-ACK."""
         return ipaddress.ip_address(self.client)
 
     @property

@@ -234,7 +234,7 @@ def check_rst(
     The rule behind every answer: the gateway closes only on an RST its receiver accepts, and drops one
     the receiver surely discards. Closing on an RST the endpoint ignores is the dangerous mistake: the
     gateway forgets a connection the endpoints keep, and picks it up later mid-stream, where the rules
-    have lost its beginning (adversarial E16-E18). Dropping one the receiver would have taken only
+    have lost its beginning (adversarial E17, E18, H1-H3). Dropping one the receiver would have taken only
     keeps both ends and the gateway agreeing that the connection lives.
 
     `seq_off` is the RST's sequence number as an offset in the sender's stream and `expected_off` the
