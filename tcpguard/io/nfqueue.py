@@ -134,9 +134,15 @@ class PacketHandler(Protocol):
 
 
 class PacketSender(Protocol):
-    """Where forged packets go (`tcpguard.io.rawsend.RawSender`). Must not raise; returns success."""
+    """Where forged packets go (`tcpguard.io.rawsend.RawSender`). Must not raise.
 
-    def send(self, packet: bytes) -> bool: ...
+    `send` answers positive (the kernel took it), zero (it waits for a retry) or negative (lost); `retry`
+    makes a round of retries and answers (sent, lost) in it. The adapter calls it after every read batch
+    and timer tick while packets wait, so the sender owns the retry bounds.
+    """
+
+    def send(self, packet: bytes) -> int: ...
+    def retry(self) -> tuple[int, int]: ...
 
 
 @dataclass(slots=True)
@@ -147,7 +153,10 @@ class QueueStats:
     rewritten: verdicts (direct or released) that replaced the payload; released/release_accepted/
     release_dropped: held packets verdicted by a `Release`; release_unknown: releases naming a token that
     is not held (an engine bug, ignored); holding: held right now; drained: packets verdicted by the
-    drain at stop (held ones plus unread ones); sent/send_errors: forged packets; handler_errors: exceptions
+    drain at stop (held ones plus unread ones); sent: forged packets transmitted, of which sent_in_place
+    as the verdict of the packet they replace (Decision.in_place) and send_retried on a later attempt;
+    send_pending: forged packets waiting for a retry now; send_errors: forged packets lost for good (the
+    sender's retry bounds reached, or an error no retry can mend); handler_errors: exceptions
     from the handler; verdict_errors: verdicts NetfilterQueue refused; timer_ticks/timer_errors: timer
     calls; truncated: packets longer than the copy range; largest: largest packet seen; nl_enobufs: times
     the kernel reported lost queue messages; batches/batched: batch verdict messages sent and the accepted
@@ -170,6 +179,9 @@ class QueueStats:
     holding: int = 0
     drained: int = 0
     sent: int = 0
+    sent_in_place: int = 0
+    send_retried: int = 0
+    send_pending: int = 0
     send_errors: int = 0
     handler_errors: int = 0
     verdict_errors: int = 0
@@ -182,6 +194,7 @@ class QueueStats:
     batched: int = 0
     unseen: int = 0
     refused: int = 0
+    looped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -194,7 +207,6 @@ class _BatchReader:
         self.sock = sock
         self.stats = stats
         self.left = 0
-    looped: int = 0
 
     def recv(self, size: int) -> bytes:
         if self.left <= 0:
@@ -305,18 +317,6 @@ _ACCEPT = Verdict.ACCEPT
 _HOLD = Verdict.HOLD
 
 
-def _ip_length(raw: bytes) -> int | None:
-    """The packet's length according to its IP header, to detect copy-range truncation."""
-    if len(raw) >= 20 and raw[0] >> 4 == 4:
-        return int.from_bytes(raw[2:4], "big")
-    if len(raw) >= 40 and raw[0] >> 4 == 6:
-        return 40 + int.from_bytes(raw[4:6], "big")
-    return None
-
-
-class NfqueueAdapter:
-    """Reads one NFQUEUE, feeds the handler, applies its decisions. One instance per queue and process.
-
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 
@@ -370,6 +370,18 @@ def bind_problem(queue_num: int) -> str:
         )
     return f"cannot bind NFQUEUE {queue_num}: the kernel refused it (is the nfnetlink_queue module loaded?)"
 
+
+def _ip_length(raw: bytes) -> int | None:
+    """The packet's length according to its IP header, to detect copy-range truncation."""
+    if len(raw) >= 20 and raw[0] >> 4 == 4:
+        return int.from_bytes(raw[2:4], "big")
+    if len(raw) >= 40 and raw[0] >> 4 == 6:
+        return 40 + int.from_bytes(raw[4:6], "big")
+    return None
+
+
+class NfqueueAdapter:
+    """Reads one NFQUEUE, feeds the handler, applies its decisions. One instance per queue and process.
 
     Construction does no I/O (tests drive `process`/`apply_output`/`drain` with fake packets); `open()`
     binds the queue (root or CAP_NET_ADMIN), `run()` loops until `stop()` and then drains and closes.
@@ -572,6 +584,10 @@ def bind_problem(queue_num: int) -> str:
             self.stats.drained += 1
             self._verdict(pkt, self.drain_verdict, None)
             return
+        rmark = self.repeat_mark
+        if rmark is not None and pkt.mark == rmark:
+            self._looped(pkt)
+            return
         try:
             dec = self.handler.handle_packet(raw, self.clock(), pkt)
         except Exception:
@@ -584,10 +600,6 @@ def bind_problem(queue_num: int) -> str:
             # The common packet: its accept waits for the end of the read batch (_flush).
             st.accepted += 1
             self._pending.append(pkt)
-        rmark = self.repeat_mark
-        if rmark is not None and pkt.mark == rmark:
-            self._looped(pkt)
-            return
             self._current_done = True
             return
         if self._pending and (verdict is not Verdict.DROP or dec.releases or dec.send):
@@ -604,27 +616,15 @@ def bind_problem(queue_num: int) -> str:
                 st.accepted += 1
             else:
                 st.dropped += 1
+                if 0 <= dec.in_place < len(dec.send):
+                    # An RST goes where this packet was going: it leaves as this packet's verdict, at
+                    # its place among the sends (tcpguard.core.decision).
+                    self._apply(dec.releases, dec.send, pkt, dec.in_place)
+                    return
             self._verdict(pkt, verdict, dec.packet)
         if dec.releases or dec.send:
             self._apply(dec.releases, dec.send)
 
-    def apply_output(self, out: Output) -> None:
-        """Apply a timer or shutdown output: releases in order, then sends."""
-        self._apply(out.releases, out.send)
-
-    def timer(self, now: float) -> None:
-        """One timer tick: the handler's idle work, applied. Never raises."""
-        self.stats.timer_ticks += 1
-        try:
-            out = self.handler.handle_timer(now)
-        except Exception:
-            self.stats.timer_errors += 1
-            log.exception("handler timer failed")
-            return
-        self.apply_output(out)
-
-    def drain(self) -> None:
-        """Give every packet we hold or have queued a verdict: the shutdown releases, then the fallback."""
     def _looped(self, pkt: QueuedPacket) -> None:
         """A packet carrying our mark is one we accepted already (or forged): with `queue.repeat` it went
         back through the hook and was queued again, because the NFQUEUE rule that sent it here does not
@@ -656,6 +656,25 @@ def bind_problem(queue_num: int) -> str:
         if pkt is self._current:
             self._current_done = True
 
+    def apply_output(self, out: Output) -> None:
+        """Apply a timer or shutdown output: releases in order, then sends."""
+        self._apply(out.releases, out.send)
+
+    def timer(self, now: float) -> None:
+        """One timer tick: the handler's idle work, applied. Never raises."""
+        self.stats.timer_ticks += 1
+        if self.stats.send_pending:
+            self._retry_sends()
+        try:
+            out = self.handler.handle_timer(now)
+        except Exception:
+            self.stats.timer_errors += 1
+            log.exception("handler timer failed")
+            return
+        self.apply_output(out)
+
+    def drain(self) -> None:
+        """Give every packet we hold or have queued a verdict: the shutdown releases, then the fallback."""
         if self._draining:
             return
         self._draining = True
@@ -682,7 +701,15 @@ def bind_problem(queue_num: int) -> str:
                     break
 
     # ------------------------------------------------------------------ helpers
-    def _apply(self, releases: Sequence[Any], send: Sequence[bytes]) -> None:
+    def _apply(
+        self,
+        releases: Sequence[Any],
+        send: Sequence[bytes],
+        carrier: QueuedPacket | None = None,
+        in_place: int = -1,
+    ) -> None:
+        """Releases in order, then the forged packets; `send[in_place]` rides `carrier`'s verdict (a
+        dropped packet going where it goes), or is sent like the rest if that verdict fails."""
         for rel in releases:
             pkt = self._held.pop(id(rel.token), None)
             if pkt is None or pkt is not rel.token:
@@ -698,13 +725,52 @@ def bind_problem(queue_num: int) -> str:
             else:
                 self.stats.release_dropped += 1
                 self._verdict(pkt, Verdict.DROP, None)
-        self.stats.holding = len(self._held)
-        for raw in send:
-            ok = self.sender.send(raw) if self.sender is not None else False
-            if ok:
-                self.stats.sent += 1
+        st = self.stats
+        st.holding = len(self._held)
+        for i, raw in enumerate(send):
+            if i == in_place and carrier is not None:
+                ok = self._verdict_in_place(carrier, raw)
+                carrier = None
+                if ok:
+                    st.sent += 1
+                    st.sent_in_place += 1
+                    continue
+            result = self.sender.send(raw) if self.sender is not None else -1
+            if result > 0:
+                st.sent += 1
+            elif result == 0:
+                st.send_pending += 1
             else:
-                self.stats.send_errors += 1
+                st.send_errors += 1
+        if carrier is not None:
+            self._verdict(carrier, Verdict.DROP, None)  # in_place pointed past `send`: a plain drop
+
+    def _verdict_in_place(self, pkt: QueuedPacket, rst: bytes) -> bool:
+        """Give a dropped packet the RST as its new bytes and accept it. False (the packet then dropped)
+        if NetfilterQueue refuses the new payload: the caller sends the RST by itself instead."""
+        try:
+            pkt.set_payload(rst)
+        except (RuntimeError, TypeError, OSError, ValueError) as exc:
+            log.warning("an RST could not replace a dropped packet (%s): sent separately", exc)
+            self._verdict(pkt, Verdict.DROP, None)
+            return False
+        self._verdict(pkt, Verdict.ACCEPT, None)
+        return True
+
+    def _retry_sends(self) -> None:
+        """A round of the sender's retries (it owns their bounds); counted here with the rest."""
+        if self.sender is None:
+            return
+        try:
+            sent, lost = self.sender.retry()
+        except Exception:  # a sender must not raise; if one does, the packet loop must not stop for it
+            log.exception("forged packet retry failed")
+            return
+        st = self.stats
+        st.sent += sent
+        st.send_retried += sent
+        st.send_errors += lost
+        st.send_pending = max(0, st.send_pending - sent - lost)
 
     def _verdict(self, pkt: QueuedPacket, verdict: Verdict, payload: bytes | None) -> None:
         try:
@@ -739,6 +805,8 @@ def bind_problem(queue_num: int) -> str:
             self._batching = False
             if self._pending:
                 self._flush()
+            if self.stats.send_pending:
+                self._retry_sends()
 
     def _flush(self) -> None:
         """Accept the deferred packets: one batch verdict message for all of them when that is exact.

@@ -42,7 +42,7 @@ from tcpguard.io.nfqueue import (
     _fail_open_message,
     _note_error,
 )
-from tcpguard.io.rawsend import RawSender
+from tcpguard.io.rawsend import LOST, SENT, WAITING, RawSender
 from tests.netns import SERVER_V4, SERVER_V6, Lab
 
 REPO = Path(__file__).resolve().parents[2]
@@ -617,8 +617,16 @@ print(json.dumps([ok, ok2, mark, s.stats.as_dict()]))
 """
     res = lab.run("gw", [sys.executable, "-c", code], cwd=REPO)
     ok, ok2, mark, stats = json.loads(res.stdout)
-    assert (ok, ok2, mark) == (False, True, 0x55)
-    assert stats == {"sent": 1, "bytes": 40, "failed": 1, "errors": {"ENETUNREACH": 1}}
+    assert (ok, ok2, mark) == (-1, 1, 0x55)  # LOST (no route is no transient error), SENT
+    assert stats == {
+        "sent": 1,
+        "bytes": 40,
+        "failed": 1,
+        "errors": {"ENETUNREACH": 1},
+        "retried": 0,
+        "lost": 1,
+        "pending": 0,
+    }
 
 
 # ================================================================================ unit tests (fakes)
@@ -692,14 +700,34 @@ class Scripted(AcceptAll):
 
 
 class FakeSender:
+    """b"bad" is lost at once; while `busy`, packets wait for a retry (as RawSender's on EAGAIN), and a
+    retry while still busy loses the packets named in `lose`."""
+
     def __init__(self, log: list[str] | None = None) -> None:
         self.sent: list[bytes] = []
         self.log = log if log is not None else []
+        self.busy = False
+        self.waiting: list[bytes] = []
+        self.lose: set[bytes] = set()
 
-    def send(self, packet: bytes) -> bool:
+    def send(self, packet: bytes) -> int:
         self.sent.append(packet)
         self.log.append(f"send {packet.decode()}")
-        return packet != b"bad"
+        if packet == b"bad":
+            return LOST
+        if self.busy:
+            self.waiting.append(packet)
+            return WAITING
+        return SENT
+
+    def retry(self) -> tuple[int, int]:
+        lost = [p for p in self.waiting if p in self.lose]
+        if self.busy:
+            self.waiting = [p for p in self.waiting if p not in self.lose]
+            return 0, len(lost)
+        self.log.extend(f"resend {p.decode()}" for p in self.waiting)
+        sent, self.waiting = len(self.waiting), []
+        return sent, 0
 
 
 def _adapter(handler: Scripted, log: list[str] | None = None, **kw: Any) -> tuple[NfqueueAdapter, FakeSender]:
@@ -744,6 +772,69 @@ def test_unit_hold_release_then_send_in_order() -> None:
     s = a.stats
     assert (s.held, s.released, s.release_accepted, s.release_dropped, s.holding) == (2, 2, 1, 1, 0)
     assert (s.sent, s.send_errors) == (1, 1)
+
+
+def test_unit_an_rst_in_place_rides_the_dropped_packets_verdict() -> None:
+    """Decision.in_place: the RST toward the dropped packet's destination becomes that packet (its bytes
+    replaced, accepted) where the sends go, after the releases; the other RST is sent as before."""
+    log: list[str] = []
+    p1, p2 = (FakePacket(log=log, name=n) for n in ("p1", "p2"))
+    h = Scripted(
+        Decision(Verdict.HOLD),
+        Decision(
+            Verdict.DROP, releases=[Release(p1, Verdict.DROP)], send=[b"rst-srv", b"rst-cli"], in_place=0
+        ),
+    )
+    a, sender = _adapter(h, log)
+    a.process(p1)
+    a.process(p2)
+    assert log == ["drop p1", "accept p2", "send rst-cli"]
+    assert p2.new_payload == b"rst-srv" and sender.sent == [b"rst-cli"]
+    s = a.stats
+    assert (s.dropped, s.sent, s.sent_in_place, s.send_errors, s.verdict_errors) == (1, 2, 1, 0, 0)
+
+
+def test_unit_an_rst_in_place_in_repeat_mode_is_repeated_with_the_mark() -> None:
+    log: list[str] = []
+    p = FakePacket(log=log, name="p")
+    h = Scripted(Decision(Verdict.DROP, send=[b"x", b"rst"], in_place=1))
+    a, _ = _adapter(h, log, repeat_mark=0x7467)
+    a.process(p)
+    assert log == ["send x", "repeat mark=0x7467 p"] and p.new_payload == b"rst"
+
+
+def test_unit_an_rst_that_cannot_replace_the_packet_is_sent_by_itself() -> None:
+    log: list[str] = []
+    p = FakePacket(log=log, name="p")
+
+    def refuse(payload: bytes) -> None:
+        raise RuntimeError("payload refused")
+
+    p.set_payload = refuse  # type: ignore[method-assign]
+    a, _ = _adapter(Scripted(Decision(Verdict.DROP, send=[b"rst"], in_place=0)), log)
+    a.process(p)
+    assert log == ["drop p", "send rst"]
+    assert (a.stats.sent, a.stats.sent_in_place) == (1, 0)
+
+
+def test_unit_forged_packets_that_wait_are_retried_and_the_lost_ones_counted() -> None:
+    """A packet the sender could not send now waits (send_pending); the timer tick and the end of each
+    read batch retry it; what the sender gives up is counted in send_errors, the operator's number."""
+    log: list[str] = []
+    h = Scripted(Decision(Verdict.DROP, send=[b"r1", b"r2"]), Decision(Verdict.DROP, send=[b"bad"]))
+    a, sender = _adapter(h, log)
+    sender.busy = True
+    sender.lose = {b"r2"}
+    a.process(FakePacket(log=log, name="p1"))
+    assert (a.stats.sent, a.stats.send_pending, a.stats.send_errors) == (0, 2, 0)
+    a.timer(1.0)  # still busy: r2 runs out of its bounds
+    assert (a.stats.sent, a.stats.send_pending, a.stats.send_errors) == (0, 1, 1)
+    sender.busy = False
+    a.timer(1.5)
+    assert log[-1] == "resend r1"
+    assert (a.stats.sent, a.stats.send_retried, a.stats.send_pending, a.stats.send_errors) == (1, 1, 0, 1)
+    a.process(FakePacket(log=log, name="p2"))
+    assert a.stats.send_errors == 2  # lost at once
 
 
 def test_unit_unknown_release_and_verdict_error_are_counted() -> None:
@@ -818,7 +909,16 @@ def test_unit_bad_parameters() -> None:
 
 
 def test_unit_stats_dict() -> None:
-    keys = {"packets", "accepted", "dropped", "held", "released", "send_errors"}
+    keys = {
+        "packets",
+        "accepted",
+        "dropped",
+        "held",
+        "released",
+        "send_errors",
+        "send_pending",
+        "sent_in_place",
+    }
     assert set(QueueStats().as_dict()) >= keys
 
 
@@ -835,17 +935,17 @@ def test_unit_fail_open_message_layout() -> None:
 
 def test_unit_rawsend_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     s = RawSender()
-    assert not s.send(b"")
-    assert not s.send(b"\x55" + bytes(30))
-    assert not s.send(b"\x45" + bytes(5))
-    assert s.stats.failed == 3 and s.stats.errors["invalid"] == 3
+    assert s.send(b"") == LOST
+    assert s.send(b"\x55" + bytes(30)) == LOST
+    assert s.send(b"\x45" + bytes(5)) == LOST
+    assert s.stats.failed == 3 and s.stats.errors["invalid"] == 3 and s.stats.lost == 3
 
     def no_raw_socket(family: int) -> Any:  # what a process without CAP_NET_RAW gets
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(s, "_socket", no_raw_socket)
-    assert not s.send(b"\x45" + bytes(39))
-    assert s.stats.errors["EPERM"] == 1 and s.stats.sent == 0
+    assert s.send(b"\x45" + bytes(39)) == LOST  # not a transient error: no retry
+    assert s.stats.errors["EPERM"] == 1 and s.stats.sent == 0 and s.stats.pending == 0
     s.close()
 
 
