@@ -195,8 +195,18 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("tcpguard_forged_sent", "Forged packets transmitted.", ("adapter", "sent")),
     (
+        "tcpguard_forged_sent_in_place",
+        "Forged RSTs transmitted as the verdict of the dropped packet they replace.",
+        ("adapter", "sent_in_place"),
+    ),
+    (
+        "tcpguard_forged_send_retried",
+        "Forged packets transmitted on a retry (the raw socket refused them at first).",
+        ("adapter", "send_retried"),
+    ),
+    (
         "tcpguard_forged_send_errors",
-        "Forged packets that could not be transmitted.",
+        "Forged packets lost: not transmitted, retries given up.",
         ("adapter", "send_errors"),
     ),
     (
@@ -220,6 +230,7 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 _GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("tcpguard_packets_held", "Packets held back right now.", ("packets", "held")),
+    ("tcpguard_forged_send_pending", "Forged packets waiting for a retry.", ("adapter", "send_pending")),
     ("tcpguard_connections_tracked", "Connections in the table right now.", ("connections", "tracked")),
     ("tcpguard_queue_waiting", "Packets waiting in the kernel queue.", ("queue_drops", "kernel_waiting")),
     ("tcpguard_worker_rss_bytes", "Resident memory of the worker process.", ("memory", "rss")),
