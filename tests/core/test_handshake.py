@@ -21,7 +21,7 @@ from tcpguard.core.decision import Verdict
 from tcpguard.core.state import State
 
 from .playbook import Playbook, syn_options
-from .test_engine import Recorder, conn_of
+from .test_engine import MD5, Recorder, conn_of, signed_syn
 
 ACCEPT, DROP = Verdict.ACCEPT, Verdict.DROP
 
@@ -333,3 +333,16 @@ def test_reset_forged_in_both_syn_reaches_both_ends() -> None:
     to_server, to_client = (pb.decoded(p) for p in out.send)
     assert (to_server.seq, to_server.ack) == (pb.cisn + 1, pb.sisn + 1)
     assert (to_client.seq, to_client.ack) == (pb.sisn + 1, pb.cisn + 1)
+
+
+def test_signed_split_handshake_negotiates_signing_on_the_server_syn() -> None:
+    """TCP-MD5 on both SYNs: the server's own signed SYN agrees to signing as a signed SYN-ACK does, so
+    the server's signed ACK that ends the split handshake is inspected, not dropped as unexpected."""
+    pb = Playbook()
+    assert pb.client("S", options=signed_syn(MD5)).verdict == ACCEPT
+    assert pb.server("S", options=signed_syn(MD5)).verdict == ACCEPT
+    assert pb.client("SA", seq=pb.cisn, options=signed_syn(MD5)).verdict == ACCEPT
+    assert pb.server("A", options=MD5).verdict == ACCEPT
+    assert conn_of(pb).state == State.ESTABLISHED
+    assert pb.client("PA", b"x", options=MD5).verdict == ACCEPT
+    assert pb.engine.stats.unexpected_signatures == 0
