@@ -10,12 +10,17 @@ accepts; the test checks that the gateway agreed with it:
   never sent. Linux's SYN-SENT discards it; the gateway used to close on it, pass the real SYN-ACK that
   followed into a closed entry and then drop every data segment of the connection. The control case
   (the echo of the SYN's own TSval) shows the kernel does accept a fitting one.
-* H2 (the split handshake, Beardsley and Qian): the server answers the SYN with a SYN, the Linux client
+* H2 (a forged SYN-ACK in SYN-SENT fixing the server's ISN at the gateway) is a playbook case only
+  (tests/core/test_handshake.py).
+* H3: an exact RST from the client to a Linux server's half-open connection that the server discards
+  (its ACK is not the server's ISN+1, or its TSval is older than the SYN's): the gateway used to close
+  on it and then drop the request that the server was still waiting for.
+* H4 (the split handshake, Beardsley and Qian): the server answers the SYN with a SYN, the Linux client
   answers with a SYN-ACK, the server ends with an ACK. The gateway used to drop the server's SYN, so the
   connection never opened; now it opens, and the client stays the client: the rule that scans 'up' reads
   the bytes that reach the server (the attack swaps the roles for devices that take the SYN-ACK's sender
   for the server).
-* H3 (simultaneous open): both ends send a SYN; the Linux end answers the crossed SYN with a SYN-ACK.
+* H5 (simultaneous open): both ends send a SYN; the Linux end answers the crossed SYN with a SYN-ACK.
 
 The hand-made server side needs the server kernel's own RSTs silenced (it has no socket for the hand-made
 connection): a marked-RST filter like the client's, installed for the case and removed after it.
@@ -182,7 +187,47 @@ def test_rst_ack_with_a_timestamp_echo_in_syn_sent(rig: Rig, fits: bool) -> None
             client.close()
 
 
-# ---------------------------------------------------------------------------- H2: the split handshake
+# ---------------------------------------------------------------------------- H3: RST to a half-open server
+
+
+@pytest.mark.parametrize("kind", ["wrong-ack", "old-tsval", "control"])
+def test_client_rst_to_a_half_open_linux_server(rig: Rig, kind: str) -> None:
+    """Between the server's SYN-ACK and the client's ACK, an exact-sequence RST that a listening Linux
+    server discards: its ACK is not the server's ISN+1 (the listener gets it and drops an RST), or its
+    TSval is older than the SYN's (PAWS in tcp_check_req). The gateway used to close on both, then passed
+    the client's ACK into the closed entry and dropped the request. Control: a fitting RST, which the
+    server takes (the application never sees the connection)."""
+    port = rig.guard.new_server()
+    c = Conn(rig.net, SERVER_V4, port, timestamps=True)
+    rig.net.send(c.syn_packet())
+    synack = rig.net.wait(c.sport, lambda s: s.has("SA"), 3.0)
+    assert synack is not None
+    c.server_isn = synack.seq
+    if kind == "wrong-ack":
+        c.send("RA", 0, ack=(synack.seq + 5) & MASK)
+    elif kind == "old-tsval":
+        c.send("RA", 0, tsval=(c.ts - 1000) & MASK)
+    else:
+        c.send("RA", 0)
+    time.sleep(0.2)
+    c.send("A")
+    time.sleep(0.05)
+    if kind != "control":
+        c.send("PA", 0, GOOD)
+    if kind == "control":
+        # The server dropped its half-open connection: its listener answers the ACK with an RST.
+        assert c.reset_seen(1.0), "the server did not take the fitting RST"
+        assert rig.guard.end_reasons(c.sport) == ["rst"]
+        assert rig.guard.server_got(port, timeout=1.0)[0] == b""
+    else:
+        assert c.wait_acked(len(GOOD)), "the server never acknowledged the request: the gateway dropped it"
+        assert c.finish(len(GOOD))
+        assert rig.guard.server_got(port) == (GOOD, "eof")
+        assert rig.guard.rule_saw(c.sport) == (GOOD, None)
+    rig.guard.release_server(port)
+
+
+# ---------------------------------------------------------------------------- H4: the split handshake
 
 
 @pytest.mark.parametrize("request_", [GOOD, EVIL], ids=["harmless", "pattern"])
@@ -227,7 +272,7 @@ def test_split_handshake_opens_and_the_client_stays_the_client(rig: Rig, request
             client.close()
 
 
-# ---------------------------------------------------------------------------- H3: simultaneous open
+# ---------------------------------------------------------------------------- H5: simultaneous open
 
 
 @pytest.mark.parametrize("request_", [GOOD, EVIL], ids=["harmless", "pattern"])
