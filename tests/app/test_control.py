@@ -936,7 +936,9 @@ def test_a_misspelt_state_filter_is_an_error_listing_the_states(tmp_path: Path) 
     resp = Dispatcher(links, "single").handle({"cmd": "connections", "filter": {"state": "open"}})
     assert not resp["ok"] and "unknown state OPEN (states: SYN_SENT" in resp["error"] and links.calls == []
     # Any case of a real state still works.
-    assert ConnFilter.parse({"state": "established,time_wait"}).states == {"ESTABLISHED", "TIME_WAIT"}
+    assert ConnFilter.parse({"state": "established,time_wait"}).states == frozenset(
+        {"ESTABLISHED", "TIME_WAIT"}
+    )
 
 
 def test_version_is_answered_by_the_dispatcher_even_without_workers() -> None:
