@@ -366,7 +366,12 @@ def test_dispatcher_merges_workers_and_routes_actions_by_queue() -> None:
     assert st["totals"]["packets"]["received"] == 11
     assert st["totals"]["bytes"]["received"] == 110
     assert st["totals"]["resets_sent"] == 1
-    assert st["totals"]["connections"] == {"tracked": 2, "opened": 4, "by_state": {"ESTABLISHED": 2}}
+    assert st["totals"]["connections"] == {
+        "tracked": 2,
+        "opened": 4,
+        "midstream": 0,
+        "by_state": {"ESTABLISHED": 2},
+    }
     conns = d.handle({"cmd": "connections", "limit": 3})["result"]
     assert [c["id"] for c in conns["connections"]] == ["0:1", "0:2", "1:1"] and conns["truncated"]
     assert conns["errors"] == [{"queue": 2, "error": "restarting"}]
