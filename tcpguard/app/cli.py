@@ -147,7 +147,12 @@ def cmd_iptables(args: argparse.Namespace) -> int:
             for line in mgr.install():
                 print(line)
         elif args.action == "remove":
-            mgr.remove()
+            removed = mgr.remove()
+            if not removed:
+                print(f"nothing to remove: no chain {mgr.spec.chain} in {' or '.join(mgr.spec.binaries)}")
+            for what in removed:
+                print(f"removed {what}")
+            return 0
         print(mgr.show(), end="")
     except IptablesError as e:
         print(f"tcpguard iptables: {e}", file=sys.stderr)
@@ -164,7 +169,7 @@ DEFAULT_CONFIG = "/etc/tcpguard/tcpguard.yaml"
 PLUGGED_COMMANDS: dict[str, tuple[str, ...]] = {
     "tcpguard.app.trace": ("trace",),
     "tcpguard.app.lab": ("lab",),
-    "tcpguard.app.control": ("status", "connections", "drop", "reset", "reload"),
+    "tcpguard.app.control": ("version", "status", "connections", "drop", "reset", "reload"),
     "tcpguard.app.bench": ("bench",),
     "tcpguard.app.rulecost": ("cost",),
 }
@@ -178,12 +183,27 @@ def _command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _version() -> str:
+    """`tcpguard 0.1.0 (compiled core)`: which core runs matters as much as the version (the pure-Python
+    one works at about half the speed), and the only other place that says it is a warning at import."""
+    import tcpguard
+    import tcpguard.core
+
+    return f"tcpguard {tcpguard.__version__} ({tcpguard.core.MODE} core)"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with `command`, only what that command needs: no plugged module for one of
     CORE_COMMANDS, its own module for a plugged one, and every module for anything else (a misspelling:
     the error then lists every command)."""
     p = argparse.ArgumentParser(prog="tcpguard", description="Inline TCP filtering with Haka-style rules.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=_version(),
+        help="print the installed version and core, and exit (`tcpguard version`: the running daemon's)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("check", help="validate the config and the rule modules")
