@@ -1166,13 +1166,20 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from tcpguard.app.labnet import remove_leftovers
+    """Remove what labs whose process is gone left behind; a lab still running is named and kept (another
+    terminal's `tcpguard lab --stay`, a test run): labnet's lock on each lab's record tells them apart."""
+    from tcpguard.app.labnet import remove_leftovers, running_labs
 
     if os.geteuid() != 0:
         print("tcpguard lab clean: needs root", file=sys.stderr)
         return 1
-    names = remove_leftovers(PREFIX)
+    prefix = getattr(args, "prefix", None) or PREFIX
+    names = remove_leftovers(prefix)
+    running = running_labs(prefix)
     print(f"removed {len(names)} namespace(s){': ' + ', '.join(names) if names else ''}")
+    for lab_id, pid in running.items():
+        owner = f"process {pid}" if pid is not None else "its process"
+        print(f"kept {lab_id}-*: still running ({owner})")
     return 0
 
 
@@ -1223,7 +1230,24 @@ def add_subparser(sub: Any) -> None:
     r.add_argument("--samples", help="sample rules directory (default: rules/ of the source checkout)")
     r.add_argument("--events", required=True, help="file the observer appends end_connection records to")
 
-    lsub.add_parser("clean", help=f"remove namespaces ({PREFIX}-*) left by a lab that was killed (root)")
+    c = lsub.add_parser(
+        "clean", help=f"remove the namespaces ({PREFIX}-*) of labs whose process is gone, never a running one"
+    )
+    c.add_argument(
+        "--prefix",
+        default=PREFIX,
+        type=_lab_prefix,
+        help=f"the labs' namespace prefix (default {PREFIX}; the test suite's labs use tg)",
+    )
+
+
+def _lab_prefix(value: str) -> str:
+    from tcpguard.app.labnet import check_prefix
+
+    try:
+        return check_prefix(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _colour_flags(p: argparse.ArgumentParser) -> None:

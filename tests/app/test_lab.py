@@ -10,6 +10,7 @@ compose file through `docker compose config` (or `docker-compose config`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -233,6 +234,133 @@ def test_docker_entrypoint_roles_run_the_same_topology_in_namespaces(lab: Lab, t
     gateway.send_signal(signal.SIGTERM)
     assert gateway.wait(30) == 0
     assert lab.run("gw", ["iptables", "-w", "-S", "TCPGUARD"], check=False).returncode != 0
+
+
+# ------------------------------------------------------------------------------------ lab clean
+
+# A lab in a process of its own, as `tcpguard lab --stay` in another terminal is: it builds the network,
+# leaves a process inside the server namespace, says what it made, and keeps it all until its stdin closes.
+LAB_OWNER = """
+import json, sys
+from tcpguard.app.labnet import Lab
+with Lab(sys.argv[1]) as lab:
+    sleeper = lab.popen("server", ["sleep", "600"])
+    print(json.dumps({"id": lab.id, "ns": sorted(lab.ns.values()), "sleeper": sleeper.pid}), flush=True)
+    sys.stdin.read()
+"""
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def _prefix_namespaces(prefix: str) -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split(" ")[0] for line in out.splitlines() if line.startswith(f"{prefix}-")}
+
+
+@pytest.fixture
+def two_labs() -> Any:
+    """Two labs of a prefix of their own, each run by its own process; the second one's process is then
+    killed with SIGKILL, which leaves its namespaces and the process inside them behind. Also a namespace
+    of the prefix with no lab record (made by hand, or by a version that kept none). Everything is
+    removed afterwards, by pid and by name, also when the test fails."""
+    from tcpguard.app import labnet
+
+    prefix = f"tgc{os.urandom(2).hex()}"
+    owners: list[subprocess.Popen[str]] = []
+    labs: list[dict[str, Any]] = []
+    bare = f"{prefix}-{os.urandom(4).hex()}-client"
+    try:
+        for _ in range(2):
+            owner = subprocess.Popen([sys.executable, "-c", LAB_OWNER, prefix], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+            owners.append(owner)
+            assert owner.stdout is not None
+            labs.append(json.loads(owner.stdout.readline()))
+        running, dead = labs
+        owners[1].kill()
+        owners[1].wait(10)
+        assert _alive(dead["sleeper"])  # an orphan now: a lab killed this way leaves its processes behind
+        subprocess.run(["ip", "netns", "add", bare], check=True)
+        yield prefix, running, dead, bare, owners[0]
+    finally:
+        for owner in owners:
+            if owner.poll() is None:
+                owner.kill()
+                owner.wait(10)
+        for info in labs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(info["sleeper"], signal.SIGKILL)
+        for name in _prefix_namespaces(prefix):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        for path in labnet.RECORDS.glob(f"*{prefix}-*"):
+            path.unlink(missing_ok=True)
+
+
+def _assert_running_lab_intact(running: dict[str, Any], owner: subprocess.Popen[str]) -> None:
+    assert owner.poll() is None
+    assert set(running["ns"]) <= _prefix_namespaces(running["id"].split("-")[0])
+    assert _alive(running["sleeper"])
+    # Still a working network: the client reaches the server through the gateway (a closed port's RST
+    # comes back; with the network gone the connect would fail otherwise or time out).
+    client = next(n for n in running["ns"] if n.endswith("-client"))
+    probe = (
+        f"import socket\ntry: socket.create_connection(({SERVER_V4!r}, 9), timeout=5)\n"
+        "except OSError as e: print(e)"
+    )
+    r = subprocess.run(["ip", "netns", "exec", client, sys.executable, "-c", probe], capture_output=True,
+                       text=True, timeout=30, check=False)  # fmt: skip
+    assert "Connection refused" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.root
+def test_remove_leftovers_keeps_a_running_lab_and_removes_a_killed_one(two_labs: Any) -> None:
+    from tcpguard.app import labnet
+
+    prefix, running, dead, bare, owner = two_labs
+    assert labnet.leftovers(prefix) == sorted([*dead["ns"], bare])
+    removed = labnet.remove_leftovers(prefix)
+    assert sorted(removed) == sorted([*dead["ns"], bare])
+    assert _prefix_namespaces(prefix) == set(running["ns"])
+    assert not _alive(dead["sleeper"])
+    assert not list(labnet.RECORDS.glob(f"{dead['id']}*"))
+    _assert_running_lab_intact(running, owner)
+    assert labnet.running_labs(prefix) == {running["id"]: owner.pid}
+    # Cleaning again finds nothing more to do; the lab, once its process ends it, leaves nothing.
+    assert labnet.remove_leftovers(prefix) == []
+    _assert_running_lab_intact(running, owner)
+    assert owner.stdin is not None
+    owner.stdin.close()
+    assert owner.wait(30) == 0
+    assert _prefix_namespaces(prefix) == set()
+    assert not list(labnet.RECORDS.glob(f"{prefix}-*"))
+
+
+@pytest.mark.root
+def test_lab_clean_command_keeps_a_running_lab_and_says_so(two_labs: Any) -> None:
+    prefix, running, dead, bare, owner = two_labs
+    r = subprocess.run([TCPGUARD, "lab", "clean", "--prefix", prefix], capture_output=True, text=True,
+                       timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    gone = ", ".join(sorted([*dead["ns"], bare]))
+    assert r.stdout.startswith(f"removed 4 namespace(s): {gone}\n"), r.stdout
+    assert f"kept {running['id']}-*: still running (process {owner.pid})" in r.stdout
+    assert _prefix_namespaces(prefix) == set(running["ns"])
+    assert not _alive(dead["sleeper"])
+    _assert_running_lab_intact(running, owner)
+
+
+def test_lab_clean_refuses_a_bad_prefix() -> None:
+    r = subprocess.run([TCPGUARD, "lab", "clean", "--prefix", "Bad-One"], capture_output=True, text=True,
+                       timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 2
+    assert "namespace prefix 'Bad-One': 1 to 8 lower-case letters and digits" in r.stderr
 
 
 # ------------------------------------------------------------------------------------ no root needed
