@@ -681,6 +681,8 @@ class Dispatcher:
             if self.reload_check is not None:
                 problem = self.reload_check()
                 if problem is not None:
+                    # The workers count it as a failed reload, as if they had tried (status, metrics).
+                    self.links.call(self.links.queues(), {"cmd": "reload", "refused": problem}, self.timeout)
                     return error(f"reload refused, the running config and rules stay: {problem}")
             begin, end = self.reload_hooks or (None, None)
             if begin is not None:

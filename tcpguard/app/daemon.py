@@ -456,6 +456,10 @@ class Worker:
         if cmd in ("drop", "reset"):
             return self._act(str(cmd), req.get("flow"), now)
         if cmd == "reload":
+            refused = req.get("refused")
+            if refused:  # the dispatcher's trial load failed: nothing to load here, only to count
+                self._reload_failed(RuntimeError(str(refused)))
+                return error(f"reload refused, the running config and rules stay: {refused}")
             if not self._reload_notified():
                 return error(f"reload failed, the running config and rules stay: {self.last_reload_error}")
             return ok({"rules": len(self.engine.rules)})

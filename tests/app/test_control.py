@@ -398,7 +398,10 @@ def test_dispatcher_reload_checks_first_and_reports_each_worker() -> None:
         reload_hooks=(lambda: events.append("begin"), lambda: events.append("end")),
     )
     resp = d.handle({"cmd": "reload"})
-    assert not resp["ok"] and "x.py:1" in resp["error"] and links.calls == [] and events == []
+    assert not resp["ok"] and "x.py:1" in resp["error"] and events == []
+    # Refused: no worker loads anything; each is only told to count the failed reload.
+    assert links.calls == [([0, 1], {"cmd": "reload", "refused": "x.py:1: syntax error"})]
+    links.calls.clear()
     d.reload_check = lambda: None
     resp = d.handle({"cmd": "reload"})
     assert not resp["ok"] and resp["error"] == "queue 1: bad rules"
