@@ -175,11 +175,12 @@ def test_client_rst_in_syn_recv_with_a_timestamp_older_than_the_syn_is_dropped()
 # ---------------------------------------------------------------------------- simultaneous open
 
 
-def test_simultaneous_open() -> None:
+@pytest.mark.parametrize(("client", "server"), [("10.0.0.1", "10.0.0.2"), ("fd00::1", "fd00::2")])
+def test_simultaneous_open(client: str, server: str) -> None:
     """RFC 793 figure 8 (RFC 9293 3.5 figure 7): both ends send a SYN, each answers the other's with a
     SYN-ACK repeating its own ISN. The first SYN's sender stays the client."""
     rec = Recorder()
-    pb = Playbook(rec.rules)
+    pb = Playbook(rec.rules, client=client, server=server)
     assert pb.client("S").verdict == ACCEPT
     assert pb.server("S").verdict == ACCEPT
     assert conn_of(pb).state == State.BOTH_SYN
@@ -191,7 +192,7 @@ def test_simultaneous_open() -> None:
     assert pb.server("PA", b"from the server").verdict == ACCEPT
     assert rec.data("up") == b"from the client"
     assert rec.data("down") == b"from the server"
-    assert rec.log[0] == ("new", 1, "10.0.0.1", 40000, "10.0.0.2", 80)
+    assert rec.log[0] == ("new", 1, client, 40000, server, 80)
     assert len(pb.engine.table) == 1 and pb.engine.stats.invalid == 0
 
 
