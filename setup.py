@@ -18,11 +18,22 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+import setuptools
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, CompileError, ExecError, PlatformError
 
 HERE = Path(__file__).resolve().parent
+
+# pip builds in an isolated environment with pyproject.toml's build requirements, but
+# `python setup.py build_ext --inplace` uses whatever setuptools the venv has (a new venv brings 65), which
+# fails on the SPDX `license` string with a schema dump that never names the version.
+SETUPTOOLS_MIN = 77
+if int(setuptools.__version__.split(".")[0]) < SETUPTOOLS_MIN:
+    sys.exit(
+        f"setup.py: needs setuptools >= {SETUPTOOLS_MIN} (pyproject.toml's license is an SPDX string), this "
+        f"is {setuptools.__version__}: {sys.executable} -m pip install -U 'setuptools>={SETUPTOOLS_MIN}'"
+    )
 
 # The per-packet path. settings.py, rules.py, errors.py and seq.py stay interpreted: they are cold, and
 # the configuration loader introspects the settings dataclasses.
@@ -117,4 +128,7 @@ class BuildExt(build_ext):
         return outputs
 
 
-setup(ext_modules=_ext_modules(), cmdclass={"build_ext": BuildExt})
+# setuptools runs this file as __main__ (pip's build backend too): the guard only stops an accidental
+# `import setup` (the editable install puts the checkout on sys.path) from starting a build.
+if __name__ == "__main__":
+    setup(ext_modules=_ext_modules(), cmdclass={"build_ext": BuildExt})

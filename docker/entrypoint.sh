@@ -30,6 +30,9 @@ route_via_gateway() {
 
 case "$role" in
 gateway)
+    # First line of `docker compose logs gateway`: the version and which core runs (compiled or pure);
+    # the daemon's `running:` line says it again once the queue is bound.
+    echo "gateway: $(tcpguard --version)"
     rm -f "$lab/events.jsonl" "$lab/alerts.jsonl"
     tcpguard lab rules "$rules" --samples "${TCPGUARD_SAMPLES:-/opt/tcpguard/rules}" \
         --events "$lab/events.jsonl"

@@ -69,11 +69,11 @@ if [ "$action" = uninstall ]; then
 fi
 
 # ------------------------------------------------------------------------------------- system packages
-# Runtime: the interpreter, venv, iptables and the NFQUEUE library. Building NetfilterQueue and
-# systemd-python from source needs a compiler and headers too, unless a wheelhouse brings them built.
+# Runtime: the interpreter, venv, iptables and the NFQUEUE library. Building NetfilterQueue from source
+# needs a compiler and headers too, unless a wheelhouse brings it built.
 pkgs=(python3 python3-venv iptables libnetfilter-queue1)
 if [ -z "$wheelhouse" ]; then
-    pkgs+=(python3-dev build-essential pkg-config libnetfilter-queue-dev libnfnetlink-dev libsystemd-dev)
+    pkgs+=(python3-dev build-essential pkg-config libnetfilter-queue-dev libnfnetlink-dev)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -14,7 +14,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(
     python3 python3-venv python3-dev build-essential pkg-config
-    libnetfilter-queue-dev libnfnetlink-dev libsystemd-dev
+    libnetfilter-queue-dev libnfnetlink-dev
     iptables iproute2 ethtool tshark tcpdump curl procps
     systemd systemd-container mmdebstrap
     docker-compose  # validates docker-compose.yml (`docker-compose config`); no Docker engine needed
@@ -34,6 +34,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# setuptools too: pip builds tcpguard with its own, but `setup.py build_ext --inplace` (README) uses this one.
+.venv/bin/python -m pip install -q --upgrade pip 'setuptools>=77' >/dev/null
 .venv/bin/python -m pip install -q -e ".[daemon,test]"
 echo "install.sh: ready ($(.venv/bin/python --version), tcpguard in .venv)"

@@ -5,7 +5,8 @@ TCPGUARD_RULE, TCPGUARD_VERDICT, TCPGUARD_SEVERITY, TCPGUARD_DIRECTION); `Journa
 them as a journal field, so an operator can ask
 `journalctl -u tcpguard TCPGUARD_RULE=shellcode.no_shellcode` or `-o json` and get them separately.
 
-Why a handler of our own rather than systemd-python's `systemd.journal.JournalHandler`: that one passes
+Why a handler of our own rather than systemd-python's `systemd.journal.JournalHandler` (tcpguard does not
+install systemd-python at all; notify.py covers the rest of what it would be for): that one passes
 the whole `record.__dict__` to the journal (every LogRecord attribute: `msg`, `args`, `levelname`, ...,
 which journald then has to discard as invalid field names) and needs the C extension. Ours speaks
 journald's native protocol directly: one datagram to /run/systemd/journal/socket holding the fields,

@@ -1,9 +1,11 @@
 """systemd's notification protocol (sd_notify): readiness, status, reload, stop and watchdog.
 
-Written against the protocol rather than through systemd-python so that it works the same with or
-without the library and can be tested with a datagram socket the test owns: a message is one datagram of
-`KEY=VALUE` lines sent to the socket named by `NOTIFY_SOCKET` (a path, or `@name` for the abstract
-namespace). Without `NOTIFY_SOCKET` every call is a no-op, so the daemon runs unchanged outside systemd.
+Written against the protocol rather than through systemd-python's `systemd.daemon.notify`, and tcpguard
+does not install that library: the protocol is one datagram of `KEY=VALUE` lines sent to the socket named
+by `NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace), a few lines of Python, where the
+library is a C extension that needs libsystemd's headers and a compiler to install, for the same datagram.
+It is tested against a datagram socket the test owns, and under real systemd in tests/systemd. Without
+`NOTIFY_SOCKET` every call is a no-op, so the daemon runs unchanged outside systemd.
 """
 
 from __future__ import annotations

@@ -234,6 +234,12 @@ def test_docker_entrypoint_roles_run_the_same_topology_in_namespaces(lab: Lab, t
     gateway.send_signal(signal.SIGTERM)
     assert gateway.wait(30) == 0
     assert lab.run("gw", ["iptables", "-w", "-S", "TCPGUARD"], check=False).returncode != 0
+    # The gateway's log says which core runs, first from the entrypoint, then in the daemon's running line.
+    import tcpguard.core
+
+    log_text = (tmp_path / "gateway.log").read_text()
+    assert log_text.startswith(f"gateway: tcpguard {tcpguard.__version__} ({tcpguard.core.MODE} core)\n")
+    assert re.search(rf"running: queue 0, \d+ rules, core {re.escape(tcpguard.core.MODE)}\n", log_text)
 
 
 # ------------------------------------------------------------------------------------ lab clean
