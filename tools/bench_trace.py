@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: list[tuple[str, int, float | None, str]] = []
 
-    tcpguard = [sys.executable, "-m", "tcpguard.app.trace"]
+    tcpguard = [sys.executable, "-m", "tcpguard.app.offline.trace"]
     cores = os.cpu_count() or 1
     runs = [("pcap", False, 1), ("pcap", True, 1), ("json", False, 1)]
     if cores > 1:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:68s} {n:8d} {secs:8.2f} {n / secs:10,.0f}")
 
     if args.profile:
-        from tcpguard.app.trace import trace_capture
+        from tcpguard.app.offline.trace import trace_capture
 
         out = work / "profile"
         shutil.rmtree(out, ignore_errors=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 root = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(root))
 
-from tcpguard.app.golden import record  # noqa: E402
+from tcpguard.app.offline.golden import record  # noqa: E402
 from tests.golden.cases import CASES  # noqa: E402
 
 for name, (capture, rules, settings) in CASES.items():

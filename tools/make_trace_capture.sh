@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Records samples/trace.pcapng, the capture that tests/app/test_trace.py checks `tcpguard trace` against
+# Records samples/trace.pcapng, the capture that tests/app/offline/test_trace.py checks `tcpguard trace` against
 # tshark with. Real connections between two network namespaces joined by a veth pair:
 #
 #   * offloads off on both ends (tx/rx checksums, TSO, GSO, GRO), so every frame in the capture is one

@@ -11,7 +11,7 @@ HTTP-like connections to port 8080 so every sample rule runs) are loaded into me
 * `engine`:  `Engine.handle_packet` alone (the sans-IO core, what every adapter pays);
 * `adapter`: `NfqueueAdapter.process` with stand-in NetfilterQueue packets, i.e. what the daemon does per
   packet minus the kernel round trip (so the adapter's own cost shows next to the engine's);
-* `replay`:  `tcpguard.app.replay.replay` on the capture file (pcap reading included).
+* `replay`:  `tcpguard.app.offline.replay.replay` on the capture file (pcap reading included).
 
 and the packets per second are printed, then (with a profiler) the functions that take the time. cProfile
 adds roughly 2x overhead to call-heavy code, so read its shares, not its absolute times; pyinstrument
@@ -46,7 +46,7 @@ from tcpguard.app.bench import (  # noqa: E402
     fabricated_client,
     generate_capture,
 )
-from tcpguard.app.replay import replay  # noqa: E402
+from tcpguard.app.offline.replay import replay  # noqa: E402
 from tcpguard.app.ruleload import load_rules  # noqa: E402
 from tcpguard.core.engine import Engine  # noqa: E402
 from tcpguard.core.rules import RuleSet  # noqa: E402
@@ -173,7 +173,7 @@ def best_of(body: Any, repeat: int) -> float:
 def ablate(packets: list[tuple[bytes, float]], load: Callable[[], RuleSet], repeat: int) -> None:
     """Per-packet cost of the engine with no rules, each rule alone, all rules with their listeners
     emptied, and all of them: `tcpguard cost`'s measurement, with this tool's settings (no eviction)."""
-    from tcpguard.app.rulecost import HEADER, format_row, measure
+    from tcpguard.app.offline.cost import HEADER, format_row, measure
 
     print(HEADER)
     measure(packets, load, _settings(len(packets)), repeat, on_row=lambda row: print(format_row(row)))

@@ -6,24 +6,8 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tcpguard.core.errors import RuleLoadError
-
-if TYPE_CHECKING:
-    from tcpguard.core.rules import RuleSet
-    from tcpguard.core.settings import EngineSettings
-
-
-def _load_settings(config: str | None, ignore_checksums: bool = False):  # type: ignore[no-untyped-def]
-    from tcpguard.app.config import load_config
-    from tcpguard.core.settings import EngineSettings
-
-    cfg = load_config(config) if config else None
-    settings = cfg.engine if cfg is not None else EngineSettings()
-    if ignore_checksums:
-        settings.policies.verify_checksums = False
-    return cfg, settings
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -63,36 +47,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_settings_and_rules(
-    command: str, config: str | None, rules_dir: str | None, ignore_checksums: bool
-) -> tuple[EngineSettings, RuleSet, Path] | int:
-    """(engine settings, rule set, its directory) for an offline command (`replay`, `cost`), from
-    `--config` and `--rules`; or, having printed why, the exit status (1: a broken file, 2: nothing to
-    load)."""
-    from tcpguard.app.config import ConfigError
-    from tcpguard.app.ruleload import DEFAULT_LOAD_BUDGET, load_rules_bounded
-
-    try:
-        cfg, settings = _load_settings(config, ignore_checksums)
-    except ConfigError as e:
-        print(f"tcpguard {command}: {e}", file=sys.stderr)
-        return 1
-    where = rules_dir or (cfg.rules_dir if cfg is not None else None)
-    if where is None:
-        print(f"tcpguard {command}: give --rules DIR (or --config)", file=sys.stderr)
-        return 2
-    try:
-        budget = cfg.rules_load_budget if cfg is not None else DEFAULT_LOAD_BUDGET
-        return settings, load_rules_bounded(where, budget), Path(where)
-    except RuleLoadError as e:
-        print(f"tcpguard {command}: {e}", file=sys.stderr)
-        return 1
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     """Exit status: 0 clean; 1 failed (nothing written); 2 usage; EXIT_DAMAGED (3) when the capture was
     damaged and every whole record before the damage was replayed (outputs and summary written)."""
-    from tcpguard.app.replay import EXIT_DAMAGED, Replacing, damage_warning, replay
+    from tcpguard.app.offline.inputs import load_settings_and_rules
+    from tcpguard.app.offline.replay import EXIT_DAMAGED, Replacing, damage_warning, replay
     from tcpguard.io.pcap import PcapError
 
     loaded = load_settings_and_rules("replay", args.config, args.rules, args.ignore_checksums)
@@ -167,11 +126,11 @@ DEFAULT_CONFIG = "/etc/tcpguard/tcpguard.yaml"
 # imports only its module: importing all four (the benchmark and the lab pull in much of the standard
 # library) took 0.1 s of every `tcpguard trace` or `tcpguard status`.
 PLUGGED_COMMANDS: dict[str, tuple[str, ...]] = {
-    "tcpguard.app.trace": ("trace",),
+    "tcpguard.app.offline.trace": ("trace",),
     "tcpguard.app.lab": ("lab",),
     "tcpguard.app.control": ("version", "status", "connections", "drop", "reset", "reload"),
     "tcpguard.app.bench": ("bench",),
-    "tcpguard.app.rulecost": ("cost",),
+    "tcpguard.app.offline.cost": ("cost",),
 }
 
 

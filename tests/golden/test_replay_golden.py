@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tcpguard.app.golden import record
+from tcpguard.app.offline.golden import record
 
 from .cases import CASES
 
@@ -141,7 +141,7 @@ def _follow_client_streams(capture: Path) -> dict[int, bytes]:
 def test_evasion_capture_never_forwards_the_pattern(tmp_path: Path) -> None:
     """Whatever the segment trick, the stream the server would reassemble from the forwarded packets
     never holds the pattern; where the rule let a connection through, it got the first copies only."""
-    from tcpguard.app.replay import replay
+    from tcpguard.app.offline.replay import replay
     from tcpguard.app.ruleload import load_rules
 
     out = tmp_path / "forwarded.pcap"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tcpguard.app.replay import replay
+from tcpguard.app.offline.replay import replay
 from tcpguard.app.ruleload import load_rules, rule_files
 from tcpguard.core.decision import Decision
 from tcpguard.core.engine import Engine

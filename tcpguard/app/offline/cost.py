@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tcpguard.app.replay import EXIT_DAMAGED, TIMER_INTERVAL, RuleErrors, damage_warning, rule_budget
+from tcpguard.app.offline.replay import EXIT_DAMAGED, TIMER_INTERVAL, RuleErrors, damage_warning, rule_budget
 from tcpguard.core.engine import Engine
 from tcpguard.core.rules import Rule, RuleSet
 from tcpguard.core.settings import EngineSettings
@@ -295,7 +295,7 @@ HEADER = (
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from tcpguard.app.cli import load_settings_and_rules
+    from tcpguard.app.offline.inputs import load_settings_and_rules
     from tcpguard.app.ruleload import load_rules
 
     if args.frames < 1 or args.repeat < 1:

@@ -82,7 +82,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tcpguard.app.replay import EXIT_DAMAGED, PROGRESS_EVERY, RECORD_OVERHEAD, damage_warning, progress_bar
+from tcpguard.app.offline.replay import (
+    EXIT_DAMAGED,
+    PROGRESS_EVERY,
+    RECORD_OVERHEAD,
+    damage_warning,
+    progress_bar,
+)
 from tcpguard.core.conntrack import Action, Connection, FlowKey, flow_key
 from tcpguard.core.cursor import Cursor
 from tcpguard.core.decision import Decision, Verdict
@@ -1532,7 +1538,7 @@ def add_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    """`python -m tcpguard.app.trace CAPTURE -o DIR ...`: the subcommand on its own."""
+    """`python -m tcpguard.app.offline.trace CAPTURE -o DIR ...`: the subcommand on its own."""
     p = argparse.ArgumentParser(prog="tcpguard")
     sub = p.add_subparsers(dest="command", required=True)
     add_subparser(sub)

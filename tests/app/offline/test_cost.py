@@ -17,7 +17,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import wrpcap
 
-from tcpguard.app import rulecost
+from tcpguard.app.offline import cost as rulecost
 from tcpguard.app.ruleload import load_rules
 from tcpguard.core.conntrack import Connection
 from tcpguard.core.cursor import Cursor
@@ -26,7 +26,7 @@ from tcpguard.core.rules import RuleSet, rule, tcp_connection
 from tcpguard.core.stream import HalfStream
 from tcpguard.io.pcap import iter_frames
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "samples" / "demo.pcap"
 EV = tcp_connection.events
 

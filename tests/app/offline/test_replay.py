@@ -13,12 +13,12 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from tcpguard.app.replay import EXIT_DAMAGED, error_text, replay
+from tcpguard.app.offline.replay import EXIT_DAMAGED, error_text, replay
 from tcpguard.app.ruleload import load_rules
 from tcpguard.core.rules import RuleSet
 from tcpguard.io.pcap import LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapReader, PcapWriter
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "samples" / "demo.pcap"
 TCPGUARD = [sys.executable, "-m", "tcpguard.app.cli"]
 T0 = 1_700_000_000.0

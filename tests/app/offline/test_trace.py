@@ -26,12 +26,12 @@ from typing import Any
 
 import pytest
 
-from tcpguard.app import trace as tr
-from tcpguard.app.replay import EXIT_DAMAGED
+from tcpguard.app.offline import trace as tr
+from tcpguard.app.offline.replay import EXIT_DAMAGED
 from tcpguard.core.packet import decode
 from tcpguard.io.pcap import LINKTYPE_ETHERNET, Frame, PcapReader, PcapWriter, iter_frames
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "samples" / "trace.pcapng"
 
 needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark: scripts/install.sh")
