@@ -126,8 +126,7 @@ class Connection:
         self._gdone = 0
         self._send = 0  # bit 1: release 'up' holds, bit 2: release 'down' holds
         self._alert: Callable[..., None] | None = None
-        # TCP-MD5/AO (engine._check_signature): 0 the SYN was unsigned, 1 the SYN was signed, 2 both SYNs
-        # were (or the connection was picked up signed): signed segments are then inspected as usual.
+        # TCP-MD5/AO signing: a `tcpguard.core.state.Signing` value, kept as a plain int (native and small).
         self._auth = 0
         # The TSvals of the client's first and latest SYN (first << 32 | last), -1 if its SYN had no
         # timestamp: the RST and SYN-ACK checks of the handshake need them (engine._syn_timestamp). One

@@ -40,13 +40,19 @@ from tcpguard.core.settings import EngineSettings
 from tcpguard.core.state import (
     DOWN,
     FINISHED,
+    REFUSE,
     TIMEOUT_OF,
     UP,
     Event,
     RstCheck,
+    Sig,
+    Signing,
     State,
     check_rst,
     classify,
+    opening_state,
+    sig_event,
+    signing_step,
     transition,
 )
 from tcpguard.core.state import (
@@ -81,6 +87,8 @@ MAX_PENDING_ALERTS: Final = 64
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
 _SYN_SENT: Final = State.SYN_SENT
+_NEGOTIATED: Final = Signing.NEGOTIATED
+_UP_SIGNS: Final = Signing.UP_SIGNS
 
 
 @dataclass(slots=True)
@@ -401,11 +409,10 @@ class Engine:
             # stream too, so RSTs forged before the peer speaks carry a sequence number it accepts.
             other = HalfStream((pkt.ack - 1) & 0xFFFFFFFF if flags & ACK else -1)
             up, down = (other, mine) if server_sent else (mine, other)
-            state = State.SYN_RECV if flags & SYN else State.ESTABLISHED
         else:
             client, cport, server, sport = pkt.src, pkt.sport, pkt.dst, pkt.dport
             up, down = HalfStream(pkt.seq), HalfStream(-1)
-            state = State.SYN_SENT
+        state = opening_state(flags, midstream)
         conn = Connection(self.table.new_id(), client, cport, server, sport, self.now, up, down, state)
         conn.midstream = midstream
         conn._alert = self._alert_sink
@@ -414,7 +421,7 @@ class Engine:
             conn.wscale_client = wscale if wscale is not None else -1
             self._syn_timestamp(conn, pkt)
             if pkt.tcp_hlen > 20 and pkt.signed():
-                conn._auth = 1  # the client signs; negotiated once the SYN-ACK does too
+                conn._auth = Signing.OFFERED
         conn.expires = self.now + self._timeout[state]
         self.table.add(conn)
         self.stats.connections += 1
@@ -454,12 +461,12 @@ class Engine:
             return Decision(ACCEPT, flow_id=conn.id, reason="uninspected after a limit (fail open)")
         # Only segments with options pay for the signature check, and only a byte scan unless it hits.
         auth = conn._auth
-        if pkt.tcp_hlen > 20 and auth != 2 and pkt.signed():
+        if pkt.tcp_hlen > 20 and auth != _NEGOTIATED and pkt.signed():
             refused = self._check_signature(conn, pkt, d, fresh)
             if refused is not None:
                 return refused
-        elif auth >= 3 and auth - 3 != d:
-            conn._auth = 0  # picked up signed, but the peer does not sign: nothing was negotiated
+        elif auth >= _UP_SIGNS:  # tentative: an unsigned segment from the other side settles it
+            conn._auth = signing_step(auth, Sig.UNSIGNED + d)
         flags = pkt.flags
         state = conn.state
         s, o = (conn.up, conn.down) if d == UP else (conn.down, conn.up)
@@ -485,7 +492,8 @@ class Engine:
             if flags & RST or flags & FIN:
                 self.stats.invalid += 1
                 return Decision(DROP, flow_id=conn.id, reason="invalid flag combination")
-            ev = Event.SYNACK if flags & ACK else Event.SYN
+            ev = classify(flags, False, False)
+            assert ev is not None  # a SYN is always an event
             nxt = transition(state, d, ev)
             if nxt is StateAction.REOPEN:
                 self._finish(conn, "reopened")
@@ -558,7 +566,9 @@ class Engine:
                 self.held_packets += 1
                 s.hold_from = -1
             if check == RstCheck.CLOSE:
-                self._set_state(conn, State.CLOSED)
+                closed = transition(state, d, Event.RST)
+                assert isinstance(closed, State)  # every state has an RST row or none (no change)
+                self._set_state(conn, closed)
                 self._finish(conn, "rst")  # releases what is held, in order, unless blocked
             if held:
                 self._release_held(s, ACCEPT)
@@ -714,39 +724,16 @@ class Engine:
         return tsv is None or (tsv - (ts & 0xFFFFFFFF)) & 0xFFFFFFFF < 0x80000000
 
     def _check_signature(self, conn: Connection, pkt: Packet, d: int, fresh: bool) -> Decision | None:
-        """A segment with a TCP-MD5/AO option on a connection that has not negotiated one: the drop, or
-        None to handle it as usual.
-
-        A receiver without a key for its peer discards such a segment (RFC 2385, RFC 5925; Linux counts
-        TCPMD5Unexpected / TCPAOKeyNotFound), so it must not reach the rules, the streams, the ACK and
-        retention bookkeeping or the state machine: otherwise cover bytes only the rules read, a forged
-        ACK for them, or an exact RST the endpoint ignores make the gateway's view differ from the
-        endpoint's (adversarial E13, E18). Dropping it costs nothing: no correct sender signs a
-        connection that did not negotiate signing. We hold no keys, so on a negotiated connection
-        signatures are not verified and signed segments are inspected like any other.
-        """
-        flags = pkt.flags
-        if flags & SYN and not flags & ACK:
-            if d == DOWN and conn._auth == 1 and conn.state is State.SYN_SENT:
-                conn._auth = 2  # the server's signed SYN to a signed SYN (simultaneous open): negotiated
-            return None  # a SYN is judged by the SYN path (a new connection records its own signing)
-        if conn._auth == 1 and (flags & SYN or conn.state is State.SYN_SENT):
-            if flags & SYN and d == DOWN:
-                conn._auth = 2  # signed SYN-ACK to a signed SYN: negotiated
-            return None  # or the server's signed RST refusing a signed SYN
-        if fresh:
-            # Picked up mid-stream signed (the handshake is unknown): tentative until the peer signs too
-            # (3 + d: side d signs). An attacker can make the gateway forget a connection (idle timeout,
-            # eviction) and then send a signed segment first; trusting it would switch the check off.
-            conn._auth = 3 + d
+        """A segment with a TCP-MD5/AO option: the drop, or None to handle it as usual. What the segment
+        does to the connection's signing is the `SIGNING` table's (tcpguard.core.state); a segment the
+        table refuses is one its receiver discards (no key for its peer), dropped unless the
+        `unexpected_signature` policy passes it. No correct sender signs a connection that did not
+        negotiate signing, so dropping costs nothing."""
+        ev = sig_event(pkt.flags, True, d, fresh, conn.state is _SYN_SENT)
+        nxt = signing_step(conn._auth, ev)
+        if nxt != REFUSE:
+            conn._auth = nxt
             return None
-        if conn._auth >= 3:
-            if conn._auth - 3 != d:
-                conn._auth = 2  # both sides sign: negotiated before the gateway saw the connection
-                return None
-            if not flags & RST:
-                return None  # the same side again: inspected as usual; the peer's next segment decides
-            # A signed RST before the peer showed it signs could be one the endpoint discards (E18).
         if self.settings.policies.unexpected_signature == "accept":
             return None
         self.stats.unexpected_signatures += 1
@@ -1238,7 +1225,9 @@ class Engine:
         conn.down.buf_start = conn.down.next
         if conn.state not in FINISHED:
             # Keep the entry for a while so late packets of a blocked connection are still dropped.
-            self._set_state(conn, State.CLOSED)
+            ended = transition(conn.state, UP, Event.ABORT)
+            assert isinstance(ended, State)
+            self._set_state(conn, ended)
 
     def _emit(self, event: dict[str, Any]) -> None:
         if self.sink is not None:

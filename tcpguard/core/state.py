@@ -53,6 +53,9 @@ from typing import Final
 
 from tcpguard.core.packet import ACK, FIN, RST, SYN
 
+UP: Final = 0  # client to server
+DOWN: Final = 1  # server to client
+
 
 class State(enum.IntEnum):
     SYN_SENT = 1
@@ -74,6 +77,7 @@ class Event(enum.IntEnum):
     FIN = 4  # FIN (with or without ACK and data)
     RST = 5  # an RST that closes (see check_rst)
     FINS_ACKED = 6  # an ACK after which both FINs are acknowledged
+    ABORT = 7  # the gateway ended the connection itself (a rule, a limit, a timeout, eviction, shutdown)
 
 
 class Action(enum.Enum):
@@ -82,8 +86,102 @@ class Action(enum.Enum):
     OLDER_CONNECTION = 3
 
 
-UP: Final = 0  # client to server
-DOWN: Final = 1  # server to client
+class Signing(enum.IntEnum):
+    """What the gateway knows of TCP-MD5/AO signatures (RFC 2385, RFC 5925) on a connection.
+
+    A receiver without a key for its peer discards a signed segment, so on a connection that did not
+    negotiate signing a signed segment must not reach the rules, the streams or the state machine
+    (adversarial E13, E18). tcpguard holds no keys: on a negotiated connection signatures are not
+    verified, and signed segments are inspected like any other.
+    """
+
+    NONE = 0  # nothing negotiated (or unknown): a signed segment is one the receiver discards
+    OFFERED = 1  # the client's SYN was signed; negotiated once the server's SYN or SYN-ACK is signed too
+    NEGOTIATED = 2  # both sides sign
+    # Picked up mid-stream with a signed segment from one side: tentative until the other side shows
+    # whether it signs. An attacker can make the gateway forget a connection (idle timeout, eviction) and
+    # then speak first with a signature; trusting that alone would switch the check off.
+    UP_SIGNS = 3
+    DOWN_SIGNS = 4
+
+
+class Sig(enum.IntEnum):
+    """What one segment says about signing (`sig_event`). Each exists per direction: index + d."""
+
+    SYN = 0  # a signed SYN without ACK
+    CROSSING_SYN = 2  # a signed SYN without ACK from the server while the client's SYN waits (SYN_SENT)
+    SYNACK = 4  # a signed SYN-ACK
+    EARLY = 6  # a signed segment without SYN while the client's SYN waits (the server's RST refusing it)
+    SEGMENT = 8  # any other signed segment but an RST
+    RST = 10  # a signed RST
+    FIRST = 12  # the first segment of a connection picked up mid-stream, signed (not a bare SYN)
+    UNSIGNED = 14  # a segment without a signature
+
+
+#: The outcome of a signed segment no receiver takes: the engine drops it (`unexpected_signature` policy).
+REFUSE: Final = -1
+
+_G = Signing
+# (signing, sig event + direction) -> new signing or REFUSE. Complete: `SIGNING` has every pair, built
+# from the rows below and the two defaults after them, and `signing_step` raises on anything else.
+_SIGNING_ROWS: dict[tuple[Signing, int], int] = {
+    # A bare SYN is judged by the SYN path: it never changes or refuses signing here (a new connection
+    # records its own, `OFFERED` if the client's SYN is signed).
+    **{(g, Sig.SYN + d): g for g in Signing for d in (UP, DOWN)},
+    **{(g, Sig.CROSSING_SYN + DOWN): g for g in Signing},
+    (_G.OFFERED, Sig.CROSSING_SYN + DOWN): _G.NEGOTIATED,  # a signed SYN answering a signed SYN
+    (_G.OFFERED, Sig.SYNACK + DOWN): _G.NEGOTIATED,  # a signed SYN-ACK answering a signed SYN
+    (_G.OFFERED, Sig.SYNACK + UP): _G.OFFERED,  # the client's in a simultaneous open: still its offer
+    (_G.OFFERED, Sig.EARLY + UP): _G.OFFERED,
+    (_G.OFFERED, Sig.EARLY + DOWN): _G.OFFERED,  # e.g. the server's signed RST refusing the signed SYN
+    # Picked up signed: tentative for the side that signed.
+    **{(g, Sig.FIRST + UP): _G.UP_SIGNS for g in (_G.NONE, _G.OFFERED)},
+    **{(g, Sig.FIRST + DOWN): _G.DOWN_SIGNS for g in (_G.NONE, _G.OFFERED)},
+    # Tentative: the other side signing too settles it; the same side again is inspected as usual, but
+    # its signed RST could be one the endpoint discards (E18); the other side not signing shows that
+    # nothing was negotiated.
+    **{
+        (tentative, ev + other): _G.NEGOTIATED
+        for tentative, other in ((_G.UP_SIGNS, DOWN), (_G.DOWN_SIGNS, UP))
+        for ev in (Sig.SYNACK, Sig.EARLY, Sig.SEGMENT, Sig.RST, Sig.FIRST)
+    },
+    **{
+        (tentative, ev + same): tentative
+        for tentative, same in ((_G.UP_SIGNS, UP), (_G.DOWN_SIGNS, DOWN))
+        for ev in (Sig.SYNACK, Sig.EARLY, Sig.SEGMENT, Sig.FIRST)
+    },
+    (_G.UP_SIGNS, Sig.UNSIGNED + DOWN): _G.NONE,
+    (_G.DOWN_SIGNS, Sig.UNSIGNED + UP): _G.NONE,
+    # Negotiated: signed segments are inspected like any other.
+    **{(_G.NEGOTIATED, ev + d): _G.NEGOTIATED for ev in Sig for d in (UP, DOWN)},
+}
+SIGNING: Final[dict[tuple[Signing, int], int]] = {
+    (g, ev + d): _SIGNING_ROWS.get((g, ev + d), g if ev == Sig.UNSIGNED else REFUSE)
+    for g in Signing
+    for ev in Sig
+    for d in (UP, DOWN)
+}
+
+
+def sig_event(flags: int, signed: bool, d: int, first: bool, syn_sent: bool) -> int:
+    """The signing event of a segment from direction `d` (an index of `SIGNING`'s second key)."""
+    if not signed:
+        return Sig.UNSIGNED + d
+    if flags & SYN:
+        if flags & ACK:
+            return Sig.SYNACK + d if not first else Sig.FIRST + d
+        return Sig.CROSSING_SYN + d if syn_sent and d == DOWN else Sig.SYN + d
+    if first:
+        return Sig.FIRST + d
+    if syn_sent:
+        return Sig.EARLY + d
+    return Sig.RST + d if flags & RST else Sig.SEGMENT + d
+
+
+def signing_step(signing: int, event: int) -> int:
+    """The signing after `event`, or `REFUSE`. Every pair is in the table: a missing one is our bug."""
+    return SIGNING[(Signing(signing), event)]
+
 
 _S = State
 _E = Event
@@ -170,6 +268,14 @@ for _st in (_S.ESTABLISHED, _S.CLIENT_FIN, _S.SERVER_FIN, _S.BOTH_FIN):
     for _d in (UP, DOWN):
         TRANSITIONS[(_st, _d, _E.SYN)] = Action.INVALID
 
+# The gateway's own end of a connection (Engine._finish): every state not over yet closes, whichever
+# direction's packet (or the timer) caused it; the entry stays a while so the connection's late packets
+# are still recognised and dropped.
+for _st in State:
+    if _st not in (_S.TIME_WAIT, _S.CLOSED):
+        for _d in (UP, DOWN):
+            TRANSITIONS[(_st, _d, _E.ABORT)] = _S.CLOSED
+
 # States before both SYNs are acknowledged: a segment without SYN that completes the handshake must
 # acknowledge the peer's SYN exactly (engine: `_handshake_ack`).
 HANDSHAKE: Final = frozenset({State.SYN_SENT, State.BOTH_SYN, State.SYN_RECV, State.CLIENT_SYNACK})
@@ -190,6 +296,14 @@ TIMEOUT_OF: Final[dict[State, str]] = {
     State.TIME_WAIT: "time_wait",
     State.CLOSED: "closed",
 }
+
+
+def opening_state(flags: int, midstream: bool) -> State:
+    """The state a new entry starts in: the client's SYN passed, or (picked up mid-stream) a SYN-ACK
+    passed, or any other segment, which can only belong to an established connection."""
+    if not midstream:
+        return State.SYN_SENT
+    return State.SYN_RECV if flags & SYN else State.ESTABLISHED
 
 
 def classify(flags: int, rst_ok: bool, fins_acked: bool) -> Event | None:
