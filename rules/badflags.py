@@ -2,36 +2,29 @@
 
 Event: `new_connection`, inspecting `tcp.flags` of the packet that opened the flow.
 
-Port scanners send segments no real TCP stack sends to learn which ports are open from how the target
-answers (RFC 793 makes a closed port answer RST and an open one stay silent). This rule drops them
-silently, so the scanner learns nothing, and raises a medium-severity alert naming the probe.
-
-What a rule can see, and so what this one covers:
+What: port scanners send segments no real TCP stack sends, to learn from the answer which ports are open
+(a closed port answers RST, an open one stays silent). This rule drops them silently, so the scanner
+learns nothing, and raises a medium-severity alert naming the probe:
 
 * A segment without SYN and without ACK (Xmas: FIN+PSH+URG, NULL: no flag, FIN scan: FIN alone) belongs
-  to no connection tcpguard knows, so the engine picks it up as a mid-stream connection
-  (`engine.policies.midstream: track`, the default) and calls `new_connection` with it. Every segment of a
-  real connection after the SYN carries ACK, so such a "connection" is always a probe: dropped.
-  With `midstream: drop` the engine drops these itself; with `midstream: accept` they pass uninspected and
-  this rule never sees them.
-* A SYN with URG or PSH is the start of a new connection, so `new_connection` sees it too. No common
-  stack sets either on a bare SYN; nmap's OS-detection probes do. Dropped. (SYN with ECE+CWR is ECN
-  negotiation and is left alone.)
-* SYN+FIN and SYN+RST never reach a rule: the engine drops them itself ("invalid flag combination").
-* A bad combination inside a connection that is already tracked is not an event: rules only hear about
-  a connection's first packet and its reassembled bytes, and the engine's state machine judges the rest
-  (an RST outside the window, a SYN in ESTABLISHED, data before the handshake are dropped there).
+  to no connection, so the engine picks it up as a mid-stream connection (`engine.policies.midstream:
+  track`, the default) and calls `new_connection` with it; every segment of a real connection after its
+  SYN carries ACK. (With `midstream: drop` the engine drops them itself, with `accept` they pass unseen.)
+* A SYN with URG or PSH: no common stack sends one, nmap's OS detection does. SYN with ECE+CWR is ECN
+  negotiation and is left alone.
 
-Module order: file names sort `badflags.py` before `firewall.py`, so a probe to a port the firewall would
-refuse is dropped here silently instead of being answered with a reset.
+Why only these: SYN+FIN and SYN+RST never reach a rule (the engine drops them), and a bad combination
+inside a tracked connection is judged by the engine's state machine, not by rules, which only hear of a
+connection's first packet. File names sort `badflags.py` before `firewall.py`, so a probe the firewall
+would refuse is dropped here silently instead of being answered with a reset.
+
+To adapt: add a combination of flags without SYN to `SCANS`, with the name its alert gives; the flag
+constants come from the rule API (`from tcpguard import SYN, ACK, ...`).
 """
 
 import ipaddress
 
-from tcpguard import rule, tcp_connection
-
-# TCP flag bits (RFC 9293); the rule API does not export them.
-FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+from tcpguard import ACK, FIN, PSH, RST, SYN, URG, rule, tcp_connection
 
 SCANS = {
     FIN | PSH | URG: "Xmas scan",

@@ -2,23 +2,19 @@
 
 Event: `new_connection` (the client's SYN, before it is forwarded).
 
-A connection is let through only if one entry of `ALLOW` matches it: the client's address is in one of the
-entry's `clients` networks, the server's address in one of its `servers` networks, and the server port in
-its `ports`. Anything else is refused with `flow.reset()`: the client's connect() fails at once with
-"connection refused" instead of hanging until it times out, and the server never sees the SYN. Each
-refusal raises a low-severity alert.
+What: a connection passes only if an entry of `ALLOW` matches it: the client's address in one of its
+`clients` networks, the server's in one of its `servers` networks, the server port in its `ports`.
+Anything else is refused with a low-severity alert and `flow.reset()`.
 
-Configure: edit `ALLOW`. Networks are CIDR strings (IPv4 and IPv6 mixed freely; "any" means every
-address of both families); ports are numbers or "first-last" ranges. Entries are tried in order and the
-first match allows; there is no deny entry, whatever no entry allows is refused.
+Why a reset: the client's connect() fails at once with "connection refused" instead of hanging until it
+times out, and the server never sees the SYN. Connections already open when tcpguard starts are picked
+up mid-stream (`flow.midstream`) and judged the same way, on their first packet. File names sort
+`badflags.py` (probes are dropped silently, never answered) before this module, and `ratelimit.py` after
+it, so it only counts the connections allowed here.
 
-Notes:
-
-* Connections already open when tcpguard starts are picked up mid-stream and also go through this rule
-  (`flow.midstream` is true for them); a disallowed one is reset on its first packet.
-* Rule modules load in file-name order and the first `new_connection` rule that acts stops the others, so
-  `badflags.py` (scan probes are dropped silently, never answered with a reset) runs before this module,
-  and `ratelimit.py` only counts the connections this module lets through.
+To adapt: edit `ALLOW`. Networks are CIDR strings, IPv4 and IPv6 mixed ("any": every address of both);
+ports are numbers or "first-last" ranges. Entries are tried in order and the first match allows; there
+is no deny entry. A typo is a load error that `tcpguard check` reports.
 """
 
 import functools

@@ -2,30 +2,22 @@
 
 Event: `new_connection`.
 
-Each source may open `BURST` connections at once and then `RATE` per second on average; a connection
-beyond that is dropped silently (`ACTION = "drop"`: the SYN goes unanswered and the client's retries are
-dropped too while the gateway remembers the refused connection) or refused (`ACTION = "reset"`: the
-client's connect() fails at once). The first refusal of a burst raises a medium-severity alert; the next
-alert for that source comes only after it has been back under the limit, so a flood does not flood the
-alert log too. Sources in `EXEMPT` are never limited. Connections picked up mid-stream (open before
-tcpguard started) are not new and are not counted.
+What: each source may open `BURST` connections at once and then `RATE` per second on average; a
+connection beyond that is dropped (`ACTION = "drop"`: the SYN goes unanswered, and so do the client's
+retries while the gateway remembers the connection) or refused (`ACTION = "reset"`: connect() fails at
+once). The first refusal of a burst raises a medium-severity alert, the next one only after the source
+was back under the limit, so a flood does not flood the alert log. Sources in `EXEMPT` are never limited;
+connections picked up mid-stream are not new and not counted.
 
-IPv6 sources are grouped by their /64 (`V6_PREFIX`): a host usually owns a whole /64 and could otherwise
-step around the limit by changing addresses.
+Why per /64 for IPv6: a host usually owns a whole /64 and could step around a per-address limit.
 
-State and its bounds: the buckets live in this module (a dict at module level), so they last as long as
-the loaded rule set: a reload (SIGHUP) starts every source afresh, and with several workers each worker
-process counts the connections it sees (`--queue-balance` spreads connections by a hash of both
-addresses, so one source's connections to different servers can land on different workers). At most
-`MAX_SOURCES` buckets are kept; beyond that the least recently seen source is forgotten (it starts again
-with a full bucket), so a flood from spoofed sources costs bounded memory.
+State and time: the buckets live in this module, so a reload starts every source afresh and each worker
+process counts the connections it sees. At most `MAX_SOURCES` are kept (the least recently seen goes
+first), so spoofed floods cost bounded memory. The clock is `flow.started` (the engine's: monotonic live,
+the packet timestamps in `tcpguard replay`), never `time.time()`, so a replay behaves like the live run.
 
-Time: rules get no clock argument. `flow.started` is the engine's clock at the connection's first packet:
-`time.monotonic()` in the daemon and the packet's timestamp in `tcpguard replay`, so the rule behaves the
-same live and on a capture. (`time.time()` would break replays and jumps with the wall clock.)
-
-Module order: file names sort `ratelimit.py` after `badflags.py` and `firewall.py`, and the first rule
-that acts on a connection stops the others, so probes and refused connections do not count.
+To adapt: set `RATE`, `BURST`, `ACTION`, `EXEMPT`. File names sort this module after `badflags.py` and
+`firewall.py`, so probes and refused connections do not count.
 """
 
 import ipaddress

@@ -2,23 +2,19 @@
 
 Event: `receive_data`, plain (not streamed), client-to-server direction.
 
-The listener is called once for each run of client bytes that became contiguous (segments that arrive
-out of order are reassembled by the engine before any rule sees them) and searches it for all the
-patterns at once with `current.find_any`, which also looks back into the bytes before the run: a
-pattern spread over many tiny segments is found on the segment that completes it. Of two patterns in
-one run, the one complete first is reported. On a match it raises a high-severity alert and calls
-`flow.reset()`: the packet that completes the pattern is dropped and both ends get an RST, so the server
-application never receives the whole pattern (it does receive the bytes before it, which were harmless
-on their own).
+What: each run of client bytes that became contiguous (the engine reassembles out-of-order segments
+first) is searched for all of `PATTERNS` at once with `current.find_any`, which also looks back into the
+bytes before the run, so a pattern spread over many tiny segments is found on the segment completing it.
+On a match the rule raises a high-severity alert and calls `flow.reset()`: that segment is dropped and
+both ends get an RST, so the server application never receives the whole pattern.
 
-Configure: `PATTERNS` (bytes). Keep them specific: every client byte of every connection is searched.
+Why this shape: the search is linear and keeps no state of its own; the listener declares the look-back
+its longest pattern needs (`lookback=len(longest) - 1`, not the default 256), so an idle connection keeps
+at most that many client bytes, and a plain listener costs nothing on an idle connection where a
+streamed one would keep a coroutine of several kilobytes.
 
-Cost: the search is linear in the bytes sent and keeps no state of its own: the look-back comes from the
-bytes the engine retains, and the listener declares just what the longest pattern needs
-(`lookback=len(longest) - 1`, not the default 256), so an idle connection keeps at most that many bytes
-of the client's stream.
-A plain listener costs nothing on an idle connection, where a streamed one (a suspended coroutine per
-connection) would cost several kilobytes.
+To adapt: edit `PATTERNS` (bytes); keep them specific, since every client byte of every connection is
+searched. The look-back follows by itself.
 """
 
 from tcpguard import rule, tcp_connection

@@ -2,26 +2,25 @@
 
 Event: `receive_data`, streamed, client-to-server direction of connections to `TLS_PORTS`.
 
-The first thing a TLS client sends is a ClientHello in one or more handshake records; its `server_name`
-extension (SNI, RFC 6066) names the site the client wants, in clear text (before TLS 1.3's Encrypted
-Client Hello, where it names the provider's public front instead). The listener reads the records from the
-stream (however TCP split them, and over several records if the hello is fragmented), parses the
-ClientHello and, if the name or a parent domain of it is in `BLOCKED_NAMES`, raises a medium-severity
-alert and calls `flow.reset()`: the packet completing the ClientHello is dropped and both ends get an
-RST, so no handshake takes place. The name is kept in `flow.store["sni"]`. After the ClientHello the
-listener stops: the rest of the connection is encrypted.
+What: the listener reads the client's first handshake records, however TCP split them and over several
+records if the hello is fragmented, parses the ClientHello and takes its `server_name` extension (SNI,
+RFC 6066: the site the client wants, in clear text before Encrypted Client Hello). If the name or a
+parent domain of it is in `BLOCKED_NAMES`, it raises a medium-severity alert and calls `flow.reset()`:
+the packet completing the ClientHello is dropped and both ends get an RST, so no handshake takes place.
+The name is kept in `flow.store["sni"]`. After the ClientHello the listener returns: the rest is
+encrypted.
 
-Choices:
+Why these choices:
 
-* A stream whose first bytes are not a TLS handshake record is left alone (not TLS: not this rule's job),
-  decided on its first byte where that is not 0x16 (the reader ends there instead of waiting for a
-  whole record header from a client that may send less and wait for the server), or on a short first
-  header whose version byte is not 3.
-* A handshake that starts like TLS but does not parse as a ClientHello is reset with its own alert
-  (`FAIL_CLOSED`): a server would refuse it anyway, and a parser that gave up there could be evaded with
-  a deliberately odd hello.
-* A ClientHello without SNI (a client connecting to an IP address) passes unless `BLOCK_WITHOUT_SNI`.
-* The hello is bounded by `MAX_HELLO` bytes; a bigger one counts as malformed.
+* A stream whose first byte is not 0x16 (a handshake record), or whose short first header has a version
+  byte other than 3, is not TLS and is left alone, decided at once rather than waiting for more bytes.
+* A handshake that starts like TLS but is not a well-formed ClientHello (or is bigger than `MAX_HELLO`)
+  is reset with its own alert (`FAIL_CLOSED`): a server would refuse it anyway, and a parser that gave
+  up there could be evaded with a deliberately odd hello.
+* A ClientHello without SNI (a client connecting to an address) passes unless `BLOCK_WITHOUT_SNI`.
+* Streamed, because the reader ends after one message: the coroutine it costs lasts only that long.
+
+To adapt: edit `BLOCKED_NAMES` and `TLS_PORTS`; set `FAIL_CLOSED` or `BLOCK_WITHOUT_SNI`.
 """
 
 from tcpguard import rule, tcp_connection

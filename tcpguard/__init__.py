@@ -14,8 +14,26 @@ See `docs/rules.md` for the full reference.
 
 from tcpguard.core.conntrack import Connection as Flow
 from tcpguard.core.cursor import Cursor, Match
+from tcpguard.core.packet import ACK, CWR, ECE, FIN, PSH, RST, SYN, URG
 from tcpguard.core.rules import Rule, RuleSet, rule, tcp_connection
 from tcpguard.core.stream import HalfStream as Stream
 
-__all__ = ["Cursor", "Flow", "Match", "Rule", "RuleSet", "Stream", "rule", "tcp_connection"]
+__all__ = [
+    "ACK",
+    "CWR",
+    "ECE",
+    "FIN",
+    "PSH",
+    "RST",
+    "SYN",
+    "URG",
+    "Cursor",
+    "Flow",
+    "Match",
+    "Rule",
+    "RuleSet",
+    "Stream",
+    "rule",
+    "tcp_connection",
+]
 __version__ = "0.1.0"

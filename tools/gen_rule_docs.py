@@ -18,6 +18,11 @@ What comes from where:
   action names); each needs a line in `END_REASONS`, and a described reason the engine no longer uses is
   an error too. The alert fields are read from the dict the engine builds in `Engine._alert` and the one
   the daemon writes in `AlertLog`.
+* The flag constants are the rule API's (`tcpguard.FIN` ...); each must be exported (in
+  `tcpguard.__all__`) with the value `tcpguard.core.packet` gives it.
+* The section on `tcpguard.http` (the HTTP request reader rules import) is its module docstring and the
+  docstrings of every name in its `__all__` (a constant's is the string literal below its assignment); a
+  name without one is an error.
 * The sample rules section is each `rules/*.py` module's docstring.
 * The configuration table is read from `etc/tcpguard.yaml`: each key, its default and the comment above
   it; every key of the config schema (`tcpguard.app.config.schema_keys()`) must be in that file.
@@ -33,6 +38,7 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import itertools
 import re
 import sys
 import types
@@ -46,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tcpguard  # noqa: E402
+import tcpguard.http  # noqa: E402
 from tcpguard.app.config import schema_keys  # noqa: E402
 from tcpguard.app.ruleload import rule_files  # noqa: E402
 from tcpguard.core.errors import RuleLoadError, RuleTimeout  # noqa: E402
@@ -343,13 +350,65 @@ def alert_severities() -> str:
 
 
 def flag_table() -> str:
-    bits = {n: getattr(packet, n) for n in FLAG_CONSTANTS}
+    """The flag bits as the rule API exports them, checked against the decoder's."""
+    bits = {}
+    for n in FLAG_CONSTANTS:
+        if n not in tcpguard.__all__ or getattr(tcpguard, n, None) != getattr(packet, n):
+            raise DocError(f"tcpguard does not export the flag {n} with tcpguard.core.packet's value")
+        bits[n] = getattr(tcpguard, n)
     rows = [(f"`{n}`", f"`{bit:#04x}`", packet.flags_text(bit)) for n, bit in bits.items()]
     return table(rows, ("flag", "bit", "letter in `flag_names()`"))
 
 
 def options_fields() -> str:
     return ", ".join(f"`{f}`" for f in packet.TcpOptions.__dataclass_fields__)
+
+
+def constant_docs(module: types.ModuleType) -> dict[str, str]:
+    """The string literal right below each module-level assignment (an attribute docstring, which Python
+    does not keep at run time, so it is read from the source)."""
+    tree = ast.parse(inspect.getsource(module))
+    out: dict[str, str] = {}
+    body = tree.body
+    for stmt, after in itertools.pairwise(body):
+        if (
+            isinstance(stmt, ast.Assign)
+            and len(stmt.targets) == 1
+            and isinstance(stmt.targets[0], ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            out[stmt.targets[0].id] = inspect.cleandoc(after.value.value)
+    return out
+
+
+def library_table(module: types.ModuleType) -> str:
+    """One row per name of `module.__all__`, in that order: functions and methods with their signatures,
+    classes, and constants with their values; every one must have a docstring."""
+    consts = constant_docs(module)
+    rows: list[tuple[str, str]] = []
+    short = module.__name__.rpartition(".")[2]
+
+    def need(text: str, name: str) -> str:
+        if not text:
+            raise DocError(f"{module.__name__}.{name} is exported but has no docstring: document it")
+        return text
+
+    for name in module.__all__:
+        value = getattr(module, name)
+        if inspect.isclass(value):
+            rows.append((f"`{short}.{name}`", need(docstring(value), name)))
+            for member, func in vars(value).items():
+                if not member.startswith("_") and inspect.isfunction(func):
+                    sig = signature(func, f"{name}().{member}")
+                    rows.append((f"`{sig}`", need(docstring(func), f"{name}.{member}")))
+        elif inspect.isfunction(value):
+            rows.append((f"`{short}.{signature(value, name)}`", need(docstring(value), name)))
+        else:
+            shown = f"{value!r}" if isinstance(value, int) else type(value).__name__
+            rows.append((f"`{short}.{name}` ({shown})", need(consts.get(name, ""), name)))
+    return table(rows, ("name", "what it is"))
 
 
 def samples_section() -> str:
@@ -382,6 +441,8 @@ def render_rules_md() -> str:
         "options_fields": options_fields(),
         "options_doc": docstring(packet.TcpOptions),
         "flag_table": flag_table(),
+        "http_doc": docstring(tcpguard.http),
+        "http_table": library_table(tcpguard.http),
         "store_doc": docstring(conntrack.Connection.store),
         "alert_sig": signature(conntrack.Connection.alert, "flow.alert"),
         "alert_doc": docstring(conntrack.Connection.alert),
@@ -676,8 +737,8 @@ The decoded packet that opened the flow (the client's SYN, or the first packet o
 `tcp.options()`: {{options_doc}} Fields: {{options_fields}}; it raises `DecodeError` for malformed
 options (they are validated on SYNs already, so on a SYN it does not).
 
-The flag bits (`tcpguard.core.packet` defines them; the rule API does not export them, so a rule
-defines its own constants, as `rules/badflags.py` does):
+The flag bits, which the rule API exports (`from tcpguard import SYN, ACK`; `rules/badflags.py`
+uses them):
 
 {{flag_table}}
 
@@ -723,6 +784,12 @@ Other policies that decide what happens to a flow without a rule acting:
 
 A module that cannot be loaded raises `RuleLoadError`. {{loaderror_doc}} `tcpguard check` prints it as
 `file:line: message`; a reload with a broken module keeps the running rules.
+
+## Reading HTTP requests: `tcpguard.http`
+
+{{http_doc}}
+
+{{http_table}}
 
 ## The sample rules
 

@@ -10,6 +10,7 @@ from types import ModuleType
 
 import pytest
 
+import tcpguard.http
 from tcpguard.app.config import schema_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,12 @@ def test_reference_covers_the_whole_public_rule_api(outputs: dict[Path, str]) ->
         assert f"`current.{name}(" in text, name
     for event in ("new_connection", "receive_data", "end_connection"):
         assert f"`tcp_connection.events.{event}`" in text
+    # The flag constants the rule API exports, and the HTTP request reader rules import.
+    for flag in ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"):
+        assert f"| `{flag}` |" in text, flag
+    assert "## Reading HTTP requests: `tcpguard.http`" in text
+    for name in tcpguard.http.__all__:
+        assert f"`http.{name}" in text, name
     # Every sample module has its section.
     for path in sorted((ROOT / "rules").glob("*.py")):
         assert f"### `rules/{path.name}`" in text

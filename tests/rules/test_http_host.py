@@ -9,7 +9,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tcpguard import http
 from tcpguard.core.settings import EngineSettings
+from tcpguard.http import MAX_LINE, RequestReader
+from tests.http_strategies import TOKENS, request_heads
 
 from .samples import ACCEPT, DROP, Playbook, actions, alerts, flow, forged, load, playbook, send_pieces
 
@@ -94,11 +97,11 @@ def test_large_body_is_skipped_in_steps_without_buffering_it_whole() -> None:
 
 def test_overlong_header_line_fails_closed() -> None:
     pb = http_playbook()
-    line = b"GET / HTTP/1.1\r\nX-Long: " + b"a" * MOD["MAX_LINE"]
+    line = b"GET / HTTP/1.1\r\nX-Long: " + b"a" * MAX_LINE
     verdicts = send_pieces(pb, [line[i : i + 1400] for i in range(0, len(line), 1400)])
     assert verdicts[-1] == DROP
     assert actions(pb) == ["halfreset"]
-    assert alerts(pb) == [f"HTTP line longer than {MOD['MAX_LINE']} bytes"]
+    assert alerts(pb) == [f"HTTP line longer than {MAX_LINE} bytes"]
 
 
 def test_not_http_and_other_ports_are_left_alone() -> None:
@@ -161,7 +164,7 @@ def test_blocked_host_is_caught_on_the_segment_ending_its_line_however_it_is_spl
 
 
 def test_overlong_line_in_one_segment_and_at_exactly_the_limit() -> None:
-    limit = MOD["MAX_LINE"]
+    limit = MAX_LINE
     head = b"GET / HTTP/1.1\r\n"
     exact = b"X-Fits: " + b"a" * (limit - len(b"X-Fits: ") - 2) + b"\r\n"  # MAX_LINE bytes with CRLF
     assert len(exact) == limit
@@ -183,7 +186,7 @@ def test_a_split_line_is_kept_only_until_it_completes() -> None:
     pb = http_playbook()
     assert pb.client("PA", b"GET / HTTP/1.1\r\nHo").verdict == ACCEPT
     state = flow(pb).store[MOD["STATE"]]
-    assert (state.phase, state.line) == (MOD["HEADERS"], b"Ho")
+    assert (state.phase, state.line) == (http.HEADERS, b"Ho")
     assert pb.client("PA", b"st: a.example\r\n\r\n").verdict == ACCEPT
     assert flow(pb).store == {"host": "a.example"}
 
@@ -249,53 +252,10 @@ def test_known_hosts_answer_like_new_ones_and_stay_bounded(monkeypatch: pytest.M
     known.clear()
 
 
-# Pieces that requests (and attempts to confuse a parser) are made of: line ends of every kind, header
-# names in odd spellings, framing headers with good and bad values, blocked and allowed hosts.
-TOKENS = [
-    b"GET / HTTP/1.1",
-    b"POST /x HTTP/1.0",
-    b"GET http://ads.example/ HTTP/1.1",
-    b"BREW / HTCPCP/1.0",
-    b"\r\n",
-    b"\n",
-    b"\r",
-    b" ",
-    b"\t",
-    b":",
-    b"Host",
-    b"host",
-    b" HOST ",
-    b"X-Host",
-    b"Hos t",
-    b" blocked.example",
-    b"ok.example",
-    b"www.ads.example.",
-    b"Content-Length",
-    b"content-length",
-    b"2",
-    b"0",
-    b"+2",
-    b"Transfer-Encoding",
-    b"chunked",
-    b"ab",
-    b"1\r\nx\r\n0\r\n\r\n",
-    # Values and targets in odd case and spacing (the one-go path lower-cases the whole head at once).
-    b"CHUNKED",
-    b"Blocked.Example",
-    b"ADS.EXAMPLE:80",
-    b"\x0b",
-    b"\x0c",
-    b"GET HTTP://Ads.Example/ HTTP/1.1",
-    b"@",
-    b"[::1]",
-    b"Content-Length: 1\r\n\r\nx",
-]
-
-
 def _outcome(pieces: list[bytes]) -> tuple[list[str], list[str], dict[str, Any], bool]:
     pb, verdicts = played(pieces)
     store = {
-        k: tuple(getattr(v, f) for f in v.__slots__) if isinstance(v, MOD["Request"]) else v
+        k: tuple(getattr(v, f) for f in v.__slots__) if isinstance(v, RequestReader) else v
         for k, v in flow(pb).store.items()
     }
     return alerts(pb), actions(pb), store, DROP in verdicts
@@ -322,13 +282,13 @@ def test_the_one_go_path_reads_a_whole_head_and_the_line_path_the_rest(
 ) -> None:
     """The equivalence above is only worth something if both paths run: count them."""
     calls = {"head": 0}
-    real = MOD["_head"]
+    real = http._head
 
     def counting(*args: Any) -> Any:
         calls["head"] += 1
         return real(*args)
 
-    monkeypatch.setitem(MOD, "_head", counting)
+    monkeypatch.setattr(http, "_head", counting)
     played([KEEP_ALIVE])
     # Four requests; the first starts with an empty line and takes the line path.
     assert calls["head"] == 3
@@ -337,80 +297,9 @@ def test_the_one_go_path_reads_a_whole_head_and_the_line_path_the_rest(
     assert calls["head"] == 0
 
 
-# Request heads near the edge of what SIMPLE_HEAD takes: mostly simple ones (a plain request line, plain
-# fields, one Host field, CRLF line ends), each piece sometimes swapped for one that is not: field names that
-# are or almost are the three the parser acts on, in any case and with white space where the general path
-# strips it; values with bytes the simple path refuses; odd request lines, bare line feeds, bodies.
-SIMPLE_LINE = b"GET / HTTP/1.1"
-REQUEST_LINES = [
-    b"get /a?b=c HTTP/1.0",
-    b"GET / http/1.1",
-    b"GET  / HTTP/1.1",
-    b"GET\t/ HTTP/1.1",
-    b"GET / HTTP/2",
-    b"GET http://ads.example/ HTTP/1.1",
-    b"GET HTTP://Ok.Example/ HTTP/1.1",
-    b"GET / HTTP/1.1 extra",
-    b"GET /\x80 HTTP/1.1",
-    b"GET",
-]
-HOST_NAMES = [b"Host", b"host", b"HOST"]
-NAMES = [
-    b"Host ",
-    b" Host",
-    b"Host\t",
-    b"X-Host",
-    b"Hostx",
-    b"Content-Length",
-    b"CONTENT-LENGTH",
-    b"Transfer-Encoding",
-    b"User-Agent",
-    b"Accept",
-    b"A\x80",
-    b"",
-]
-HOSTS = [b" ok.example", b" blocked.example", b"ADS.Example:8080", b"ok.example."]
-VALUES = [b" ok.example\rx", b" 0", b" 3", b" chunked", b"", b" \x80\xff", b" a:b", b" blocked.example"]
-
-
-PLAIN_NAMES = [b"User-Agent", b"Accept", b"X-Host", b"Hostx"]
-
-
-def _sometimes(draw: Any, simple: bytes, odd: list[bytes]) -> bytes:
-    """`simple` three times in four, else one of `odd`."""
-    choice: bytes = draw(st.sampled_from(odd)) if draw(st.integers(0, 3)) == 0 else simple
-    return choice
-
-
-def _head(draw: Any) -> bytes:
-    def pick(items: list[bytes]) -> bytes:
-        item: bytes = draw(st.sampled_from(items))
-        return item
-
-    def end() -> bytes:
-        return _sometimes(draw, b"\r\n", [b"\n"])
-
-    fields = [
-        pick(PLAIN_NAMES) + b":" + _sometimes(draw, b" x/1", VALUES) + b"\r\n"
-        for _ in range(draw(st.integers(0, 2)))
-    ]
-    host = _sometimes(draw, pick(HOST_NAMES), NAMES)
-    fields.insert(draw(st.integers(0, len(fields))), host + b":" + pick(HOSTS) + end())
-    if draw(st.booleans()):  # one more field, likely an odd one
-        extra = pick(NAMES + HOST_NAMES) + b":" + pick(VALUES + HOSTS)
-        fields.insert(draw(st.integers(0, len(fields))), extra + end())
-    line = _sometimes(draw, SIMPLE_LINE, REQUEST_LINES) + end()
-    return line + b"".join(fields) + b"\r\n" + _sometimes(draw, b"", [b"abc", b"0\r\n\r\n"])
-
-
-@st.composite
-def request_heads(draw: Any) -> bytes:
-    return b"".join(_head(draw) for _ in range(draw(st.integers(1, 3))))
-
-
 def _without_simple_path(monkeypatch: pytest.MonkeyPatch, data: bytes) -> Any:
     with monkeypatch.context() as m:
-        m.setitem(MOD, "_simple_heads", lambda flow, data, direction: 0)
+        m.setitem(MOD, "read_simple_heads", lambda data, on_host, ctx: 0)
         return _outcome([data])
 
 
@@ -439,13 +328,13 @@ def test_the_simple_path_reads_common_requests_and_leaves_the_rest(monkeypatch: 
     typical keep-alive request in full, stops at the first request it does not take, and never sees a
     request that is cut in two."""
     seen: list[int] = []
-    real = MOD["_simple_heads"]
+    real = MOD["read_simple_heads"]
 
-    def recording(flow: Any, data: bytes, direction: str) -> int:
-        seen.append(real(flow, data, direction))
+    def recording(data: bytes, on_host: Any, ctx: Any) -> int:
+        seen.append(real(data, on_host, ctx))
         return seen[-1]
 
-    monkeypatch.setitem(MOD, "_simple_heads", recording)
+    monkeypatch.setitem(MOD, "read_simple_heads", recording)
     typical = b"GET /index.html HTTP/1.1\r\nHost: ok.example\r\nUser-Agent: t/1\r\nAccept: */*\r\n\r\n"
     post = b"POST / HTTP/1.1\r\nHost: ok.example\r\nContent-Length: 1\r\n\r\nx"
     pb = http_playbook()
@@ -458,31 +347,3 @@ def test_the_simple_path_reads_common_requests_and_leaves_the_rest(monkeypatch: 
     pb.client("PA", typical[10:])  # the rest of a split request: the general path's, which holds it
     assert len(seen) == 3
     assert flow(pb).store == {"host": "ok.example"}
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(["a", "ads", "example", "blocked", "", "x" * 40]), max_size=20).map(".".join))
-def test_parent_domain_check_matches_the_plain_definition(name: str) -> None:
-    blocked = MOD["BLOCKED_HOSTS"]
-    plain = any(name == b or name.endswith("." + b) for b in blocked)
-    assert MOD["is_blocked"](name) == plain
-
-
-def test_a_huge_host_of_many_labels_is_checked_on_its_last_labels_only(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Each label used to cost a copy of the rest of the name: quadratic in a 16 KB Host header. Only
-    suffixes no longer than a DNS name can match, and only those are looked at."""
-    looked_at: list[str] = []
-
-    class Recording(set[str]):
-        def __contains__(self, name: object) -> bool:
-            looked_at.append(str(name))
-            return super().__contains__(name)
-
-    monkeypatch.setitem(MOD, "BLOCKED_HOSTS", Recording(MOD["BLOCKED_HOSTS"]))
-    name = "a." * 8000 + "ads.example"
-    assert MOD["is_blocked"](name)
-    assert not MOD["is_blocked"](name + "x")
-    assert looked_at and max(map(len, looked_at)) <= MOD["MAX_NAME"]
-    assert len(looked_at) <= MOD["MAX_NAME"]
