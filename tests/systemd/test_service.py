@@ -268,7 +268,11 @@ def test_journal_holds_the_structured_fields(svc: Container) -> None:
     def having(field: str, value: str) -> list[dict[str, str]]:
         return [e for e in entries() if e.get(field) == value]
 
-    wait_for(lambda: having("TCPGUARD_RULE", "test_rules.gate"), "the rule error entry", 10, svc)
+    def rule_errors() -> list[dict[str, str]]:
+        # An alert names its rule too (TCPGUARD_RULE, with a TCPGUARD_SEVERITY); the error entry has none.
+        return [e for e in having("TCPGUARD_RULE", "test_rules.gate") if "TCPGUARD_SEVERITY" not in e]
+
+    wait_for(rule_errors, "the rule error entry", 10, svc)
     alert = having("TCPGUARD_SEVERITY", "high")
     assert alert, "no journal entry with TCPGUARD_SEVERITY=high for the alert"
     a = alert[0]
@@ -276,7 +280,7 @@ def test_journal_holds_the_structured_fields(svc: Container) -> None:
     assert f":{BLOCKED}" in a["TCPGUARD_FLOW"] and a["TCPGUARD_FLOW_ID"].isdigit(), a
     verdict = [e for e in having("TCPGUARD_VERDICT", "reset") if f":{BLOCKED}" in e.get("TCPGUARD_FLOW", "")]
     assert verdict, "no journal entry with TCPGUARD_VERDICT=reset for the blocked connection"
-    err = having("TCPGUARD_RULE", "test_rules.gate")[0]
+    err = rule_errors()[0]
     assert err["PRIORITY"] == "3" and err["TCPGUARD_VERDICT"] == "reset", err
     # Without logging.log_payload the exception's message (which may quote payload) stays out of the
     # journal: the entry names the rule, the exception type and where in the rule module it happened.
