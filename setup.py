@@ -43,6 +43,8 @@ MYPYC_MODULES = [
     "tcpguard/core/state.py",
     "tcpguard/core/conntrack.py",
     "tcpguard/core/engine.py",
+    "tcpguard/core/dispatch.py",
+    "tcpguard/core/stats.py",
     "tcpguard/core/cursor.py",
     "tcpguard/core/decision.py",
     "tcpguard/core/forge.py",

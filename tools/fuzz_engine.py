@@ -607,7 +607,7 @@ class Target:
             self.fail(
                 f"buffered bytes: engine says {eng.buffered}, its streams hold {buffered}", raw, "books"
             )
-            eng.buffered = buffered
+            eng.ledger.buffered = buffered
         lim = eng.settings.limits
         if len(eng.table) > lim.max_connections:
             self.fail(f"table holds {len(eng.table)} connections, limit {lim.max_connections}", raw, "bound")

@@ -119,9 +119,9 @@ class Cursor:
         scan = self.pos
         while True:
             end = min(s.next, self.pos + limit)
-            i = s.buf.find(delim, scan - s.buf_start, end - s.buf_start)
+            i = s.find(delim, scan, end)
             if i >= 0:
-                return self.read(i + s.buf_start + len(delim) - self.pos)
+                return self.read(i + len(delim) - self.pos)
             if end - self.pos >= limit:
                 return self.read(limit)
             scan = max(self.pos, end - len(delim) + 1)
@@ -180,11 +180,10 @@ class Cursor:
         best = -1
         found = b""
         for pattern in patterns:
-            lo = max(self.pos - len(pattern) + 1, s.buf_start) if lookback else self.pos
-            i = s.buf.find(pattern, lo - s.buf_start)
+            i = s.find(pattern, self.pos - len(pattern) + 1 if lookback else self.pos)
             if i >= 0 and _before(i, pattern, best, found):
                 best, found = i, pattern
-        return (best + s.buf_start, found) if best >= 0 else (-1, b"")
+        return (best, found) if best >= 0 else (-1, b"")
 
     def __iter__(self) -> Iterator[bytes]:
         """The stream in chunks as they arrive, until it ends."""
@@ -197,8 +196,8 @@ class Cursor:
     # -- holding ---------------------------------------------------------------------------------------
     def mark(self) -> None:
         """Hold every packet carrying bytes from here on until `unmark()` or `flow.send()`."""
-        self.stream.hold_from = self.pos
+        self.stream.mark(self.pos)
 
     def unmark(self) -> None:
         """Release the hold set by `mark()`; the held packets are forwarded after this rule returns."""
-        self.stream.hold_from = -1
+        self.stream.unmark()

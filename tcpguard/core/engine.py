@@ -22,17 +22,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from datetime import UTC, datetime
 from typing import Any, Final
 
-import greenlet
-
 from tcpguard.core import forge
-from tcpguard.core.conntrack import DIRECTION_NAMES, Action, Connection, ConnTable, flow_key
-from tcpguard.core.cursor import Cursor
+from tcpguard.core.conntrack import Action, Connection, ConnTable, flow_key
 from tcpguard.core.decision import Decision, Output, Release, Verdict
-from tcpguard.core.errors import DecodeError, RuleTimeout
+from tcpguard.core.dispatch import EventSink, RuleDispatch, log_fields
+from tcpguard.core.errors import DecodeError
 from tcpguard.core.flowstore import pack_store
 from tcpguard.core.packet import ACK, FIN, RST, SYN, URG, Packet, checksums_ok, decode
 from tcpguard.core.rules import Rule, RuleSet
@@ -58,14 +54,13 @@ from tcpguard.core.state import (
 from tcpguard.core.state import (
     Action as StateAction,
 )
+from tcpguard.core.stats import Stats
 from tcpguard.core.stream import DROP as SEG_DROP
-from tcpguard.core.stream import EMPTY, HalfStream, Held
 from tcpguard.core.stream import HOLD as SEG_HOLD
 from tcpguard.core.stream import LIMIT as SEG_LIMIT
+from tcpguard.core.stream import HalfStream, Held, Ledger
 
 log = logging.getLogger("tcpguard.engine")
-
-EventSink = Callable[[dict[str, Any]], None]
 
 ACCEPT: Final = Verdict.ACCEPT
 DROP: Final = Verdict.DROP
@@ -77,65 +72,12 @@ MAX_DROP_REASONS: Final = 64
 #: Seconds between two scans of the table for the connections holding the most buffered bytes, when the
 #: total buffer bound is exceeded (Engine._free_largest): a scan visits every connection.
 LARGEST_SCAN_INTERVAL: Final = 0.1
-#: The severities `flow.alert` takes, and the number each has in the alert record: Suricata's scale, on
-#: which 1 is the most severe, so that tools reading EVE alerts rank ours with theirs.
-SEVERITIES: Final = {"high": 1, "medium": 2, "low": 3, "info": 4}
-#: Alerts of one rule call kept until the call returns (to record what the rule then did to the
-#: connection); past it they are written at once, saying the action taken so far.
-MAX_PENDING_ALERTS: Final = 64
 
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
 _SYN_SENT: Final = State.SYN_SENT
 _NEGOTIATED: Final = Signing.NEGOTIATED
 _UP_SIGNS: Final = Signing.UP_SIGNS
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters an operator reads to see what the engine did and what it refused."""
-
-    accepted: int = 0
-    alerts: int = 0  # alerts the rules raised (`flow.alert`)
-    bad_checksum: int = 0
-    # Bytes of the packets handed in, and of those answered at once with ACCEPT or DROP (a held packet's
-    # fate comes later, in a Release, which the adapter side counts: the engine does not keep sizes).
-    bytes: int = 0
-    bytes_accepted: int = 0
-    bytes_dropped: int = 0
-    connections: int = 0
-    dropped: int = 0
-    evicted: int = 0
-    fragments: int = 0
-    held: int = 0
-    invalid: int = 0
-    limit_hits: int = 0
-    malformed: int = 0
-    midstream: int = 0
-    non_tcp: int = 0
-    ooo_dropped: int = 0
-    packets: int = 0
-    refused: int = 0
-    resets_sent: int = 0
-    rewritten: int = 0
-    rst_injections: int = 0
-    rule_errors: int = 0
-    skipped_gaps: int = 0
-    timeouts: int = 0
-    unexpected_signatures: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        # fields(), not __slots__: compiled by mypyc, Stats is a native class without __slots__.
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-class _Done:
-    """Returned by a streamed listener's greenlet when the listener finished (normally or not)."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException | None) -> None:
-        self.error = error
 
 
 class Engine:
@@ -148,46 +90,98 @@ class Engine:
         sink: EventSink | None = None,
     ) -> None:
         self.settings = settings or EngineSettings()
-        self.rules = rules or RuleSet()
-        self.sink = sink
         self.table = ConnTable()
         self.stats = Stats()
+        # The rules and how they are called (plain, streamed, their alerts): tcpguard.core.dispatch.
+        self.dispatch = RuleDispatch(rules or RuleSet(), self.stats)
+        self._sink = sink
+        self.dispatch.sink = sink
         self.now = 0.0
-        self.held_packets = 0
-        self.buffered = 0  # bytes in all stream buffers, updated as connections change
+        # Bytes buffered and packets held by all streams, which report to it (tcpguard.core.stream).
+        self.ledger = Ledger()
         # Packets answered DROP at once, by reason (the reason up to its first colon): `stats.dropped`
         # says how many, this says why, for an operator asking why a connection stalls.
         self.drops: dict[str, int] = {}
         self._last_largest_scan = -math.inf  # engine time of the last scan for the largest buffers
         self._out: Output | None = None  # releases/sends gathered while handling one input
-        self.alert_hook: Callable[[dict[str, Any]], None] | None = None
-        # Unix time for the alerts' timestamps. None: the engine's own time is Unix time (a replayed
-        # capture's packet times); the daemon's engine runs on the monotonic clock and sets time.time.
-        self.wall_clock: Callable[[], float] | None = None
-        # The worker's queue, so that an alert's connection id is the `QUEUE:FLOW` the control commands
-        # take; None offline, where the id is the flow number alone.
-        self.queue: int | None = None
-        # Alerts raised in the rule call running now, written when it returns (see _alert).
-        self._pending_alerts: list[tuple[Connection, dict[str, Any], str]] = []
-        self._read_settings()
-        # For a rule-time watchdog outside the core: the rule running now (None between calls) and a
-        # counter of calls, so the watchdog can tell one long call from many short ones.
-        self.in_rule: Rule | None = None
-        self.rule_calls = 0
-        # Whether log lines may quote payload (rule exception messages); the daemon sets it from config.
-        self.log_payload = False
         self._evicted_unlogged = 0
-        # One bound method shared by every connection (`flow.alert` calls it): a bound method made per
-        # connection would cost 64 bytes on each one.
-        self._alert_sink = self._alert
-        self._lookback = _lookbacks(self.rules)
+        self._read_settings()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes in all stream buffers (in order and out of order)."""
+        return self.ledger.buffered
+
+    @property
+    def held_packets(self) -> int:
+        """Packets held (out of order, or behind a rule's mark), waiting in the kernel's queue."""
+        return self.ledger.held
+
+    # ================================================================ what the dispatch owns
+    # The daemon and the offline tools configure these on the engine; they live in the dispatch.
+    @property
+    def rules(self) -> RuleSet:
+        return self.dispatch.rules
+
+    @property
+    def sink(self) -> EventSink | None:
+        """Receives every event as a dict (replay's `--events`, the golden tests); None: none built."""
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink: EventSink | None) -> None:
+        self._sink = sink
+        self.dispatch.sink = sink
+
+    @property
+    def in_rule(self) -> Rule | None:
+        """The rule running now, for a watchdog in another thread (tcpguard.app.budget)."""
+        return self.dispatch.in_rule
+
+    @property
+    def rule_calls(self) -> int:
+        return self.dispatch.rule_calls
+
+    @property
+    def alert_hook(self) -> Callable[[dict[str, Any]], None] | None:
+        """Receives each alert record (the daemon's alerts file)."""
+        return self.dispatch.alert_hook
+
+    @alert_hook.setter
+    def alert_hook(self, hook: Callable[[dict[str, Any]], None] | None) -> None:
+        self.dispatch.alert_hook = hook
+
+    @property
+    def wall_clock(self) -> Callable[[], float] | None:
+        """Unix time for the alerts' timestamps; None: the engine's own time is Unix time (replay)."""
+        return self.dispatch.wall_clock
+
+    @wall_clock.setter
+    def wall_clock(self, clock: Callable[[], float] | None) -> None:
+        self.dispatch.wall_clock = clock
+
+    @property
+    def queue(self) -> int | None:
+        """The worker's queue, which alert ids carry (`QUEUE:FLOW`); None offline."""
+        return self.dispatch.queue
+
+    @queue.setter
+    def queue(self, queue: int | None) -> None:
+        self.dispatch.queue = queue
+
+    @property
+    def log_payload(self) -> bool:
+        return self.dispatch.log_payload
+
+    @log_payload.setter
+    def log_payload(self, on: bool) -> None:
+        self.dispatch.log_payload = on
 
     # ================================================================ public entry points
     def replace_rules(self, rules: RuleSet) -> None:
         """Swap the rule set (reload). Tracked connections keep running; streamed listeners already
         running keep their old code until their connection ends."""
-        self.rules = rules
-        self._lookback = _lookbacks(rules)
+        self.dispatch.replace(rules)
 
     def replace_settings(self, settings: EngineSettings) -> None:
         """Swap limits, timeouts and policies (reload). They apply from the next packet on; a connection's
@@ -214,6 +208,7 @@ class Engine:
         self._max_held_packets: int = lim.max_held_packets
         self._max_stream_buffer: int = lim.max_stream_buffer
         self._max_total_buffer: int = lim.max_total_buffer
+        self.dispatch.rule_error_policy = pol.rule_error
 
     def handle_packet(self, raw: bytes, now: float, token: object = None) -> Decision:
         """Judge one raw IP packet. `token` identifies it if the engine holds it."""
@@ -383,7 +378,7 @@ class Engine:
         # One line per eviction would let a SYN flood flood the log: evictions are counted and summed up
         # in one warning per timer tick (handle_timer).
         log.debug(
-            "connection table full: evicting %s", victim.describe(), extra=_fields(victim, VERDICT="evict")
+            "connection table full: evicting %s", victim.describe(), extra=log_fields(victim, VERDICT="evict")
         )
         self._evicted_unlogged += 1
         self._finish(victim, "evicted")
@@ -415,7 +410,7 @@ class Engine:
         state = opening_state(flags, midstream)
         conn = Connection(self.table.new_id(), client, cport, server, sport, self.now, up, down, state)
         conn.midstream = midstream
-        conn._alert = self._alert_sink
+        conn._alert = self.dispatch.alert_sink
         if flags & SYN and not flags & ACK:
             wscale = pkt.options().wscale
             conn.wscale_client = wscale if wscale is not None else -1
@@ -437,12 +432,7 @@ class Engine:
                     "midstream": midstream,
                 }
             )
-        for r in self.rules.new_connection:
-            if r.ports is not None and sport not in r.ports:
-                continue
-            self._call(conn, r, conn, pkt)
-            if conn.action:
-                break
+        self.dispatch.new_connection(conn, pkt)
         if conn.action:
             return self._block_now(conn, "rule at new_connection")
         if midstream:
@@ -562,9 +552,8 @@ class Engine:
                 # first and the RST after it, in one ordered release; otherwise the receiver would get
                 # the RST ahead of the data it expects and answer it with a challenge ACK.
                 off = s.offset(pkt.seq)
-                s.held = [*s.held, Held(off, off, token, packet, False)]
-                self.held_packets += 1
-                s.hold_from = -1
+                s.hold(Held(off, off, token, packet, False), self.ledger)
+                s.unmark()
             if check == RstCheck.CLOSE:
                 closed = transition(state, d, Event.RST)
                 assert isinstance(closed, State)  # every state has an RST row or none (no change)
@@ -607,11 +596,9 @@ class Engine:
                 return Decision(DROP, flow_id=conn.id, reason="acknowledges data never forwarded")
             wscale = conn.wscale_client if d == UP else conn.wscale_server
             o.ack(ack_off, pkt.window << (wscale if wscale > 0 else 0))
-            lookback = self._lookback[1 - d]
+            lookback = self.dispatch.lookback[1 - d]
             if len(o.buf) > 2 * lookback:
-                before = len(o.buf)
-                o.trim(lookback)
-                self.buffered -= before - len(o.buf)
+                o.trim(self.ledger, lookback)
         fin = bool(flags & FIN)
         fin_before = s.fin_off
         dec: Decision
@@ -760,15 +747,26 @@ class Engine:
         # The bounds are checked before the bytes are taken (see Bounds in tcpguard.core.stream): the
         # stream takes nothing that would put it over `max_stream_buffer` or the total over
         # `max_total_buffer`.
-        room = min(self._max_stream_buffer - before, self._max_total_buffer - self.buffered)
+        ledger = self.ledger
+        room = min(self._max_stream_buffer - before, self._max_total_buffer - ledger.buffered)
+        may_hold = ledger.held < self._max_held_packets
         status, fix, new_start, reason, held = s.receive(
-            off, payload, fin, token, self._hold_ooo, self._max_ooo_bytes, self._max_ooo_segments, room
+            off,
+            payload,
+            fin,
+            token,
+            self._hold_ooo,
+            self._max_ooo_bytes,
+            self._max_ooo_segments,
+            room,
+            ledger,
+            may_hold,
         )
         if status == SEG_LIMIT:
             need = new_start
             if before + need <= self._max_stream_buffer and self._free_largest(conn, need):
                 # Only the total was short, and the connections holding more gave way: take it now.
-                room = min(self._max_stream_buffer - before, self._max_total_buffer - self.buffered)
+                room = min(self._max_stream_buffer - before, self._max_total_buffer - ledger.buffered)
                 status, fix, new_start, reason, held = s.receive(
                     off,
                     payload,
@@ -778,6 +776,8 @@ class Engine:
                     self._max_ooo_bytes,
                     self._max_ooo_segments,
                     room,
+                    ledger,
+                    may_hold,
                 )
             if status == SEG_LIMIT:
                 if off > s.next:
@@ -787,10 +787,11 @@ class Engine:
                     self.stats.ooo_dropped += 1
                     return Decision(DROP, flow_id=conn.id, reason="buffer limit (out of order)")
                 return self._limit(conn, s)
-        self.buffered += s.buffered() - before
         if status == SEG_DROP:
             if reason in ("out of order", "out-of-order buffer full"):
                 self.stats.ooo_dropped += 1
+            elif reason == "held packet limit":
+                self.stats.limit_hits += 1
             return Decision(DROP, flow_id=conn.id, reason=reason)
         if cut:
             # Cut to nothing (and no FIN), the segment keeps its old sequence number: the receiver finds
@@ -806,22 +807,14 @@ class Engine:
             packet = forge.rewrite(pkt, fix, clear_urg=urg) if fix is not None or urg else None
         if status == SEG_HOLD:
             assert held is not None
-            if self.held_packets >= self._max_held_packets:
-                # Undo the hold and drop: the sender retransmits once the gap fills.
-                assert isinstance(s.ooo, list)
-                s.ooo.remove(held)
-                self.buffered -= held.end - held.start
-                self.stats.limit_hits += 1
-                return Decision(DROP, flow_id=conn.id, reason="held packet limit")
-            self.held_packets += 1
             held.packet = packet
             return Decision(HOLD, flow_id=conn.id, reason="out of order")
         if new_start >= 0:
-            self._dispatch_data(conn, s, d, new_start)
+            self.dispatch.receive_data(conn, s, d, new_start)
             if isinstance(conn._store, dict):
                 pack_store(conn)  # a one-entry store costs 64 bytes between packets instead of 184
         if s.eof and not was_eof:
-            self._resume_readers(conn, d)
+            self.dispatch.stream_ended(conn, d)
         # Out-of-order segments that became contiguous leave with this packet, after the rules ran: the
         # reassembler appended them to `s.held`, from `held` on.
         pulled = len(s.held) - s.held.index(held) if held is not None else 0
@@ -829,13 +822,10 @@ class Engine:
             return self._block_now(conn, "rule")
         end = off + len(payload)
         if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
-            if self.held_packets >= self._max_held_packets:
+            if ledger.held >= self._max_held_packets:
                 # A rule wants to hold more than the kernel queue may keep: the limit policy decides.
                 return self._limit(conn, s)
-            held_list = list(s.held)
-            held_list.insert(len(held_list) - pulled, Held(off, end, token, packet, fin))
-            s.held = held_list
-            self.held_packets += 1
+            s.hold(Held(off, end, token, packet, fin), ledger, pulled)
             self._after_rules(conn)
             return Decision(HOLD, flow_id=conn.id, reason="held by rule")
         s.forwarded(end, fin)
@@ -863,7 +853,7 @@ class Engine:
             conn.describe(),
             buffered,
             pol,
-            extra=_fields(conn, VERDICT=pol),
+            extra=log_fields(conn, VERDICT=pol),
         )
         self._emit({"event": "limit", "flow": conn.id, "buffered": buffered, "policy": pol})
         if pol == "accept":
@@ -902,154 +892,11 @@ class Engine:
         larger.sort(reverse=True)
         bound = self._max_total_buffer - need
         for held, _, c in larger:
-            if self.buffered <= bound:
+            if self.ledger.buffered <= bound:
                 break
             if not self._limit_policy(c, held, "total buffer bound reached, freeing the buffer of"):
                 self._apply_block(c, "limit")
-        return self.buffered <= bound
-
-    # ================================================================ rules
-    def _call(self, conn: Connection, r: Rule, *args: Any) -> None:
-        try:
-            self.rule_calls += 1
-            self.in_rule = r
-            r.func(*args)
-        except (Exception, RuleTimeout, SystemExit, KeyboardInterrupt) as e:
-            # sys.exit() or an argparse error inside a rule is that rule's bug, not a request to stop.
-            self.in_rule = None
-            self._rule_error(conn, r, e)
-        finally:
-            self.in_rule = None
-            if self._pending_alerts:
-                self._flush_alerts()
-
-    def _rule_error(self, conn: Connection, r: Rule, e: BaseException) -> None:
-        self.stats.rule_errors += 1
-        where = _rule_frame(e, r)
-        if self.log_payload:
-            log.error(
-                "rule %s raised on %s at %s: %s: %s",
-                r.name,
-                conn.describe(),
-                where,
-                type(e).__name__,
-                e,
-                exc_info=(type(e), e, e.__traceback__),
-                extra=_fields(conn, RULE=r.name, VERDICT=self.settings.policies.rule_error),
-            )
-        else:
-            # An exception's message often quotes the data it choked on (int(b'...'), KeyError(...)):
-            # without log_payload only its type and where it happened are logged.
-            log.error(
-                "rule %s raised on %s at %s: %s",
-                r.name,
-                conn.describe(),
-                where,
-                type(e).__name__,
-                extra=_fields(conn, RULE=r.name, VERDICT=self.settings.policies.rule_error),
-            )
-        self._emit(
-            {"event": "rule_error", "flow": conn.id, "rule": r.name, "error": f"{type(e).__name__}: {e}"}
-        )
-        pol = self.settings.policies.rule_error
-        if pol == "drop":
-            conn.action = max(conn.action, Action.DROP)
-        elif pol == "reset":
-            conn.action = Action.RESET
-
-    def _dispatch_data(self, conn: Connection, s: HalfStream, d: int, start: int) -> None:
-        dname = DIRECTION_NAMES[d]
-        if self.sink is not None:
-            self._emit(
-                {
-                    "event": "receive_data",
-                    "flow": conn.id,
-                    "direction": dname,
-                    "offset": start,
-                    "length": s.next - start,
-                }
-            )
-        sport = conn.sport
-        for r in self.rules.receive_data:
-            if r.direction is not None and r.direction != dname:
-                continue
-            if r.ports is not None and sport not in r.ports:
-                continue
-            self._call(conn, r, conn, s, Cursor(s, start, blocking=False), dname)
-            if conn.action:
-                return
-        streamed = self.rules.streamed
-        if not streamed:
-            return
-        # Live listeners are in `conn._greenlets` (made on first use, dropped when empty); finished ones
-        # are only a bit in `conn._gdone`, so a connection whose listeners all returned keeps no dict.
-        for i, r in enumerate(streamed):
-            if r.direction is not None and r.direction != dname:
-                continue
-            if r.ports is not None and sport not in r.ports:
-                continue
-            if conn._gdone >> (2 * i + d) & 1:
-                continue  # this listener already finished on this direction
-            gls = conn._greenlets
-            g = gls.get((d, i)) if gls is not None else None
-            if g is None:
-                cur = Cursor(s, start, blocking=True)
-                s.readers = [*s.readers, cur]
-                g = greenlet.greenlet(_streamed_runner(r, conn, s, cur, dname))
-                if gls is None:
-                    gls = conn._greenlets = {}
-                gls[(d, i)] = g
-            self._switch(conn, r, g, d, i)
-            if conn.action:
-                return
-
-    def _switch(self, conn: Connection, r: Rule, g: Any, d: int, i: int) -> None:
-        """Resume a streamed listener until it blocks for more bytes or finishes."""
-        self.rule_calls += 1
-        self.in_rule = r
-        try:
-            result = g.switch()
-        finally:
-            self.in_rule = None
-        if isinstance(result, _Done):
-            conn._gdone |= 1 << (2 * i + d)
-            gls = conn._greenlets
-            if gls is not None:
-                gls.pop((d, i), None)
-                if not gls:
-                    conn._greenlets = None
-            if result.error is not None:
-                self._rule_error(conn, r, result.error)
-        if self._pending_alerts:
-            self._flush_alerts()
-
-    def _resume_readers(self, conn: Connection, d: int) -> None:
-        """The stream of direction `d` ended: let its streamed listeners see the end and finish."""
-        gls = conn._greenlets
-        if not gls:
-            return
-        streamed = self.rules.streamed
-        for (gd, i), g in list(gls.items()):
-            if gd == d and i < len(streamed):
-                self._switch(conn, streamed[i], g, gd, i)
-
-    def _end_readers(self, conn: Connection, kill: bool) -> None:
-        """Finish every streamed listener: at end of stream (`kill=False`) or by GreenletExit."""
-        if conn._greenlets is None and not conn._gdone:
-            return  # no streamed listener ever started on this connection
-        if not kill:
-            conn.up.eof = conn.down.eof = True
-            self._resume_readers(conn, UP)
-            self._resume_readers(conn, DOWN)
-        gls = conn._greenlets
-        if gls is not None:
-            for (d, i), g in gls.items():
-                if not g.dead:
-                    g.throw(greenlet.GreenletExit)
-                conn._gdone |= 1 << (2 * i + d)
-            conn._greenlets = None
-        conn.up.readers = ()
-        conn.down.readers = ()
+        return self.ledger.buffered <= bound
 
     def _after_rules(self, conn: Connection) -> None:
         """Apply `flow.send()` requests and marks the rules lifted: held in-order packets leave."""
@@ -1058,12 +905,12 @@ class Engine:
         send = conn._send
         up = conn.up
         if send & (1 << UP):
-            up.hold_from = -1
+            up.unmark()
         if up.held and up.hold_from < 0:
             self._release_held(up, ACCEPT)
         down = conn.down
         if send & (1 << DOWN):
-            down.hold_from = -1
+            down.unmark()
         if down.held and down.hold_from < 0:
             self._release_held(down, ACCEPT)
         conn._send = 0
@@ -1085,12 +932,9 @@ class Engine:
         if not s.held:
             return
         out = self._output()
-        for h in s.held:
-            out.releases.append(Release(h.token, verdict, h.packet if verdict == ACCEPT else None))
-            if verdict == ACCEPT:
-                s.forwarded(h.end, h.fin)
-        self.held_packets -= len(s.held)
-        s.held = ()
+        accept = verdict == ACCEPT
+        for h in s.release(accept, self.ledger):
+            out.releases.append(Release(h.token, verdict, h.packet if accept else None))
 
     def _skip_unseen(self, conn: Connection, o: HalfStream, ack_off: int) -> bool:
         """On a connection picked up mid-stream, an ACK beyond everything seen moves the peer's stream there.
@@ -1115,8 +959,7 @@ class Engine:
         if ack_off - o.next > 65535 << 14:
             return False  # beyond the largest window TCP can advertise: no sender can have sent it
         self._drop_ooo(o)
-        self.buffered -= len(o.buf)
-        o.skip_to(ack_off)
+        o.skip_to(ack_off, self.ledger)
         self.stats.skipped_gaps += 1
         return True
 
@@ -1125,11 +968,8 @@ class Engine:
         if not s.ooo:
             return
         out = self._output()
-        for h in s.ooo:
+        for h in s.drop_ooo(self.ledger):
             out.releases.append(Release(h.token, DROP))
-        self.held_packets -= len(s.ooo)
-        self.buffered -= s.ooo_bytes
-        s.ooo = ()
 
     def _block_now(self, conn: Connection, why: str) -> Decision:
         """A rule (or a limit) blocked the connection while handling this packet."""
@@ -1143,7 +983,7 @@ class Engine:
             conn.describe(),
             Action.NAMES[act],
             why,
-            extra=_fields(conn, VERDICT=Action.NAMES[act]),
+            extra=log_fields(conn, VERDICT=Action.NAMES[act]),
         )
         if act >= Action.HALFRESET:
             self._forge_resets(conn, both=act == Action.RESET)
@@ -1198,17 +1038,13 @@ class Engine:
         in-order packets released (dropped if the connection is blocked), out-of-order ones dropped."""
         blocked = conn.action != Action.NONE
         for s in (conn.up, conn.down):
-            s.hold_from = -1
+            s.unmark()
             self._release_held(s, DROP if blocked else ACCEPT)
             self._drop_ooo(s)
         if conn.ended:
             return
         conn.end_reason = reason  # non-empty: `conn.ended` is true from here on
-        self._end_readers(conn, kill=blocked)
-        sport = conn.sport
-        for r in self.rules.end_connection:
-            if r.ports is None or sport in r.ports:
-                self._call(conn, r, conn)
+        self.dispatch.end_connection(conn, blocked)
         if self.sink is not None:
             self._emit(
                 {
@@ -1219,10 +1055,8 @@ class Engine:
                     "bytes": [conn.bytes_up, conn.bytes_down],
                 }
             )
-        self.buffered -= len(conn.up.buf) + len(conn.down.buf)
-        conn.up.buf = conn.down.buf = EMPTY
-        conn.up.buf_start = conn.up.next
-        conn.down.buf_start = conn.down.next
+        conn.up.clear(self.ledger)
+        conn.down.clear(self.ledger)
         if conn.state not in FINISHED:
             # Keep the entry for a while so late packets of a blocked connection are still dropped.
             ended = transition(conn.state, UP, Event.ABORT)
@@ -1233,87 +1067,6 @@ class Engine:
         if self.sink is not None:
             event.setdefault("time", self.now)
             self.sink(event)
-
-    def _alert(
-        self, conn: Connection, description: str, severity: str, direction: str | None, fields: dict[str, Any]
-    ) -> None:
-        """Build the alert record, the one place its shape is decided: Suricata's EVE alert, which
-        operators' log pipelines already parse, plus a `tcpguard` object with what EVE has no key for.
-        docs/observability.md describes every field. Nothing of the payload is added here.
-
-        Rules alert first and act after (`flow.alert(...)` then `flow.reset()`), so an alert raised
-        inside a rule call is written when the call returns, with the action the connection then has
-        (`_flush_alerts`); the timestamp is the moment of the alert.
-        """
-        level = SEVERITIES.get(severity)
-        if level is None:
-            raise ValueError(f"alert severity {severity!r}: expected one of {', '.join(SEVERITIES)}")
-        if direction is not None and direction not in DIRECTION_NAMES:
-            raise ValueError(f"alert direction {direction!r}: expected 'up', 'down' or None")
-        when = self.wall_clock() if self.wall_clock is not None else self.now
-        client, server = (str(conn.srcip), conn.cport), (str(conn.dstip), conn.sport)
-        # EVE's addresses are the sender's and the receiver's of the alert's direction; an alert about
-        # the connection as a whole (no direction) reads client to server.
-        src, dest = (server, client) if direction == "down" else (client, server)
-        r = self.in_rule
-        mine: dict[str, Any] = {
-            "id": f"{self.queue}:{conn.id}" if self.queue is not None else str(conn.id),
-            "rule": r.name if r is not None else None,
-            "severity": severity,
-            "action": None,  # set when written
-        }
-        if fields:
-            mine["fields"] = fields
-        record: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f%z"),
-            "flow_id": conn.id,
-            "event_type": "alert",
-            "src_ip": src[0],
-            "src_port": src[1],
-            "dest_ip": dest[0],
-            "dest_port": dest[1],
-            "proto": "TCP",
-            "direction": "to_client" if direction == "down" else "to_server",
-            "alert": {"action": None, "signature": description, "severity": level},
-            "tcpguard": mine,
-        }
-        if r is None or len(self._pending_alerts) >= MAX_PENDING_ALERTS:
-            self._write_alert(conn, record, direction or "")
-        else:
-            self._pending_alerts.append((conn, record, direction or ""))
-
-    def _flush_alerts(self) -> None:
-        pending = self._pending_alerts
-        self._pending_alerts = []
-        for conn, record, direction in pending:
-            self._write_alert(conn, record, direction)
-
-    def _write_alert(self, conn: Connection, record: dict[str, Any], direction: str) -> None:
-        action = conn.action
-        record["alert"]["action"] = "blocked" if action >= Action.DROP else "allowed"
-        mine = record["tcpguard"]
-        mine["action"] = Action.NAMES[action]
-        self.stats.alerts += 1
-        log.warning(
-            "alert [%s] %s: %s (rule %s, action %s)",
-            mine["severity"],
-            conn.describe(),
-            record["alert"]["signature"],
-            mine["rule"],
-            mine["action"],
-            extra=_fields(
-                conn,
-                SEVERITY=mine["severity"],
-                DIRECTION=direction,
-                RULE=mine["rule"] or "",
-                ACTION=mine["action"],
-            ),
-        )
-        if self.alert_hook is not None:
-            self.alert_hook(record)
-        if self.sink is not None:
-            self._emit({"event": "alert", "flow": conn.id, **record})
-
 
 def _route(p: bytes) -> bytes:
     """A TCP/IP packet's version, addresses and ports as one key; b"" when it is not plain TCP (IPv6
@@ -1339,64 +1092,3 @@ def _same_route(raw: bytes, send: list[bytes]) -> int:
             if _route(p) == key:
                 return i
     return -1
-
-
-def _lookbacks(rules: RuleSet) -> tuple[int, int]:
-    """The look-back tail each direction's stream keeps, by direction index (see HalfStream.trim).
-
-    The tail is for plain `receive_data` listeners (a pattern split across segments); a direction none
-    of them reads keeps none, so an idle connection holds no bytes of it once they are acknowledged (a
-    request/response connection's response: some 300 bytes). Safe for the receiver: first-copy checks
-    only ever compare unacknowledged bytes, which stay; a retransmission of bytes already acknowledged
-    is then cut (`_data`) rather than compared and forwarded, and the receiver has those bytes anyway.
-    Streamed readers and marks pin their bytes by themselves. A direction's tail is the largest look-back
-    its plain listeners declared (`@rule(lookback=N)`, default `LOOKBACK`): one that keeps its own state
-    declares 0 and so does not make every idle connection hold the last bytes of its request.
-    """
-    out = [0, 0]
-    for r in rules.receive_data:
-        for d, name in enumerate(DIRECTION_NAMES):
-            if r.direction is None or r.direction == name:
-                out[d] = max(out[d], r.lookback)
-    return out[0], out[1]
-
-
-def _rule_frame(e: BaseException, r: Rule) -> str:
-    """`file:line` of the innermost frame of the exception inside the rule's own module."""
-    import traceback
-
-    mod_file = getattr(getattr(r.func, "__code__", None), "co_filename", None)
-    where = "?"
-    for frame in traceback.extract_tb(e.__traceback__):
-        if frame.filename == mod_file:
-            where = f"{frame.filename}:{frame.lineno}"
-    return where
-
-
-def _fields(conn: Connection, **more: str) -> dict[str, str]:
-    """Structured log fields (journald field names: upper case) naming the flow."""
-    return {
-        "TCPGUARD_FLOW": conn.describe(),
-        "TCPGUARD_FLOW_ID": str(conn.id),
-        **{f"TCPGUARD_{k}": v for k, v in more.items()},
-    }
-
-
-def _streamed_runner(
-    r: Rule, conn: Connection, s: HalfStream, cur: Cursor, dname: str
-) -> Callable[[], _Done]:
-    def run() -> _Done:
-        try:
-            r.func(conn, s, cur, dname)
-        except greenlet.GreenletExit:
-            raise
-        except (Exception, RuleTimeout, SystemExit, KeyboardInterrupt) as e:
-            return _Done(e)
-        finally:
-            if cur in s.readers:
-                # The shared empty tuple, not an empty list, once the last reader is gone: 56 bytes less
-                # on every connection whose listener returned.
-                s.readers = [r for r in s.readers if r is not cur] or ()
-        return _Done(None)
-
-    return run

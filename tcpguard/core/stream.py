@@ -40,18 +40,34 @@ Data on SYN, data on RST and the urgent pointer are normalised by the engine bef
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from tcpguard.core.seq import HALF, MASK, MOD
-
-if TYPE_CHECKING:
-    from tcpguard.core.cursor import Cursor
 
 LOOKBACK: Final = 256
 # The buffer of a stream that retains nothing. Shared: an idle connection would otherwise carry two empty
 # bytearrays (56 bytes each); a stream gets its own bytearray when bytes arrive and drops it when a trim
 # leaves nothing to retain.
 EMPTY: Final = b""
+
+
+class Reader(Protocol):
+    """A streamed reader (`tcpguard.core.cursor.Cursor`): its position pins the bytes it may still read.
+    A protocol, so that the stream needs nothing of the cursor: the cursor uses the stream, not back."""
+
+    pos: int
+
+
+class Ledger:
+    """What all the streams of one engine hold: bytes buffered and packets held. The streams report
+    every change to it as they make it (the methods below that take a `ledger`), so the totals the bounds
+    are checked against are right by construction; the engine only reads them."""
+
+    __slots__ = ("buffered", "held")
+
+    def __init__(self) -> None:
+        self.buffered = 0  # bytes in stream buffers, in order and out of order
+        self.held = 0  # packets held (out of order, or behind a mark), waiting in the kernel queue
 
 
 class Held:
@@ -125,7 +141,7 @@ class HalfStream:
         self.hold_from = -1  # offset of a rule's mark, -1 if none
         self.fin_off = -1  # offset of the FIN, -1 until seen in order
         self.eof = False  # all bytes up to the FIN were delivered
-        self.readers: list[Cursor] | tuple[()] = ()  # streamed readers; their positions pin retained bytes
+        self.readers: list[Reader] | tuple[()] = ()  # streamed readers; their positions pin retained bytes
         # The client's stream while its SYN waits: the sequence number of the RST the client owes a server
         # ACK of an older connection on these ports (Engine._older_connection_ack); -1: none. Here rather
         # than on the Connection, where one slot more costs 16 bytes per connection; this object's size
@@ -163,6 +179,56 @@ class HalfStream:
         e = min(end, self.next) - self.buf_start
         return bytes(self.buf[s:e]) if e > s else b""
 
+    def find(self, pattern: bytes, lo: int, hi: int = -1) -> int:
+        """The offset of the first `pattern` starting at or after `lo` and ending by `hi` (default: the
+        end of what arrived), among the retained bytes; -1 if none."""
+        start = self.buf_start
+        i = self.buf.find(pattern, max(lo, start) - start, (self.next if hi < 0 else hi) - start)
+        return i + start if i >= 0 else -1
+
+    # -- holding, for rules (through their cursor) and the engine ---------------------------------------
+    def mark(self, pos: int) -> None:
+        """Hold every packet carrying bytes from `pos` on, until `unmark()` (or `flow.send()`)."""
+        self.hold_from = pos
+
+    def unmark(self) -> None:
+        """Lift the mark: the held packets leave once the rules of this event have run."""
+        self.hold_from = -1
+
+    def hold(self, record: Held, ledger: Ledger, before_last: int = 0) -> None:
+        """Hold an in-order packet (behind a mark, or an RST after held data), in arrival order: before
+        the last `before_last` records, which are out-of-order packets that this one's bytes made
+        contiguous and that must leave after it."""
+        held = list(self.held)
+        held.insert(len(held) - before_last, record)
+        self.held = held
+        ledger.held += 1
+
+    def release(self, accept: bool, ledger: Ledger) -> list[Held]:
+        """Give up every held in-order packet (the rules saw their bytes), in arrival order: forwarded if
+        `accept`, else to be dropped. The caller verdicts the returned records."""
+        out = list(self.held)
+        if accept:
+            for h in out:
+                self.forwarded(h.end, h.fin)
+        ledger.held -= len(out)
+        self.held = ()
+        return out
+
+    def drop_ooo(self, ledger: Ledger) -> list[Held]:
+        """Give up the out-of-order packets: the rules never saw their bytes, so they must be dropped."""
+        out = list(self.ooo)
+        ledger.held -= len(out)
+        ledger.buffered -= sum(h.end - h.start for h in out)
+        self.ooo = ()
+        return out
+
+    def clear(self, ledger: Ledger) -> None:
+        """Forget every retained byte (the connection ended for the rules)."""
+        ledger.buffered -= len(self.buf)
+        self.buf = EMPTY
+        self.buf_start = self.next
+
     # -- receiving -------------------------------------------------------------------------------------
     def receive(
         self,
@@ -174,9 +240,39 @@ class HalfStream:
         max_ooo_bytes: int,
         max_ooo_segments: int,
         room: int,
+        ledger: Ledger,
+        may_hold: bool = True,
     ) -> SegmentResult:
         """Take one segment's payload at offset `off`. See the module docstring for the rules; `room` is
-        how many bytes the buffers may still grow by (see Bounds there)."""
+        how many bytes the buffers may still grow by (see Bounds there); `may_hold` false refuses an
+        out-of-order segment that would be held (the engine's held-packet bound). What the stream takes
+        is reported to `ledger`."""
+        before = len(self.buf)
+        had_ooo = bool(self.ooo)
+        if had_ooo:
+            before += self.ooo_bytes
+        res = self._receive(
+            off, payload, fin, token, hold_ooo, max_ooo_bytes, max_ooo_segments, room, may_hold
+        )
+        status = res[0]
+        if status in (OK, HOLD):
+            ledger.buffered += (len(self.buf) + self.ooo_bytes if self.ooo else len(self.buf)) - before
+            if status == HOLD:
+                ledger.held += 1
+        return res
+
+    def _receive(
+        self,
+        off: int,
+        payload: bytes,
+        fin: bool,
+        token: object,
+        hold_ooo: bool,
+        max_ooo_bytes: int,
+        max_ooo_segments: int,
+        room: int,
+        may_hold: bool,
+    ) -> SegmentResult:
         n = len(payload)
         end = off + n
         nxt = self.next
@@ -225,6 +321,9 @@ class HalfStream:
             return DROP, None, -1, "out-of-order buffer full", None
         if n > room:
             return LIMIT, None, n, "buffer limit", None
+        if not may_hold:
+            # The sender retransmits once the gap fills.
+            return DROP, None, -1, "held packet limit", None
         held = Held(off, end, token, None, fin, fixed_payload)
         self._insert_ooo(held)
         return HOLD, (fixed_payload if fixed_payload is not payload else None), -1, "out of order", held
@@ -318,10 +417,15 @@ class HalfStream:
         edge = off + window
         self.wnd_end = max(self.wnd_end, edge)
 
-    def trim(self, lookback: int = LOOKBACK) -> None:
+    def trim(self, ledger: Ledger, lookback: int = LOOKBACK) -> None:
         """Forget bytes nobody can need any more (see Retention in the module docstring). The engine
         passes the largest look-back the direction's plain listeners declared, 0 if none reads it
-        (`engine._lookbacks`)."""
+        (`dispatch.lookbacks`)."""
+        before = len(self.buf)
+        self._trim(lookback)
+        ledger.buffered -= before - len(self.buf)
+
+    def _trim(self, lookback: int) -> None:
         keep = min(self.acked, self.next)
         for r in self.readers:
             keep = min(keep, r.pos)
@@ -345,12 +449,13 @@ class HalfStream:
     def buffered(self) -> int:
         return len(self.buf) + self.ooo_bytes if self.ooo else len(self.buf)
 
-    def skip_to(self, off: int) -> None:
+    def skip_to(self, off: int, ledger: Ledger) -> None:
         """Continue the stream at `off`, beyond `next`: the receiver already has the bytes in between.
 
         Only for a connection picked up mid-stream (see `Engine._skip_unseen`). Retained bytes go (they
         are all below `off`), readers move to `off`; out-of-order segments must have been dropped first.
         """
+        ledger.buffered -= len(self.buf)
         self.next = self.sent = self.buf_start = self.acked = off
         self.buf = EMPTY
         for r in self.readers:

@@ -1475,8 +1475,8 @@ def test_the_largest_declared_look_back_of_a_direction_wins() -> None:
     large, _ = _find_listener(40)
     other, _ = _find_listener(100, direction="down")
     engine = Engine(rules=RuleSet([*small.rules, *large.rules, *other.rules]))
-    assert engine._lookback == (40, 100)
-    assert Engine(rules=RuleSet(_find_listener(None)[0].rules))._lookback == (256, 0)  # the default
+    assert engine.dispatch.lookback == (40, 100)
+    assert Engine(rules=RuleSet(_find_listener(None)[0].rules)).dispatch.lookback == (256, 0)  # the default
 
 
 def test_a_pattern_across_an_idle_look_back_tail_is_found_with_just_enough_look_back() -> None:
