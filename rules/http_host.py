@@ -25,8 +25,8 @@ coroutine per connection); the answer for each Host value seen before is kept in
 costs one dictionary lookup per request. Figures: docs/BENCHMARKS.md, round 7.
 
 To adapt: edit `BLOCKED_HOSTS` and `HTTP_PORTS`; call `flow.reset()` instead of `flow.halfreset()` to
-refuse the client at once too; to act on something else than the host, keep the listener as it is and
-change `check_host`.
+refuse the client at once too; for another policy on hosts (an allow-list, a per-host alert), change
+`check_host`, which the reader calls with every host it meets. The listener itself needs no change.
 """
 
 import sys

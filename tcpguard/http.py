@@ -14,6 +14,43 @@ carry several) and the authority of an absolute-form target (`GET http://host/ H
 proxies). `host_of` turns either into a host name and `under_domains` checks it against a set of
 domains.
 
+The shape of a listener that uses it (`rules/http_host.py` in full, with a cache of answers):
+
+```python
+def check(flow, value):                      # on_host: True stops the reader
+    name = host_of(value).decode("ascii", "replace")
+    if under_domains(name, BLOCKED):
+        flow.alert(f"blocked host {name}", severity="medium", direction="up")
+        flow.halfreset()
+        return True
+    return False
+
+@rule(on=tcp_connection.events.receive_data, direction="up", lookback=0, ports={80})
+def hosts(flow, stream, current, direction):
+    reader = flow.store.get("http")
+    if reader is not None and reader.stopped():
+        return
+    offset, data = current.pos, current.read()
+    start = 0
+    if reader is None:                       # between requests: the fast path first
+        start = read_simple_heads(data, check, flow)
+        if start == len(data):
+            return                           # whole plain requests: nothing to keep
+        reader = RequestReader()
+        if start < 0:
+            reader.stop()
+    if not reader.stopped():
+        try:
+            reader.feed(data, offset, flow.midstream, check, flow, start)
+        except RequestError as e:            # framing it cannot follow: fail closed
+            flow.alert(str(e), severity="medium", direction="up")
+            flow.halfreset()
+    if reader.idle():
+        flow.store.pop("http", None)
+    else:
+        flow.store["http"] = reader
+```
+
 Bounds. A line split over several runs is completed from them, and at most `MAX_LINE` bytes of it are
 kept; a request line or header line longer than that raises `RequestError`, as does a `Content-Length`
 that is not a plain decimal number, a chunk size that is not plain hex, and a line that is not an

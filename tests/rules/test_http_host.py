@@ -10,6 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tcpguard import http
+from tcpguard.core.rules import RuleSet, collecting
 from tcpguard.core.settings import EngineSettings
 from tcpguard.http import MAX_LINE, RequestReader
 from tests.http_strategies import TOKENS, request_heads
@@ -347,3 +348,30 @@ def test_the_simple_path_reads_common_requests_and_leaves_the_rest(monkeypatch: 
     pb.client("PA", typical[10:])  # the rest of a split request: the general path's, which holds it
     assert len(seen) == 3
     assert flow(pb).store == {"host": "ok.example"}
+
+
+def test_the_usage_example_of_tcpguard_http_is_a_working_rule() -> None:
+    """The listener shown in tcpguard.http's docstring (and so in docs/rules.md) runs as written and does
+    what the sample does on the cases that matter: a blocked host, keep-alive bodies, broken framing."""
+    doc = http.__doc__ or ""
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    header = (
+        "from tcpguard import rule, tcp_connection\n"
+        "from tcpguard.http import RequestError, RequestReader, host_of, read_simple_heads, under_domains\n"
+        "BLOCKED = {'blocked.example'}\n"
+    )
+    with collecting() as found:
+        exec(compile(header + code, "tcpguard.http example", "exec"), {"__name__": "example"})
+    rules = RuleSet(list(found))
+    pb = playbook(rules, sport=80)
+    pb.handshake()
+    body = b"Host: blocked.example\r\n\r\n"
+    post = b"POST / HTTP/1.1\r\nHost: ok.example\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    assert send_pieces(pb, [post[:30], post[30:], b"GET / HTTP/1.1\r\nHost: ok\r\n\r\n"]) == [ACCEPT] * 3
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: www.Blocked.Example\r\n\r\n").verdict == DROP
+    assert alerts(pb) == ["blocked host www.blocked.example"]
+    assert actions(pb) == ["halfreset"]
+    pb = playbook(rules, sport=80)
+    pb.handshake()
+    assert pb.client("PA", b"POST / HTTP/1.1\r\nHost: ok\r\nContent-Length: +5\r\n\r\n").verdict == DROP
+    assert alerts(pb) == ["HTTP framing broken: Content-Length"]
