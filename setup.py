@@ -44,6 +44,8 @@ MYPYC_MODULES = [
     "tcpguard/core/conntrack.py",
     "tcpguard/core/engine.py",
     "tcpguard/core/dispatch.py",
+    "tcpguard/core/tracker.py",
+    "tcpguard/core/limits.py",
     "tcpguard/core/stats.py",
     "tcpguard/core/cursor.py",
     "tcpguard/core/decision.py",

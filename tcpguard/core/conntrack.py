@@ -129,7 +129,7 @@ class Connection:
         # TCP-MD5/AO signing: a `tcpguard.core.state.Signing` value, kept as a plain int (native and small).
         self._auth = 0
         # The TSvals of the client's first and latest SYN (first << 32 | last), -1 if its SYN had no
-        # timestamp: the RST and SYN-ACK checks of the handshake need them (engine._syn_timestamp). One
+        # timestamp: the RST and SYN-ACK checks of the handshake need them (tracker.syn_timestamp). One
         # int rather than two slots: each slot is 8 bytes on every tracked connection.
         self._syn_ts = -1
 

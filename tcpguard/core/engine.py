@@ -14,29 +14,28 @@ never saw); the urgent flag and pointer are cleared (a receiver would otherwise 
 of the stream the application reads); conflicting retransmissions are rewritten to the first copy.
 Segments the receiver discards are dropped before they touch any state: no ACK flag after the handshake,
 ACKs of data never forwarded, and a TCP-MD5/AO option on a connection that did not negotiate one
-(`_check_signature`).
+(`tracker.signing`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any, Final
 
-from tcpguard.core import forge
+from tcpguard.core import forge, tracker
 from tcpguard.core.conntrack import Action, Connection, ConnTable, flow_key
 from tcpguard.core.decision import Decision, Output, Release, Verdict
 from tcpguard.core.dispatch import EventSink, RuleDispatch, log_fields
 from tcpguard.core.errors import DecodeError
 from tcpguard.core.flowstore import pack_store
+from tcpguard.core.limits import Limits
 from tcpguard.core.packet import ACK, FIN, RST, SYN, URG, Packet, checksums_ok, decode
 from tcpguard.core.rules import Rule, RuleSet
 from tcpguard.core.settings import EngineSettings
 from tcpguard.core.state import (
     DOWN,
     FINISHED,
-    REFUSE,
     TIMEOUT_OF,
     UP,
     Event,
@@ -44,10 +43,8 @@ from tcpguard.core.state import (
     Sig,
     Signing,
     State,
-    check_rst,
     classify,
     opening_state,
-    sig_event,
     signing_step,
     transition,
 )
@@ -69,9 +66,6 @@ HOLD: Final = Verdict.HOLD
 #: from a fixed set (the text after a colon, which may vary, is not part of the key), so this only guards
 #: the bound against a future reason with variable text before its colon.
 MAX_DROP_REASONS: Final = 64
-#: Seconds between two scans of the table for the connections holding the most buffered bytes, when the
-#: total buffer bound is exceeded (Engine._free_largest): a scan visits every connection.
-LARGEST_SCAN_INTERVAL: Final = 0.1
 
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
@@ -99,10 +93,10 @@ class Engine:
         self.now = 0.0
         # Bytes buffered and packets held by all streams, which report to it (tcpguard.core.stream).
         self.ledger = Ledger()
+        self.limits = Limits(self.ledger)
         # Packets answered DROP at once, by reason (the reason up to its first colon): `stats.dropped`
         # says how many, this says why, for an operator asking why a connection stalls.
         self.drops: dict[str, int] = {}
-        self._last_largest_scan = -math.inf  # engine time of the last scan for the largest buffers
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self._evicted_unlogged = 0
         self._read_settings()
@@ -205,9 +199,8 @@ class Engine:
         self._hold_ooo: bool = pol.out_of_order == "hold"
         self._max_ooo_bytes: int = lim.max_ooo_bytes
         self._max_ooo_segments: int = lim.max_ooo_segments
-        self._max_held_packets: int = lim.max_held_packets
-        self._max_stream_buffer: int = lim.max_stream_buffer
-        self._max_total_buffer: int = lim.max_total_buffer
+        self.limits.configure(lim.max_stream_buffer, lim.max_total_buffer, lim.max_held_packets)
+        self._refuse_unexpected_signature: bool = pol.unexpected_signature != "accept"
         self.dispatch.rule_error_policy = pol.rule_error
 
     def handle_packet(self, raw: bytes, now: float, token: object = None) -> Decision:
@@ -241,8 +234,8 @@ class Engine:
             stats.held += 1
         if dec.packet is not None:
             stats.rewritten += 1
-        if self.sink is not None:
-            self.sink(
+        if self._sink is not None:
+            self._sink(
                 {
                     "event": "verdict",
                     "time": now,
@@ -414,13 +407,13 @@ class Engine:
         if flags & SYN and not flags & ACK:
             wscale = pkt.options().wscale
             conn.wscale_client = wscale if wscale is not None else -1
-            self._syn_timestamp(conn, pkt)
+            tracker.syn_timestamp(conn, pkt)
             if pkt.tcp_hlen > 20 and pkt.signed():
                 conn._auth = Signing.OFFERED
         conn.expires = self.now + self._timeout[state]
         self.table.add(conn)
         self.stats.connections += 1
-        if self.sink is not None:  # built only for a sink: two ipaddress objects cost ~2 us per connection
+        if self._sink is not None:  # built only for a sink: two ipaddress objects cost ~2 us per connection
             self._emit(
                 {
                     "event": "new_connection",
@@ -452,9 +445,9 @@ class Engine:
         # Only segments with options pay for the signature check, and only a byte scan unless it hits.
         auth = conn._auth
         if pkt.tcp_hlen > 20 and auth != _NEGOTIATED and pkt.signed():
-            refused = self._check_signature(conn, pkt, d, fresh)
-            if refused is not None:
-                return refused
+            if not tracker.signing(conn, pkt, d, fresh) and self._refuse_unexpected_signature:
+                self.stats.unexpected_signatures += 1
+                return Decision(DROP, flow_id=conn.id, reason="unexpected TCP-MD5/AO option")
         elif auth >= _UP_SIGNS:  # tentative: an unsigned segment from the other side settles it
             conn._auth = signing_step(auth, Sig.UNSIGNED + d)
         flags = pkt.flags
@@ -479,45 +472,16 @@ class Engine:
 
         # ---- SYN and SYN-ACK
         if flags & SYN:
-            if flags & RST or flags & FIN:
-                self.stats.invalid += 1
-                return Decision(DROP, flow_id=conn.id, reason="invalid flag combination")
-            ev = classify(flags, False, False)
-            assert ev is not None  # a SYN is always an event
-            nxt = transition(state, d, ev)
+            nxt, why = tracker.judge_syn(conn, pkt, d, s, o)
             if nxt is StateAction.REOPEN:
                 self._finish(conn, "reopened")
                 self.table.remove(conn)
                 return self._open(pkt, token)
-            if not isinstance(nxt, State) or pkt.seq != (s.isn if s.isn >= 0 else pkt.seq):  # INVALID
+            if why:
                 self.stats.invalid += 1
-                return Decision(DROP, flow_id=conn.id, reason=f"SYN invalid in {state.name}")
-            if ev == Event.SYNACK:
-                if o.isn >= 0 and pkt.ack != (o.isn + 1) & 0xFFFFFFFF:
-                    self.stats.invalid += 1
-                    return Decision(DROP, flow_id=conn.id, reason="SYN-ACK acknowledges the wrong ISN")
-                if state is _SYN_SENT and not self._echo_fits(conn, pkt):
-                    # The client's SYN-SENT discards it (Linux: PAWSActiveRejected) and answers with an
-                    # RST; taking it would fix the wrong server ISN and refuse the real SYN-ACK.
-                    self.stats.invalid += 1
-                    return Decision(DROP, flow_id=conn.id, reason="SYN-ACK echoes a timestamp never sent")
-            s.isn = pkt.seq
-            if d == DOWN:
-                wscale = pkt.options().wscale
-                if wscale is None or conn.wscale_client < 0:
-                    # Scaling is on only when both SYNs offered it (RFC 7323).
-                    conn.wscale_client = conn.wscale_server = 0
-                else:
-                    conn.wscale_server = wscale
-                if not conn.midstream:
-                    conn.up.wscale = conn.wscale_server
-                    conn.down.wscale = conn.wscale_client
-            elif ev == Event.SYN:
-                self._syn_timestamp(conn, pkt)  # a retransmitted SYN: the client's clock moved on
-            if not conn.midstream and (d == DOWN or ev == Event.SYNACK):
-                # The window in any segment with SYN is never scaled. A bare SYN from the server (a
-                # simultaneous open or a split handshake) carries its window as a SYN-ACK does.
-                o.ack(0, pkt.window)
+                return Decision(DROP, flow_id=conn.id, reason=why)
+            assert isinstance(nxt, State)
+            tracker.take_syn(conn, pkt, d, s, o)
             self._set_state(conn, nxt)
             if pkt.payload or flags & URG:
                 return self._accept(conn, pkt, b"", "syn data stripped")
@@ -525,23 +489,7 @@ class Engine:
 
         # ---- RST
         if flags & RST:
-            if state == State.SYN_SENT:
-                ack_ok = bool(flags & ACK) and pkt.ack == (o.isn + 1) & 0xFFFFFFFF
-                # The client's answer to an older connection's ACK (_older_connection_ack).
-                owed = d == UP and pkt.seq == s.owed_rst and not flags & (ACK | URG) and not pkt.payload
-                ts_ok = d == UP or self._echo_fits(conn, pkt)
-                check = check_rst(state, 0, 0, 0, ack_ok, owed=owed, ts_ok=ts_ok)
-            else:
-                wnd = s.wnd_end - s.next if s.wnd_end >= 0 else 65535
-                fin_acked = 0 <= s.fin_off < s.acked
-                ack_ok = ts_ok = True
-                if state is State.SYN_RECV and d == UP and not conn.midstream:
-                    # The server's half-open connection: a listening Linux server hands an RST whose ACK
-                    # is not its ISS+1 to the listener, which discards it, and applies PAWS to it against
-                    # the SYN's timestamp (tcp_check_req).
-                    ack_ok = not flags & ACK or pkt.ack == (o.isn + 1) & 0xFFFFFFFF
-                    ts_ok = self._tsval_not_older(conn, pkt)
-                check = check_rst(state, s.offset(pkt.seq), s.next, wnd, ack_ok, fin_acked, ts_ok=ts_ok)
+            check = tracker.judge_rst(conn, pkt, d, s, o)
             if check == RstCheck.DROP:
                 self.stats.rst_injections += 1
                 return Decision(DROP, flow_id=conn.id, reason="RST outside the window")
@@ -575,17 +523,14 @@ class Engine:
         # Fast path: in ESTABLISHED a segment without FIN is never invalid and changes no state.
         steady = state is _ESTABLISHED and not flags & FIN
         if not steady:
-            pre = transition(state, d, Event.FIN if flags & FIN else Event.ACK)
+            pre, why = tracker.judge_segment(conn, pkt, d, o, fresh)
             if pre is StateAction.OLDER_CONNECTION:
-                return self._older_connection_ack(conn, pkt)
-            if pre is StateAction.INVALID and not fresh:
+                why = tracker.older_connection_ack(conn, pkt)
+                if not why:
+                    return Decision(ACCEPT, flow_id=conn.id, reason="ACK of an older connection")
+            if why:
                 self.stats.invalid += 1
-                return Decision(DROP, flow_id=conn.id, reason=f"segment invalid in {state.name}")
-            if state is State.CLIENT_SYNACK and d == DOWN and o.offset(pkt.ack) < 0:
-                # The server's ACK that would end a simultaneous open or split handshake must acknowledge
-                # the client's SYN, or the client (in SYN-RECEIVED) does not take it.
-                self.stats.invalid += 1
-                return Decision(DROP, flow_id=conn.id, reason="ACK does not acknowledge the SYN")
+                return Decision(DROP, flow_id=conn.id, reason=why)
         if flags & ACK and o.isn >= 0:
             ack_off = o.offset(pkt.ack)
             if ack_off > o.sent and self._verify_acks and not self._skip_unseen(conn, o, ack_off):
@@ -633,99 +578,6 @@ class Engine:
                     self._finish(conn, "fin")
         return dec
 
-    def _older_connection_ack(self, conn: Connection, pkt: Packet) -> Decision:
-        """A segment from the server while the client's SYN waits for its SYN-ACK, neither SYN, RST nor
-        FIN (state.py: `OLDER_CONNECTION`). Forwarded if it is a bare ACK of an older connection.
-
-        A server that still holds an older connection on these ports (in TIME_WAIT, or half-open after a
-        crash) answers a new SYN with an ACK of that connection (RFC 9293 3.5, figures 9-11; Linux does
-        so for a SYN that TIME_WAIT does not accept). The client in SYN-SENT answers an ACK that does not
-        acknowledge its SYN with an RST whose sequence number is that ACK's acknowledgment number, and
-        keeps waiting; the RST clears the server's old state and the client's next SYN connects. A router
-        forwards both. Dropping the ACK would leave the client retransmitting its SYN into the old state
-        until it times out (a minute for TIME_WAIT): the gateway forwards it, remembers its number for the
-        client's RST, and changes nothing else. It carries no data the client could take: one with data or
-        URG, without ACK, or that does acknowledge the SYN without being a SYN-ACK, is dropped."""
-        o = conn.up
-        if pkt.payload or pkt.flags & (ACK | URG) != ACK or pkt.ack == (o.isn + 1) & 0xFFFFFFFF:
-            self.stats.invalid += 1
-            return Decision(DROP, flow_id=conn.id, reason="segment invalid in SYN_SENT")
-        o.owed_rst = pkt.ack
-        return Decision(ACCEPT, flow_id=conn.id, reason="ACK of an older connection")
-
-    @staticmethod
-    def _syn_timestamp(conn: Connection, pkt: Packet) -> None:
-        """Note the TSval of a client SYN (the first one and the latest, as `_syn_ts`: first << 32 | last).
-
-        Linux's SYN-SENT takes an RST/ACK or a SYN-ACK whose timestamp echo is non-zero only if the echo
-        lies between the time it first sent the SYN and now (tcp_rcv_synsent_state_process: the
-        PAWSActiveRejected check); a peer echoes the TSval of a SYN it received, so the SYNs the gateway
-        forwarded bound every echo the client takes from an honest peer. The options of a SYN were
-        validated by `decode`.
-        """
-        tsv = pkt.options().ts_val
-        if tsv is None:
-            return
-        ts = conn._syn_ts
-        if ts < 0:
-            conn._syn_ts = tsv << 32 | tsv
-            return
-        first, last = ts >> 32, ts & 0xFFFFFFFF
-        if (tsv - first) & 0xFFFFFFFF > (last - first) & 0xFFFFFFFF:
-            conn._syn_ts = first << 32 | tsv
-
-    @staticmethod
-    def _echo_fits(conn: Connection, pkt: Packet) -> bool:
-        """Whether the client in SYN-SENT accepts this segment's timestamp echo (see `_syn_timestamp`).
-
-        No option, or an echo of 0 (Linux checks only a non-zero one): it fits. An echo when the client's
-        SYN carried no timestamp cannot be one the client sent: it does not fit. A malformed option block
-        does not fit either: the gateway cannot tell what the client parses, and dropping an RST or SYN-ACK
-        that no correct peer sends is the side that cannot desynchronise the two."""
-        if pkt.tcp_hlen <= 20:
-            return True
-        try:
-            ecr = pkt.options().ts_ecr
-        except DecodeError:
-            return False
-        if not ecr:
-            return True
-        ts = conn._syn_ts
-        if ts < 0:
-            return False
-        first, last = ts >> 32, ts & 0xFFFFFFFF
-        return (ecr - first) & 0xFFFFFFFF <= (last - first) & 0xFFFFFFFF
-
-    @staticmethod
-    def _tsval_not_older(conn: Connection, pkt: Packet) -> bool:
-        """PAWS as a Linux server's half-open connection applies it to the client's RST: a TSval older
-        than the latest SYN's is refused (tcp_check_req, tcp_paws_reject). A SYN whose TSval was 0 turns
-        the check off (tcp_paws_check)."""
-        ts = conn._syn_ts
-        if ts < 0 or pkt.tcp_hlen <= 20 or not ts & 0xFFFFFFFF:
-            return True
-        try:
-            tsv = pkt.options().ts_val
-        except DecodeError:
-            return False
-        return tsv is None or (tsv - (ts & 0xFFFFFFFF)) & 0xFFFFFFFF < 0x80000000
-
-    def _check_signature(self, conn: Connection, pkt: Packet, d: int, fresh: bool) -> Decision | None:
-        """A segment with a TCP-MD5/AO option: the drop, or None to handle it as usual. What the segment
-        does to the connection's signing is the `SIGNING` table's (tcpguard.core.state); a segment the
-        table refuses is one its receiver discards (no key for its peer), dropped unless the
-        `unexpected_signature` policy passes it. No correct sender signs a connection that did not
-        negotiate signing, so dropping costs nothing."""
-        ev = sig_event(pkt.flags, True, d, fresh, conn.state is _SYN_SENT)
-        nxt = signing_step(conn._auth, ev)
-        if nxt != REFUSE:
-            conn._auth = nxt
-            return None
-        if self.settings.policies.unexpected_signature == "accept":
-            return None
-        self.stats.unexpected_signatures += 1
-        return Decision(DROP, flow_id=conn.id, reason="unexpected TCP-MD5/AO option")
-
     def _data(self, conn: Connection, pkt: Packet, s: HalfStream, d: int, token: object) -> Decision:
         """Run the payload (and FIN) through the reassembler and the rules; decide this packet."""
         off = s.offset(pkt.seq)
@@ -748,8 +600,9 @@ class Engine:
         # stream takes nothing that would put it over `max_stream_buffer` or the total over
         # `max_total_buffer`.
         ledger = self.ledger
-        room = min(self._max_stream_buffer - before, self._max_total_buffer - ledger.buffered)
-        may_hold = ledger.held < self._max_held_packets
+        limits = self.limits
+        room = limits.room(before)
+        may_hold = limits.may_hold()
         status, fix, new_start, reason, held = s.receive(
             off,
             payload,
@@ -764,9 +617,9 @@ class Engine:
         )
         if status == SEG_LIMIT:
             need = new_start
-            if before + need <= self._max_stream_buffer and self._free_largest(conn, need):
+            if before + need <= limits.max_stream_buffer and self._free_largest(conn, need):
                 # Only the total was short, and the connections holding more gave way: take it now.
-                room = min(self._max_stream_buffer - before, self._max_total_buffer - ledger.buffered)
+                room = limits.room(before)
                 status, fix, new_start, reason, held = s.receive(
                     off,
                     payload,
@@ -822,7 +675,7 @@ class Engine:
             return self._block_now(conn, "rule")
         end = off + len(payload)
         if s.hold_from >= 0 and end > s.hold_from and not (conn._send >> d) & 1:
-            if ledger.held >= self._max_held_packets:
+            if not self.limits.may_hold():
                 # A rule wants to hold more than the kernel queue may keep: the limit policy decides.
                 return self._limit(conn, s)
             s.hold(Held(off, end, token, packet, fin), ledger, pulled)
@@ -868,35 +721,17 @@ class Engine:
         return False
 
     def _free_largest(self, conn: Connection, need: int) -> bool:
-        """`conn` needs `need` bytes more than the total buffer bound leaves. The limit policy goes to the
-        connections that hold the most, largest first, as long as they hold more than `conn` and the
-        bytes do not fit: one that never sees its data acknowledged must not make every other
-        connection meet the policy in turn. True if that made room for them (then `conn` goes on as
-        usual).
-
-        Finding them scans the table, so it is done at most every `LARGEST_SCAN_INTERVAL` seconds of
-        engine time (a clock that stepped back, as a merged capture's can, allows a scan at once);
-        in between, and when `conn` holds the most, `conn` meets the policy itself (as every
-        connection did before this choice existed). A heuristic, not a guarantee: many connections
-        each holding a little less than a real transfer get that transfer chosen first."""
-        since = self.now - self._last_largest_scan
-        if 0 <= since < LARGEST_SCAN_INTERVAL:
-            return False
-        self._last_largest_scan = self.now
-        mine = conn.up.buffered() + conn.down.buffered() + need  # what it would hold with the bytes
-        larger: list[tuple[int, int, Connection]] = []
-        for c in self.table:
-            held = c.up.buffered() + c.down.buffered()
-            if held > mine:
-                larger.append((held, c.id, c))
-        larger.sort(reverse=True)
-        bound = self._max_total_buffer - need
-        for held, _, c in larger:
-            if self.ledger.buffered <= bound:
+        """`conn` needs `need` bytes more than the total buffer bound leaves: the limit policy goes to the
+        connections that hold more (largest first, `Limits.give_way`) until the bytes fit. True if they
+        do (then `conn` goes on as usual)."""
+        limits = self.limits
+        for c in limits.give_way(self.table, conn, need, self.now):
+            if limits.fits(need):
                 break
+            held = c.up.buffered() + c.down.buffered()
             if not self._limit_policy(c, held, "total buffer bound reached, freeing the buffer of"):
                 self._apply_block(c, "limit")
-        return self.ledger.buffered <= bound
+        return limits.fits(need)
 
     def _after_rules(self, conn: Connection) -> None:
         """Apply `flow.send()` requests and marks the rules lifted: held in-order packets leave."""
@@ -1045,7 +880,7 @@ class Engine:
             return
         conn.end_reason = reason  # non-empty: `conn.ended` is true from here on
         self.dispatch.end_connection(conn, blocked)
-        if self.sink is not None:
+        if self._sink is not None:
             self._emit(
                 {
                     "event": "end_connection",
@@ -1064,9 +899,9 @@ class Engine:
             self._set_state(conn, ended)
 
     def _emit(self, event: dict[str, Any]) -> None:
-        if self.sink is not None:
+        if self._sink is not None:
             event.setdefault("time", self.now)
-            self.sink(event)
+            self._sink(event)
 
 def _route(p: bytes) -> bytes:
     """A TCP/IP packet's version, addresses and ports as one key; b"" when it is not plain TCP (IPv6

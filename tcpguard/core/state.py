@@ -27,7 +27,7 @@ A missing table entry means "no change"; `INVALID` entries are segments that no 
 in that state and the engine drops them. `REOPEN` means a SYN reuses the addresses and ports of a
 finished connection: the tracker ends the old connection and starts a new one. `OLDER_CONNECTION` is the
 server's ACK of a connection it still holds on these ports, in answer to a new SYN: it passes without a
-transition when it is a bare ACK that does not acknowledge the SYN (`Engine._older_connection_ack`), and
+transition when it is a bare ACK that does not acknowledge the SYN (`tracker.older_connection_ack`), and
 so does the client's RST answering it (`check_rst`).
 
 Simultaneous open and the split handshake (RFC 793 section 3.4, RFC 9293 3.5 figure 7): a SYN-SENT stack

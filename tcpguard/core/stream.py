@@ -143,7 +143,7 @@ class HalfStream:
         self.eof = False  # all bytes up to the FIN were delivered
         self.readers: list[Reader] | tuple[()] = ()  # streamed readers; their positions pin retained bytes
         # The client's stream while its SYN waits: the sequence number of the RST the client owes a server
-        # ACK of an older connection on these ports (Engine._older_connection_ack); -1: none. Here rather
+        # ACK of an older connection on these ports (tracker.older_connection_ack); -1: none. Here rather
         # than on the Connection, where one slot more costs 16 bytes per connection; this object's size
         # class has room for it.
         self.owed_rst = -1

@@ -392,7 +392,7 @@ def test_insertion_of_a_segment_the_server_drops(rig: Rig, how: str) -> None:
     "insertion",
     [
         # Fixed: segments with a TCP-MD5/AO option on a connection that did not negotiate one are dropped
-        # like the server drops them (engine.py _check_signature, policies.unexpected_signature), so the
+        # like the server drops them (tracker.py signing, policies.unexpected_signature), so the
         # cover never reaches the rules and the forged ACK then acknowledges data never forwarded.
         "md5-option",
         # Fixed: ACKs of data never forwarded are dropped (engine.py, policies.verify_acks), and bytes

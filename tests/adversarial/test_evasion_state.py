@@ -62,7 +62,7 @@ def test_idle_connection_is_still_inspected_across_the_pause(rig: Rig) -> None:
             lambda c: c.send("RA", SPLIT, options=[(19, b"\x00" * 16)]),
             {},
             # Fixed: an exact RST the server discards (an unexpected MD5 option) used to end the
-            # connection at the gateway; it is dropped now (engine.py _check_signature).
+            # connection at the gateway; it is dropped now (tracker.py signing).
             id="rst-exact-md5",
         ),
         pytest.param(lambda c: c.send("RA", SPLIT + 10), {}, id="rst-in-window"),
