@@ -1,9 +1,9 @@
-"""The integration tests' namespace network: a re-export of `tcpguard.app.labnet`, which `tcpguard lab`
+"""The integration tests' namespace network: a re-export of `tcpguard.devtools.labnet`, which `tcpguard lab`
 uses too (see that module for how the network is built and torn down)."""
 
 from __future__ import annotations
 
-from tcpguard.app.labnet import (
+from tcpguard.devtools.labnet import (
     CLIENT_V4,
     CLIENT_V6,
     GW_CLIENT_V4,

@@ -241,7 +241,7 @@ def test_build_context_holds_what_compiles_the_core(tmp_path: Path) -> None:
 
 def test_build_context_leaves_out_local_state() -> None:
     rules = _ignore_rules(IGNORE)
-    local = [".venv/bin/python", ".git/HEAD", "build/lib/x.py", "tests/app/test_lab.py",
+    local = [".venv/bin/python", ".git/HEAD", "build/lib/x.py", "tests/devtools/test_lab.py",
              "tcpguard/core/engine.cpython-311-x86_64-linux-gnu.so", "tcpguard/core/_compiled_sources.json",
              "tcpguard/app/__pycache__/cli.cpython-311.pyc"]  # fmt: skip
     for path in local:

@@ -25,7 +25,7 @@ What comes from where:
   name without one is an error.
 * The sample rules section is each `rules/*.py` module's docstring.
 * The configuration table is read from `etc/tcpguard.yaml`: each key, its default and the comment above
-  it; every key of the config schema (`tcpguard.app.config.schema_keys()`) must be in that file.
+  it; every key of the config schema (`tcpguard.app.daemon.config.schema_keys()`) must be in that file.
 
 The prose around the generated parts is in `GUIDE` below.
 """
@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 import tcpguard  # noqa: E402
 import tcpguard.http  # noqa: E402
-from tcpguard.app.config import schema_keys  # noqa: E402
-from tcpguard.app.ruleload import rule_files  # noqa: E402
+from tcpguard.app.daemon.config import schema_keys  # noqa: E402
+from tcpguard.app.daemon.ruleload import rule_files  # noqa: E402
 from tcpguard.core.errors import RuleLoadError, RuleTimeout  # noqa: E402
 
 
@@ -454,7 +454,7 @@ def render_rules_md() -> str:
         "midstream_doc": policies.get("midstream", ""),
         "timeout_doc": docstring(RuleTimeout),
         "loaderror_doc": docstring(RuleLoadError),
-        "loader_doc": docstring(sys.modules["tcpguard.app.ruleload"]),
+        "loader_doc": docstring(sys.modules["tcpguard.app.daemon.ruleload"]),
         "samples": samples_section(),
     }
     for key in ("rule_error_doc", "limit_doc", "midstream_doc", "budget_doc"):

@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python tools/live_decompose.py [--duration 6] [--rounds 2] [--kinds rr,bulk]
 
-On the benchmark's namespace network (tcpguard.app.bench: same topology, load generator, rules copy and
+On the benchmark's namespace network (tcpguard.devtools.bench: same topology, load generator, rules copy and
 CPU accounting), the gateway runs in turn:
 
   nfq-bare    the bench's bare NetfilterQueue loop (one verdict per packet)
@@ -10,7 +10,7 @@ CPU accounting), the gateway runs in turn:
   engine      the adapter with Engine.handle_packet, no rules
   worker      the adapter with the daemon's Worker around the engine, no rules
   hollow-1    `tcpguard run`, one worker, with a copy of the rules whose listeners' bodies are `pass`
-              (bench.hollow_rules): the engine and the dispatch to those listeners, none of their work
+              (network.hollow_rules): the engine and the dispatch to those listeners, none of their work
   tcpguard-1  `tcpguard run` with the sample rules, one worker (the bench's path)
 
 Rounds are interleaved (every variant once, then again) because this virtual machine's speed drifts by
@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tcpguard.app import bench  # noqa: E402
+from tcpguard.devtools.bench import command, load, measurement, network  # noqa: E402
 
 STANDINS = ("adapter", "engine", "worker")
 HOLLOW = "hollow-1"
@@ -65,13 +65,13 @@ def standin(mode: str, ready: str) -> int:
     elif mode == "engine":
         handler = Engine(None, RuleSet([]))
     else:
-        from tcpguard.app.config import Config
-        from tcpguard.app.daemon import Worker
+        from tcpguard.app.daemon.config import Config
+        from tcpguard.app.daemon.worker import Worker
 
         cfg = Config()
         cfg.engine.limits.rule_time_budget = 0  # no watchdog thread: nothing to watch without rules
-        handler = Worker(cfg, Path("/nonexistent.yaml"), RuleSet([]), bench.QUEUE)
-    adapter = NfqueueAdapter(handler, queue_num=bench.QUEUE, max_len=4096)
+        handler = Worker(cfg, Path("/nonexistent.yaml"), RuleSet([]), network.QUEUE)
+    adapter = NfqueueAdapter(handler, queue_num=network.QUEUE, max_len=4096)
     signal.signal(signal.SIGTERM, lambda *_: adapter.stop())
     adapter.open()
     Path(ready).write_text("ok")
@@ -79,7 +79,7 @@ def standin(mode: str, ready: str) -> int:
     return 0
 
 
-class StandInPath(bench.GatewayPath):
+class StandInPath(network.GatewayPath):
     """A gateway path whose filter is this tool run with --standin MODE."""
 
     def start(self) -> None:
@@ -99,7 +99,7 @@ def measure(args: argparse.Namespace) -> int:
         rules=args.rules,
         profile=None,
     )
-    st = bench.settings_from(bench_args)
+    st = command.settings_from(bench_args)
     kinds = args.kinds.split(",")
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS] + [k for k in kinds if k not in ("rr", "bulk")]
@@ -116,28 +116,28 @@ def measure(args: argparse.Namespace) -> int:
 
 
 def _rounds(
-    args: argparse.Namespace, st: bench.Settings, work: Path, variants: list[str], kinds: list[str]
-) -> dict[tuple[str, str], list[bench.PhaseResult]]:
+    args: argparse.Namespace, st: network.Settings, work: Path, variants: list[str], kinds: list[str]
+) -> dict[tuple[str, str], list[measurement.PhaseResult]]:
     # The hollow copy is made from the rules as given, not from the bench copy: the bench copy only raises
     # the rate limiter's limits, and an emptied rate limiter refuses nothing anyway.
-    hollow = dataclasses.replace(st, rules=bench.hollow_rules(st.rules, work / "hollow"))
-    st.rules = bench.bench_rules(st.rules, work / "rules")
-    results: dict[tuple[str, str], list[bench.PhaseResult]] = {}
-    with bench.BenchLab() as lab:
-        server = bench.start_load_server(lab, work, nofile=8192)
+    hollow = dataclasses.replace(st, rules=network.hollow_rules(st.rules, work / "hollow"))
+    st.rules = network.bench_rules(st.rules, work / "rules")
+    results: dict[tuple[str, str], list[measurement.PhaseResult]] = {}
+    with network.BenchLab() as lab:
+        server = load.start_load_server(lab, work, nofile=8192)
         for rnd in range(args.rounds):
             for v in variants:
-                gp: bench.GatewayPath
+                gp: network.GatewayPath
                 if v in STANDINS:
                     gp = StandInPath(v, lab, work, st)
                 elif v == HOLLOW:
-                    gp = bench.GatewayPath("tcpguard-1-hollow", lab, work, hollow)  # `tcpguard run`, 1 worker
+                    gp = network.GatewayPath("tcpguard-1-hollow", lab, work, hollow)  # `tcpguard run`
                 else:
-                    gp = bench.GatewayPath(v, lab, work, st)
+                    gp = network.GatewayPath(v, lab, work, st)
                 try:
                     gp.start()
                     for kind in kinds:
-                        ph = bench._phase(lab, st, kind, server.pid)
+                        ph = measurement._phase(lab, st, kind, server.pid)
                         results.setdefault((v, kind), []).append(ph)
                         print(
                             f"round {rnd + 1} {v:10s} {kind:4s} {ph.cpu_us_per_packet:6.2f} us/packet "
@@ -148,12 +148,12 @@ def _rounds(
                         )
                 finally:
                     gp.stop()
-        bench.stop_process(server)
+        network.stop_process(server)
     return results
 
 
 def _table(
-    results: dict[tuple[str, str], list[bench.PhaseResult]], variants: list[str], kinds: list[str]
+    results: dict[tuple[str, str], list[measurement.PhaseResult]], variants: list[str], kinds: list[str]
 ) -> None:
     def span(values: list[float], fmt: str) -> str:
         lo, hi = min(values), max(values)

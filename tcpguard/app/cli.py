@@ -7,12 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
+from tcpguard.app.daemon.defaults import DEFAULT_CONFIG
 from tcpguard.core.errors import RuleLoadError
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from tcpguard.app.config import ConfigError, config_warnings, load_config
-    from tcpguard.app.ruleload import DEFAULT_LOAD_BUDGET, load_rules_bounded, rule_files
+    from tcpguard.app.daemon.config import ConfigError, config_warnings, load_config
+    from tcpguard.app.daemon.ruleload import DEFAULT_LOAD_BUDGET, load_rules_bounded, rule_files
 
     rules_dir: Path | None = Path(args.rules) if args.rules else None
     budget = DEFAULT_LOAD_BUDGET
@@ -85,14 +86,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tcpguard.app.daemon import main_run
+    from tcpguard.app.daemon.run import main_run
 
     return main_run(args.config, args.verbose)
 
 
 def cmd_iptables(args: argparse.Namespace) -> int:
-    from tcpguard.app.config import ConfigError, load_config
-    from tcpguard.app.daemon import iptables_spec
+    from tcpguard.app.daemon.config import ConfigError, load_config
+    from tcpguard.app.daemon.run import iptables_spec
     from tcpguard.io.iptables import IptablesError, IptablesManager
 
     try:
@@ -119,17 +120,15 @@ def cmd_iptables(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_CONFIG = "/etc/tcpguard/tcpguard.yaml"
-
 # Modules that add their own subcommands through `add_subparser(sub)`, and the subcommands each adds
 # (tests/app/test_cli.py holds this list to what the modules register). A command line naming one of them
 # imports only its module: importing all four (the benchmark and the lab pull in much of the standard
 # library) took 0.1 s of every `tcpguard trace` or `tcpguard status`.
 PLUGGED_COMMANDS: dict[str, tuple[str, ...]] = {
     "tcpguard.app.offline.trace": ("trace",),
-    "tcpguard.app.lab": ("lab",),
-    "tcpguard.app.control": ("version", "status", "connections", "drop", "reset", "reload"),
-    "tcpguard.app.bench": ("bench",),
+    "tcpguard.devtools.lab": ("lab",),
+    "tcpguard.app.control.client": ("version", "status", "connections", "drop", "reset", "reload"),
+    "tcpguard.devtools.bench.command": ("bench",),
     "tcpguard.app.offline.cost": ("cost",),
 }
 

@@ -1,6 +1,6 @@
 """The real daemon in the lab with a rule that records what it saw and resets on a pattern.
 
-`Guard` extends the daemon tests' `Gateway` (tests/app/test_daemon.py): same start/stop, same real
+`Guard` extends the daemon tests' `Gateway` (tests/app/daemon/test_daemon.py): same start/stop, same real
 server application (tests/app/tcpapps.py SERVER records exactly the bytes the application read), with
 its own rule module and a config built from overrides. The rule module:
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from tests.app.test_daemon import Gateway, wait_for
+from tests.app.daemon.test_daemon import Gateway, wait_for
 from tests.netns import Lab
 
 PATTERN = b"/bin/sh"
@@ -185,7 +185,8 @@ class Guard(Gateway):
 
     def status(self, timeout: float = 10.0) -> dict[str, Any] | None:
         """The daemon's status document over its control socket (None if it does not answer)."""
-        from tcpguard.app.control import ControlClient, ControlError
+        from tcpguard.app.control.client import ControlClient
+        from tcpguard.app.control.protocol import ControlError
 
         try:
             resp = ControlClient(self.tmp / "control.sock", timeout).call({"cmd": "status"})

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tcpguard.app.control import format_status
+from tcpguard.app.control.client import format_status
+from tests.app.daemon.test_daemon import hexs, wait_for
 from tests.app.tcpapps import CLIENT
-from tests.app.test_daemon import hexs, wait_for
 from tests.netns import SERVER_V4
 
 from .conftest import Rig
@@ -348,7 +348,7 @@ def test_queue_overflow_fail_closed(slow_rig: Rig) -> None:
 @pytest.mark.parametrize("slow_rig", [True], indirect=True, ids=["fail-open"])
 def test_queue_overflow_fail_open_is_counted(slow_rig: Rig) -> None:
     # Fixed: the kernel counts only fail-closed drops, so the daemon compares its NFQUEUE rule's packet
-    # counter with the packets that entered the queue (tcpguard.app.metrics.BypassMeter).
+    # counter with the packets that entered the queue (tcpguard.app.daemon.metrics.BypassMeter).
     rig, guard = slow_rig, slow_rig.guard
     guard.start_server(8900, reply=0)
     c, _ = overflow(rig, 8900)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.app.test_daemon import hexs
+from tests.app.daemon.test_daemon import hexs
 from tests.netns import CLIENT_V4, SERVER_V4
 
 from .conftest import Rig

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.test_daemon import hexs, wait_for
+from tests.app.daemon.test_daemon import hexs, wait_for
 
 from .conftest import Rig
 from .harness import PATTERN, iptables_lines
@@ -60,7 +60,7 @@ def test_daemon_refuses_a_config_owned_by_another_user(make_rig: Callable[..., R
 
 
 def test_rule_file_owned_by_another_user_is_refused_even_read_only(tmp_path: Path) -> None:
-    from tcpguard.app.ruleload import load_rules
+    from tcpguard.app.daemon.ruleload import load_rules
     from tcpguard.core.errors import RuleLoadError
 
     rules = tmp_path / "rules"

@@ -15,7 +15,7 @@ import pytest
 
 from tcpguard import rule, tcp_connection
 from tcpguard.core.conntrack import Connection
-from tcpguard.core.engine import SEVERITIES
+from tcpguard.core.dispatch import SEVERITIES
 from tcpguard.core.rules import RuleSet
 from tests.core.playbook import Playbook
 
@@ -177,7 +177,7 @@ def test_a_bad_severity_or_direction_is_the_rules_error(kwargs: dict[str, str], 
 def test_an_alerts_file_that_cannot_be_written_loses_the_line_not_the_packet(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from tcpguard.app.daemon import AlertLog
+    from tcpguard.app.daemon.worker import AlertLog
 
     alerts = AlertLog(Path("/dev/full"))  # every write fails with ENOSPC, as on a full disk
     with caplog.at_level("ERROR", logger="tcpguard.daemon"):

@@ -141,8 +141,8 @@ def _follow_client_streams(capture: Path) -> dict[int, bytes]:
 def test_evasion_capture_never_forwards_the_pattern(tmp_path: Path) -> None:
     """Whatever the segment trick, the stream the server would reassemble from the forwarded packets
     never holds the pattern; where the rule let a connection through, it got the first copies only."""
+    from tcpguard.app.daemon.ruleload import load_rules
     from tcpguard.app.offline.replay import replay
-    from tcpguard.app.ruleload import load_rules
 
     out = tmp_path / "forwarded.pcap"
     replay(ROOT / "samples" / "evasion.pcap", load_rules(ROOT / "rules"), out=out)

@@ -14,8 +14,8 @@ import pytest
 from tcpguard.core.packet import ACK, RST, decode
 from tcpguard.io.dumps import PacketDumps, RotatingPcapWriter
 from tcpguard.io.pcap import LINKTYPE_RAW, Frame, iter_frames
-from tests.app.test_control import ObservedGateway, crafted_syns, normalised
-from tests.app.test_daemon import DROP_PORT, OPEN_PORT, hexs, wait_for
+from tests.app.control.test_control import ObservedGateway, crafted_syns, normalised
+from tests.app.daemon.test_daemon import DROP_PORT, OPEN_PORT, hexs, wait_for
 from tests.netns import SERVER_V4, Lab
 
 
@@ -203,8 +203,8 @@ def test_dumps_rotate_on_a_busy_gateway(lab: Lab, tmp_path: Path) -> None:
 
 
 def test_dump_settings_in_the_config_and_applied_by_a_reload(tmp_path: Path) -> None:
-    from tcpguard.app.config import ConfigError, parse_config
-    from tests.app.test_control import WorkerBook, make_worker
+    from tcpguard.app.daemon.config import ConfigError, parse_config
+    from tests.app.control.test_control import WorkerBook, make_worker
 
     cfg = parse_config("dumps:\n  directory: d\n  dropped: true\n", str(tmp_path / "t.yaml"))
     assert cfg.dumps.directory == tmp_path / "d" and cfg.dumps.dropped and not cfg.dumps.input

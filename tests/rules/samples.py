@@ -8,7 +8,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from tcpguard.app.ruleload import load_module
+from tcpguard.app.daemon.ruleload import load_module
 from tcpguard.core.decision import Verdict
 from tcpguard.core.packet import RST, decode
 from tcpguard.core.rules import RuleSet

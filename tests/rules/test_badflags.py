@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcpguard.app.ruleload import load_rules
+from tcpguard.app.daemon.ruleload import load_rules
 from tcpguard.core.settings import EngineSettings
 
 from .samples import ACCEPT, DROP, RULES, actions, alerts, forged, load, playbook

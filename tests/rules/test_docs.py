@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 
 import tcpguard.http
-from tcpguard.app.config import schema_keys
+from tcpguard.app.daemon.config import schema_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = "run `python tools/gen_rule_docs.py` and commit the result"

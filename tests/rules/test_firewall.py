@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpguard.app.ruleload import load_module
+from tcpguard.app.daemon.ruleload import load_module
 from tcpguard.core.errors import RuleLoadError
 
 from .samples import ACCEPT, DROP, RULES, actions, alerts, forged, load, playbook

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from tcpguard.app.daemon.ruleload import load_rules, rule_files
 from tcpguard.app.offline.replay import replay
-from tcpguard.app.ruleload import load_rules, rule_files
 from tcpguard.core.decision import Decision
 from tcpguard.core.engine import Engine
 from tcpguard.io.pcap import PcapWriter

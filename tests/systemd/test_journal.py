@@ -17,9 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tcpguard.app import logsetup
-from tcpguard.app.config import Config
-from tcpguard.app.logsetup import JournalHandler, encode, journal_fields, setup_logging, stderr_is_journal
+from tcpguard.app.daemon import logsetup
+from tcpguard.app.daemon.config import Config
+from tcpguard.app.daemon.logsetup import (
+    JournalHandler,
+    encode,
+    journal_fields,
+    setup_logging,
+    stderr_is_journal,
+)
 
 
 def decode(data: bytes) -> dict[str, str]:

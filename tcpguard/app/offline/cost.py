@@ -295,8 +295,8 @@ HEADER = (
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
+    from tcpguard.app.daemon.ruleload import load_rules
     from tcpguard.app.offline.inputs import load_settings_and_rules
-    from tcpguard.app.ruleload import load_rules
 
     if args.frames < 1 or args.repeat < 1:
         print("tcpguard cost: --frames and --repeat must be at least 1", file=sys.stderr)

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tcpguard.app.daemon.ruleload import load_rules
 from tcpguard.app.offline.replay import replay
-from tcpguard.app.ruleload import load_rules
 from tcpguard.core.packet import decode, format_addr
 from tcpguard.core.settings import EngineSettings
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tcpguard.app.config import Config, ConfigError, load_config
-from tcpguard.app.ruleload import DEFAULT_LOAD_BUDGET, load_rules_bounded
+from tcpguard.app.daemon.config import Config, ConfigError, load_config
+from tcpguard.app.daemon.ruleload import DEFAULT_LOAD_BUDGET, load_rules_bounded
 from tcpguard.core.errors import RuleLoadError
 from tcpguard.core.rules import RuleSet
 from tcpguard.core.settings import EngineSettings

@@ -15,9 +15,9 @@ What the offline tools (replay, trace, cost) share lives here too:
 * Output files are written under a temporary name beside the target and renamed over it only when the
   run finishes (`Replacing`): a run that fails leaves no half-written file that looks like a result.
 * Rules run under the daemon's per-call time budget (`engine.limits.rule_time_budget`, enforced by
-  `tcpguard.app.budget.RuleBudget`), so a rule that loops costs the budget per call instead of hanging the
-  tool, and rule errors are collected with their exception text (`RuleErrors`) instead of one log line
-  per call without it.
+  `tcpguard.app.daemon.budget.RuleBudget`), so a rule that loops costs the budget per call instead of
+  hanging the tool, and rule errors are collected with their exception text (`RuleErrors`) instead of one
+  log line per call without it.
 * A progress bar over the capture's bytes on a terminal (`progress_bar`).
 """
 
@@ -159,7 +159,7 @@ def rule_budget(engine: Engine, settings: EngineSettings | None) -> Any:
     """The daemon's per-call budget on `engine`, started, or None when it is off (0) or cannot run here
     (its signal needs the main thread: a replay run from another thread goes without it, with a warning).
     Stop it with `.stop()`."""
-    from tcpguard.app.budget import RuleBudget
+    from tcpguard.app.daemon.budget import RuleBudget
 
     seconds = (settings or EngineSettings()).limits.rule_time_budget
     if seconds <= 0:

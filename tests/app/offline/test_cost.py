@@ -17,8 +17,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import wrpcap
 
+from tcpguard.app.daemon.ruleload import load_rules
 from tcpguard.app.offline import cost as rulecost
-from tcpguard.app.ruleload import load_rules
 from tcpguard.core.conntrack import Connection
 from tcpguard.core.cursor import Cursor
 from tcpguard.core.engine import Engine

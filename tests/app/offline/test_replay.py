@@ -13,8 +13,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
+from tcpguard.app.daemon.ruleload import load_rules
 from tcpguard.app.offline.replay import EXIT_DAMAGED, error_text, replay
-from tcpguard.app.ruleload import load_rules
 from tcpguard.core.rules import RuleSet
 from tcpguard.io.pcap import LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapReader, PcapWriter
 

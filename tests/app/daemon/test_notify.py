@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpguard.app.notify import Notifier
+from tcpguard.app.daemon.notify import Notifier
 
 
 def _listener(tmp_path: Path) -> tuple[socket.socket, str]:

@@ -6,7 +6,7 @@ import contextlib
 import time
 from typing import Any
 
-from tcpguard.app.budget import RuleBudget
+from tcpguard.app.daemon.budget import RuleBudget
 from tcpguard.core.decision import Verdict
 from tcpguard.core.rules import RuleSet, rule, tcp_connection
 from tests.core.playbook import Playbook

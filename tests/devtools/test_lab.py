@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tcpguard.app import lab
-from tcpguard.app.labnet import SERVER_V4, Lab
-from tcpguard.app.ruleload import load_rules, rule_files
+from tcpguard.app.daemon.ruleload import load_rules, rule_files
+from tcpguard.devtools import lab
+from tcpguard.devtools.labnet import SERVER_V4, Lab
 from tests.core.playbook import Playbook
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -248,7 +248,7 @@ def test_docker_entrypoint_roles_run_the_same_topology_in_namespaces(lab: Lab, t
 # leaves a process inside the server namespace, says what it made, and keeps it all until its stdin closes.
 LAB_OWNER = """
 import json, sys
-from tcpguard.app.labnet import Lab
+from tcpguard.devtools.labnet import Lab
 with Lab(sys.argv[1]) as lab:
     sleeper = lab.popen("server", ["sleep", "600"])
     print(json.dumps({"id": lab.id, "ns": sorted(lab.ns.values()), "sleeper": sleeper.pid}), flush=True)
@@ -276,7 +276,7 @@ def two_labs() -> Any:
     killed with SIGKILL, which leaves its namespaces and the process inside them behind. Also a namespace
     of the prefix with no lab record (made by hand, or by a version that kept none). Everything is
     removed afterwards, by pid and by name, also when the test fails."""
-    from tcpguard.app import labnet
+    from tcpguard.devtools import labnet
 
     prefix = f"tgc{os.urandom(2).hex()}"
     owners: list[subprocess.Popen[str]] = []
@@ -327,7 +327,7 @@ def _assert_running_lab_intact(running: dict[str, Any], owner: subprocess.Popen[
 
 @pytest.mark.root
 def test_remove_leftovers_keeps_a_running_lab_and_removes_a_killed_one(two_labs: Any) -> None:
-    from tcpguard.app import labnet
+    from tcpguard.devtools import labnet
 
     prefix, running, dead, bare, owner = two_labs
     assert labnet.leftovers(prefix) == sorted([*dead["ns"], bare])
@@ -487,7 +487,7 @@ def test_compose_topology_and_image_agree() -> None:
     r = subprocess.run(["sh", "-n", str(ROOT / "docker" / "entrypoint.sh")], capture_output=True, check=False)
     assert r.returncode == 0, r.stderr
     # The gateway's config is a valid tcpguard config.
-    from tcpguard.app.config import parse_config
+    from tcpguard.app.daemon.config import parse_config
 
     cfg = parse_config((ROOT / "docker" / "tcpguard.yaml").read_text(), "/etc/tcpguard/tcpguard.yaml")
     assert cfg.queue.bypass is False and cfg.iptables.hooks == ["FORWARD"]

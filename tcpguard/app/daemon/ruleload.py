@@ -25,7 +25,7 @@ through `load_rules_bounded`, in two steps:
    Its top-level code therefore runs twice; a module with side effects at import must tolerate that.
 
 `RuleTrial` can also be started and polled without waiting, which is how the daemon's packet loop reloads
-on SIGHUP while it goes on forwarding (see `tcpguard.app.daemon.Worker`).
+on SIGHUP while it goes on forwarding (see `tcpguard.app.daemon.worker.Worker`).
 """
 
 from __future__ import annotations
@@ -232,7 +232,14 @@ class RuleTrial:
         r, w = os.pipe()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "tcpguard.app.ruleload", str(w), str(self.directory), repr(budget)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tcpguard.app.daemon.ruleload",
+                    str(w),
+                    str(self.directory),
+                    repr(budget),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

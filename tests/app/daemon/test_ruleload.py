@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tcpguard.app import ruleload
-from tcpguard.app.ruleload import TRIAL_GRACE, RuleTrial, load_rules, load_rules_bounded
+from tcpguard.app.daemon import ruleload
+from tcpguard.app.daemon.ruleload import TRIAL_GRACE, RuleTrial, load_rules, load_rules_bounded
 from tcpguard.core.errors import RuleLoadError
 from tcpguard.core.rules import EventName
 
@@ -108,7 +108,7 @@ def test_missing_directory(tmp_path: Path) -> None:
 
 
 def test_shipped_sample_rules_load() -> None:
-    rs = load_rules(Path(__file__).resolve().parents[2] / "rules")
+    rs = load_rules(Path(__file__).resolve().parents[3] / "rules")
     assert len(rs) >= 3
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tcpguard.app.daemon import STOP_DEADLINE
+from tcpguard.app.daemon.run import STOP_DEADLINE
 from tests.netns import Lab
 
 from .test_daemon import OPEN_PORT, TCPGUARD, Gateway, hexs, wait_for
@@ -91,9 +91,8 @@ def test_sigterm_ends_the_daemon_whatever_a_rule_is_doing(lab: Lab, tmp_path: Pa
 def _client_argv() -> list[str]:
     import sys
 
+    from tests.app.tcpapps import CLIENT
     from tests.netns import SERVER_V4
-
-    from .tcpapps import CLIENT
 
     return [sys.executable, "-c", CLIENT, SERVER_V4, str(OPEN_PORT)]
 

@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
-from tcpguard.app.labnet import GW_SERVER_IF
+from tcpguard.devtools.labnet import GW_SERVER_IF
+from tests.app.tcpapps import CLIENT, SERVER, SINK, reply_pattern
 from tests.netns import SERVER_V4, SERVER_V6, Lab
-
-from .tcpapps import CLIENT, SERVER, SINK, reply_pattern
 
 pytestmark = pytest.mark.root
 

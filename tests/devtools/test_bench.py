@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tcpguard.app.bench import Report, paths_for
+from tcpguard.devtools.bench.network import paths_for
+from tcpguard.devtools.bench.report import Report
 
 pytestmark = pytest.mark.root
 

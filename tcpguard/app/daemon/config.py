@@ -166,7 +166,7 @@ class Config:
 
     rules_dir: Path = Path("rules")
     # Seconds a whole rule set may take to load (check, start, reload, replay, cost): a module whose top
-    # level runs longer fails to load (tcpguard.app.ruleload), and a running daemon keeps its rules.
+    # level runs longer fails to load (tcpguard.app.daemon.ruleload), and a running daemon keeps its rules.
     rules_load_budget: float = field(default=5.0, metadata={"min": 0.1, "max": 600})
     queue: QueueConfig = field(default_factory=QueueConfig)
     iptables: IptablesConfig = field(default_factory=IptablesConfig)
@@ -220,8 +220,8 @@ def unsafe_permissions(path: Path) -> str | None:
 
     The config names the rules directory, whose modules run with the daemon's privileges (root), so
     whoever can change the file can run code as root: the same rule as for rule files
-    (`tcpguard.app.ruleload`). Refused: a file writable by other users; a file in a directory that other
-    users can write without the sticky bit (they could replace the file); and a file owned by anyone but
+    (`tcpguard.app.daemon.ruleload`). Refused: a file writable by other users; a file in a directory that
+    other users can write without the sticky bit (they could replace the file); and a file owned by anyone but
     root or the user tcpguard runs as, whatever its mode (an owner can always chmod it writable again).
     Group write is the operator's choice and is allowed.
     """

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpguard.app.labnet import GW_SERVER_IF
+from tcpguard.devtools.labnet import GW_SERVER_IF
 from tests.netns import SERVER_V4, Lab
 
 from .test_daemon import TCPGUARD, Gateway, wait_for

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tcpguard.app.bench import ROOT, bench_rules, hollow_rules
-from tcpguard.app.ruleload import load_module, load_rules
+from tcpguard.app.daemon.ruleload import load_module, load_rules
 from tcpguard.core.rules import Rule
+from tcpguard.devtools.bench.network import ROOT, bench_rules, hollow_rules
 
 SAMPLES = ROOT / "rules"
 

@@ -1,6 +1,6 @@
 """`tcpguard lab`: see tcpguard work in a minute, on a throwaway network made of namespaces.
 
-`tcpguard lab` (root) builds the client <-> gateway <-> server network of `tcpguard.app.labnet`, starts
+`tcpguard lab` (root) builds the client <-> gateway <-> server network of `tcpguard.devtools.labnet`, starts
 the lab's servers in the server namespace, runs the real daemon (`tcpguard run`) in the gateway with the
 sample rules, then drives a scripted mix of connections from the client namespace (allowed ones, and one
 for each sample rule that drops, resets or half-resets) and shows, connection by connection, what the
@@ -782,7 +782,7 @@ def prepare_rules(dest: Path, samples: Path, events: Path) -> list[str]:
     Copies, not links: the copies belong to whoever runs the lab (root), which the rule loader demands of
     files it executes as root, whoever owns the checkout.
     """
-    from tcpguard.app.ruleload import rule_files
+    from tcpguard.app.daemon.ruleload import rule_files
 
     dest.mkdir(parents=True, exist_ok=True)
     os.chmod(dest, 0o755)
@@ -798,7 +798,7 @@ def prepare_rules(dest: Path, samples: Path, events: Path) -> list[str]:
 
 def _check_rules(copy: Path, samples: Path) -> None:
     """Load the prepared rules once here, so a broken module is reported before anything starts."""
-    from tcpguard.app.ruleload import load_rules
+    from tcpguard.app.daemon.ruleload import load_rules
     from tcpguard.core.errors import RuleLoadError
 
     try:
@@ -889,7 +889,7 @@ class LabRun:
         self.say(f"{(note[0] if note else 'done')} {self.style.dim(f'({took:.1f} s)')}")
 
     def run(self) -> int:
-        from tcpguard.app import labnet
+        from tcpguard.devtools import labnet
 
         args = self.args
         samples = Path(args.rules).resolve() if args.rules else default_rules_dir()
@@ -948,7 +948,7 @@ class LabRun:
             shutil.rmtree(self.work, ignore_errors=True)
 
     def _in(self, net: Any, samples: Path) -> int:
-        from tcpguard.app import labnet
+        from tcpguard.devtools import labnet
 
         args, st, work = self.args, self.style, self.work
         py = sys.executable
@@ -960,8 +960,8 @@ class LabRun:
             ports = sorted({*HTTP_PORTS, TLS_PORT})
             net.popen(
                 "server",
-                [py, "-m", "tcpguard.app.lab", "serve", "--record", str(server_log), "--ready", str(ready),
-                 *(a for p in ports for a in ("--port", str(p)))],
+                [py, "-m", "tcpguard.devtools.lab", "serve", "--record", str(server_log),
+                 "--ready", str(ready), *(a for p in ports for a in ("--port", str(p)))],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
@@ -986,7 +986,7 @@ class LabRun:
             note.append("running: FORWARD → chain TCPGUARD → NFQUEUE 0, fail-closed")
         self.say("")
         driver_args = [
-            py, "-m", "tcpguard.app.lab", "drive",
+            py, "-m", "tcpguard.devtools.lab", "drive",
             "--server", labnet.SERVER_V4, "--server6", labnet.SERVER_V6,
             "--events", str(events), "--alerts", str(alerts), "--server-log", str(server_log),
             "--report", str(work / "report.json"), "--quiet-summary",
@@ -1007,7 +1007,7 @@ class LabRun:
         return rc
 
     def _stay(self, net: Any, alerts: Path) -> None:
-        from tcpguard.app import labnet
+        from tcpguard.devtools import labnet
 
         st = self.style
         c = net.name("client")
@@ -1017,7 +1017,7 @@ class LabRun:
         self.say(
             f"  ip netns exec {c} curl -H 'Host: blocked.example' --max-time 3 http://{labnet.SERVER_V4}/"
         )
-        self.say(f"  ip netns exec {c} {sys.executable} -m tcpguard.app.lab drive --server {net_server}")
+        self.say(f"  ip netns exec {c} {sys.executable} -m tcpguard.devtools.lab drive --server {net_server}")
         self.say(f"  tail -f {alerts}")
         self.say(f"  ip netns exec {net.name('gw')} iptables -L TCPGUARD -v -n")
         # The daemon's control socket is a file in the work directory, reachable from the host: these
@@ -1168,7 +1168,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     """Remove what labs whose process is gone left behind; a lab still running is named and kept (another
     terminal's `tcpguard lab --stay`, a test run): labnet's lock on each lab's record tells them apart."""
-    from tcpguard.app.labnet import remove_leftovers, running_labs
+    from tcpguard.devtools.labnet import remove_leftovers, running_labs
 
     if os.geteuid() != 0:
         print("tcpguard lab clean: needs root", file=sys.stderr)
@@ -1242,7 +1242,7 @@ def add_subparser(sub: Any) -> None:
 
 
 def _lab_prefix(value: str) -> str:
-    from tcpguard.app.labnet import check_prefix
+    from tcpguard.devtools.labnet import check_prefix
 
     try:
         return check_prefix(value)
@@ -1259,7 +1259,8 @@ def _colour_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tcpguard.app.lab ...`: the subcommands without the rest of the CLI (used inside the lab)."""
+    """`python -m tcpguard.devtools.lab ...`: the subcommands without the rest of the CLI (used inside the
+    lab)."""
     parser = argparse.ArgumentParser(prog="tcpguard lab")
     add_subparser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["lab", *(argv if argv is not None else sys.argv[1:])])

@@ -36,7 +36,7 @@ import struct
 import sys
 from collections.abc import Mapping
 
-from tcpguard.app.config import Config
+from tcpguard.app.daemon.config import Config
 
 __all__ = ["JOURNAL_SOCKET", "JournalHandler", "journal_fields", "setup_logging", "stderr_is_journal"]
 

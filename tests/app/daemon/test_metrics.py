@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tcpguard.app.config import ConfigError, parse_address, parse_config
-from tcpguard.app.metrics import BypassMeter, kernel_queue_stats, rss_bytes, start_metrics_server
-from tests.app.test_control import ObservedGateway, crafted_syns
-from tests.app.test_daemon import DROP_PORT, OPEN_PORT, hexs, wait_for
+from tcpguard.app.daemon.config import ConfigError, parse_address, parse_config
+from tcpguard.app.daemon.metrics import BypassMeter, kernel_queue_stats, rss_bytes, start_metrics_server
+from tests.app.control.test_control import ObservedGateway, crafted_syns
+from tests.app.daemon.test_daemon import DROP_PORT, OPEN_PORT, hexs, wait_for
 from tests.netns import Lab
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -24,27 +24,18 @@ import pytest
 import yaml
 
 from tcpguard import rule, tcp_connection
-from tcpguard.app.config import parse_config
-from tcpguard.app.control import (
-    AccessPolicy,
-    ConnFilter,
-    ControlClient,
-    ControlError,
-    ControlServer,
-    Dispatcher,
-    Inbox,
-    _parse_filters,
-    format_connections,
-    format_status,
-    parse_conn_id,
-    totals,
-)
-from tcpguard.app.daemon import Worker
+from tcpguard.app.control.access import AccessPolicy
+from tcpguard.app.control.client import ControlClient, _parse_filters, format_connections, format_status
+from tcpguard.app.control.dispatch import Dispatcher, totals
+from tcpguard.app.control.protocol import ConnFilter, ControlError, parse_conn_id
+from tcpguard.app.control.server import ControlServer, Inbox
+from tcpguard.app.daemon.config import parse_config
+from tcpguard.app.daemon.worker import Worker
 from tcpguard.core import forge
 from tcpguard.core.decision import Output, Verdict
 from tcpguard.core.packet import RST, decode
 from tcpguard.core.rules import RuleSet
-from tests.app.test_daemon import DROP_PORT, OPEN_PORT, TCPGUARD, Gateway, hexs, wait_for
+from tests.app.daemon.test_daemon import DROP_PORT, OPEN_PORT, TCPGUARD, Gateway, hexs, wait_for
 from tests.core.playbook import Playbook
 from tests.netns import CLIENT_V4, SERVER_V4, Lab
 

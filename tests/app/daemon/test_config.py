@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tcpguard.app.config import (
+from tcpguard.app.daemon.config import (
     Config,
     ConfigError,
     ConfigIssue,
@@ -22,7 +22,7 @@ from tcpguard.app.config import (
 )
 from tcpguard.core.settings import EngineSettings, Limits, Policies, Timeouts
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SHIPPED = REPO / "etc" / "tcpguard.yaml"
 CONF = "/etc/tcpguard/tcpguard.yaml"
 
