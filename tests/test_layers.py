@@ -1,7 +1,7 @@
 """Who may import whom (docs/ARCHITECTURE.md), checked on the source of every module.
 
 * the core (`tcpguard.core`) imports the standard library, greenlet and itself: no adapter, no
-  application, no socket or logging of its own;
+  application, no socket, and no logging (it returns typed events, the application logs them);
 * the adapters (`tcpguard.io`) import the standard library, NetfilterQueue, each other and, of the core,
   only the decision types they translate;
 * nothing imports the command line (`tcpguard.app.cli`): it only parses and dispatches;
@@ -87,6 +87,17 @@ def test_the_core_opens_no_socket() -> None:
         for p in modules("tcpguard/core")
         for line, mod in imports(p)
         if top(mod) in {"socket", "select", "selectors", "subprocess", "threading"}
+    ]
+    assert found == []
+
+
+def test_the_core_does_not_log() -> None:
+    # It returns typed events (tcpguard.core.events); the application logs them (tcpguard.app.eventlog).
+    found = [
+        f"{p.relative_to(ROOT)}:{line}: {mod}"
+        for p in modules("tcpguard/core")
+        for line, mod in imports(p)
+        if top(mod) == "logging"
     ]
     assert found == []
 

@@ -78,9 +78,9 @@ def source_module(name: str) -> types.ModuleType:
     return sys.modules[alias]
 
 
-conntrack, cursor, engine, packet, rules, settings, state, stream = (
+conntrack, cursor, dispatch, engine, packet, rules, settings, state, stream = (
     source_module(f"tcpguard.core.{m}")
-    for m in ("conntrack", "cursor", "engine", "packet", "rules", "settings", "state", "stream")
+    for m in ("conntrack", "cursor", "dispatch", "engine", "packet", "rules", "settings", "state", "stream")
 )
 
 RULES_MD = ROOT / "docs" / "rules.md"
@@ -166,6 +166,8 @@ INTERNAL: dict[type, set[str]] = {
         *("acked", "buf", "fin_off", "held", "hold_from", "isn", "ooo", "ooo_bytes", "readers"),
         *("sent", "wnd_end", "wscale", "offset", "seq_at", "next_seq", "forwarded", "receive", "ack"),
         *("trim", "buffered", "skip_to", "owed_rst"),
+        # The engine's and the cursor's side of the stream (holds, releases, search): rules use the cursor.
+        *("find", "mark", "unmark", "hold", "release", "drop_ooo", "clear"),
     },
     packet.Packet: {"fragment", "ip_hlen", "is_tcp", "pdst", "proto", "raw", "tcp_hlen"},
 }
@@ -346,7 +348,7 @@ def end_reasons_table() -> str:
 
 
 def alert_severities() -> str:
-    return ", ".join(f"`{name}` ({n})" for name, n in engine.SEVERITIES.items())
+    return ", ".join(f"`{name}` ({n})" for name, n in dispatch.SEVERITIES.items())
 
 
 def flag_table() -> str:

@@ -18,7 +18,6 @@ direction), so a connection whose listeners all returned keeps no dict (memory p
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -28,13 +27,12 @@ import greenlet
 from tcpguard.core.conntrack import DIRECTION_NAMES, Action, Connection
 from tcpguard.core.cursor import Cursor
 from tcpguard.core.errors import RuleTimeout
+from tcpguard.core.events import AlertRaised, EventListener, RuleError
 from tcpguard.core.packet import Packet
 from tcpguard.core.rules import Rule, RuleSet
 from tcpguard.core.state import DOWN, UP
 from tcpguard.core.stats import Stats
 from tcpguard.core.stream import HalfStream
-
-log = logging.getLogger("tcpguard.engine")
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -78,8 +76,8 @@ class RuleDispatch:
         # The worker's queue, so that an alert's connection id is the `QUEUE:FLOW` the control commands
         # take; None offline, where the id is the flow number alone.
         self.queue: int | None = None
-        # Whether log lines may quote payload (rule exception messages); the daemon sets it from config.
-        self.log_payload = False
+        # Rule errors and alerts as typed events (tcpguard.core.events); the application logs them.
+        self.on_event: EventListener | None = None
         # Alerts raised in the rule call running now, written when it returns (see alert).
         self._pending_alerts: list[tuple[Connection, dict[str, Any], str]] = []
         # One bound method shared by every connection (`flow.alert` calls it): a bound method made per
@@ -222,30 +220,9 @@ class RuleDispatch:
 
     def _rule_error(self, conn: Connection, r: Rule, e: BaseException) -> None:
         self.stats.rule_errors += 1
-        where = _rule_frame(e, r)
         pol = self.rule_error_policy
-        if self.log_payload:
-            log.error(
-                "rule %s raised on %s at %s: %s: %s",
-                r.name,
-                conn.describe(),
-                where,
-                type(e).__name__,
-                e,
-                exc_info=(type(e), e, e.__traceback__),
-                extra=log_fields(conn, RULE=r.name, VERDICT=pol),
-            )
-        else:
-            # An exception's message often quotes the data it choked on (int(b'...'), KeyError(...)):
-            # without log_payload only its type and where it happened are logged.
-            log.error(
-                "rule %s raised on %s at %s: %s",
-                r.name,
-                conn.describe(),
-                where,
-                type(e).__name__,
-                extra=log_fields(conn, RULE=r.name, VERDICT=pol),
-            )
+        if self.on_event is not None:
+            self.on_event(RuleError(conn, r.name, _rule_frame(e, r), e, pol))
         error = f"{type(e).__name__}: {e}"
         self._emit({"event": "rule_error", "flow": conn.id, "rule": r.name, "error": error})
         if pol == "drop":
@@ -314,21 +291,8 @@ class RuleDispatch:
         mine = record["tcpguard"]
         mine["action"] = Action.NAMES[action]
         self.stats.alerts += 1
-        log.warning(
-            "alert [%s] %s: %s (rule %s, action %s)",
-            mine["severity"],
-            conn.describe(),
-            record["alert"]["signature"],
-            mine["rule"],
-            mine["action"],
-            extra=log_fields(
-                conn,
-                SEVERITY=mine["severity"],
-                DIRECTION=direction,
-                RULE=mine["rule"] or "",
-                ACTION=mine["action"],
-            ),
-        )
+        if self.on_event is not None:
+            self.on_event(AlertRaised(conn, record, direction))
         if self.alert_hook is not None:
             self.alert_hook(record)
         if self.sink is not None:
@@ -370,15 +334,6 @@ def _rule_frame(e: BaseException, r: Rule) -> str:
         if frame.filename == mod_file:
             where = f"{frame.filename}:{frame.lineno}"
     return where
-
-
-def log_fields(conn: Connection, **more: str) -> dict[str, str]:
-    """Structured log fields (journald field names: upper case) naming the flow."""
-    return {
-        "TCPGUARD_FLOW": conn.describe(),
-        "TCPGUARD_FLOW_ID": str(conn.id),
-        **{f"TCPGUARD_{k}": v for k, v in more.items()},
-    }
 
 
 def _streamed_runner(

@@ -19,15 +19,15 @@ ACKs of data never forwarded, and a TCP-MD5/AO option on a connection that did n
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any, Final
 
 from tcpguard.core import forge, tracker
 from tcpguard.core.conntrack import Action, Connection, ConnTable, flow_key
 from tcpguard.core.decision import Decision, Output, Release, Verdict
-from tcpguard.core.dispatch import EventSink, RuleDispatch, log_fields
+from tcpguard.core.dispatch import EventSink, RuleDispatch
 from tcpguard.core.errors import DecodeError
+from tcpguard.core.events import Blocked, EventListener, Evicted, Evictions, LimitHit
 from tcpguard.core.flowstore import pack_store
 from tcpguard.core.limits import Limits
 from tcpguard.core.packet import ACK, FIN, RST, SYN, URG, Packet, checksums_ok, decode
@@ -56,8 +56,6 @@ from tcpguard.core.stream import DROP as SEG_DROP
 from tcpguard.core.stream import HOLD as SEG_HOLD
 from tcpguard.core.stream import LIMIT as SEG_LIMIT
 from tcpguard.core.stream import HalfStream, Held, Ledger
-
-log = logging.getLogger("tcpguard.engine")
 
 ACCEPT: Final = Verdict.ACCEPT
 DROP: Final = Verdict.DROP
@@ -90,6 +88,7 @@ class Engine:
         self.dispatch = RuleDispatch(rules or RuleSet(), self.stats)
         self._sink = sink
         self.dispatch.sink = sink
+        self._on_event: EventListener | None = None
         self.now = 0.0
         # Bytes buffered and packets held by all streams, which report to it (tcpguard.core.stream).
         self.ledger = Ledger()
@@ -129,7 +128,7 @@ class Engine:
 
     @property
     def in_rule(self) -> Rule | None:
-        """The rule running now, for a watchdog in another thread (tcpguard.app.budget)."""
+        """The rule running now, for a watchdog in another thread (tcpguard.app.daemon.budget)."""
         return self.dispatch.in_rule
 
     @property
@@ -164,12 +163,15 @@ class Engine:
         self.dispatch.queue = queue
 
     @property
-    def log_payload(self) -> bool:
-        return self.dispatch.log_payload
+    def on_event(self) -> EventListener | None:
+        """Receives the engine's typed events (tcpguard.core.events): rule errors, limit hits, blocks,
+        evictions, alerts. The core logs nothing itself; the application does, from these."""
+        return self._on_event
 
-    @log_payload.setter
-    def log_payload(self, on: bool) -> None:
-        self.dispatch.log_payload = on
+    @on_event.setter
+    def on_event(self, listener: EventListener | None) -> None:
+        self._on_event = listener
+        self.dispatch.on_event = listener
 
     # ================================================================ public entry points
     def replace_rules(self, rules: RuleSet) -> None:
@@ -264,11 +266,8 @@ class Engine:
         """Expire idle connections. Call it periodically (every second is plenty)."""
         self.now = now
         if self._evicted_unlogged:
-            log.warning(
-                "connection table full (%d connections): evicted %d since the last report",
-                self.settings.limits.max_connections,
-                self._evicted_unlogged,
-            )
+            if self._on_event is not None:
+                self._on_event(Evictions(self._evicted_unlogged, self.settings.limits.max_connections))
             self._evicted_unlogged = 0
         out = self._out = Output()
         try:
@@ -368,11 +367,10 @@ class Engine:
         if victim is None:
             return False
         self.stats.evicted += 1
-        # One line per eviction would let a SYN flood flood the log: evictions are counted and summed up
-        # in one warning per timer tick (handle_timer).
-        log.debug(
-            "connection table full: evicting %s", victim.describe(), extra=log_fields(victim, VERDICT="evict")
-        )
+        # One line per eviction would let a SYN flood flood the log: evictions are also counted and summed
+        # up in one event per timer tick (handle_timer).
+        if self._on_event is not None:
+            self._on_event(Evicted(victim))
         self._evicted_unlogged += 1
         self._finish(victim, "evicted")
         self.table.remove(victim)
@@ -700,14 +698,8 @@ class Engine:
         uninspected from now on); False: `conn.action` is set and the caller blocks the connection."""
         self.stats.limit_hits += 1
         pol = self.settings.policies.limit
-        log.warning(
-            "%s %s (%d bytes buffered): policy %s",
-            what,
-            conn.describe(),
-            buffered,
-            pol,
-            extra=log_fields(conn, VERDICT=pol),
-        )
+        if self._on_event is not None:
+            self._on_event(LimitHit(conn, buffered, pol, what))
         self._emit({"event": "limit", "flow": conn.id, "buffered": buffered, "policy": pol})
         if pol == "accept":
             # Fail open: this connection is no longer inspected. The rules get end_connection (reason
@@ -813,54 +805,17 @@ class Engine:
 
     def _apply_block(self, conn: Connection, why: str) -> None:
         act = conn.action
-        log.info(
-            "%s: %s by %s",
-            conn.describe(),
-            Action.NAMES[act],
-            why,
-            extra=log_fields(conn, VERDICT=Action.NAMES[act]),
-        )
+        if self._on_event is not None:
+            self._on_event(Blocked(conn, Action.NAMES[act], why))
         if act >= Action.HALFRESET:
             self._forge_resets(conn, both=act == Action.RESET)
         self._emit({"event": "action", "flow": conn.id, "action": Action.NAMES[act], "by": why})
         self._finish(conn, Action.NAMES[act])
 
     def _forge_resets(self, conn: Connection, both: bool) -> None:
-        """RSTs with the sequence number each receiver expects next (see tcpguard.core.forge)."""
-        out = self._output()
-        up, down = conn.up, conn.down
-        v = conn.version
-        if down.isn < 0:
-            # The server never answered: only the client has state, and its SYN-SENT accepts only an
-            # RST+ACK that acknowledges its SYN.
-            if both:
-                out.send.append(
-                    forge.build_rst(
-                        v, conn.server, conn.client, conn.sport, conn.cport, 0, (up.isn + 1) & 0xFFFFFFFF
-                    )
-                )
-                self.stats.resets_sent += 1
-            return
-        if up.isn >= 0:
-            out.send.append(
-                forge.build_rst(
-                    v, conn.client, conn.server, conn.cport, conn.sport, up.next_seq, down.next_seq
-                )
-            )
-            self.stats.resets_sent += 1
-        if both:
-            out.send.append(
-                forge.build_rst(
-                    v,
-                    conn.server,
-                    conn.client,
-                    conn.sport,
-                    conn.cport,
-                    down.next_seq,
-                    up.next_seq if up.isn >= 0 else None,
-                )
-            )
-            self.stats.resets_sent += 1
+        rsts = forge.connection_resets(conn, both)
+        self._output().send.extend(rsts)
+        self.stats.resets_sent += len(rsts)
 
     # ================================================================ lifecycle
     def _set_state(self, conn: Connection, state: State) -> None:

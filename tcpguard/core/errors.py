@@ -28,7 +28,7 @@ class RuleLoadError(Exception):
 
 
 class RuleTimeout(BaseException):
-    """Raised inside a rule call that ran past its time budget (see `tcpguard.app.budget`).
+    """Raised inside a rule call that ran past its time budget (see `tcpguard.app.daemon.budget`).
 
     A BaseException, not an Exception, so that a rule's own `except Exception:` cannot swallow it; the
     engine catches it around every rule call and applies the rule-error policy.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from tcpguard.core.conntrack import Connection
 from tcpguard.core.packet import ACK, PROTO_TCP, RST, URG, Packet, checksum, tcp_checksum
 
 _TCP_NOOPT: Final = struct.Struct("!HHIIBBHHH")
@@ -89,3 +90,32 @@ def rewrite(
     seg = bytes(tcph) + body
     struct.pack_into("!H", tcph, 16, tcp_checksum(pkt.src, pkt.pdst, seg))
     return bytes(iph) + bytes(tcph) + body
+
+
+def connection_resets(conn: Connection, both: bool) -> list[bytes]:
+    """The RSTs that end `conn`: to the server, and with `both` to the client too, each with the sequence
+    number its receiver expects next (the end of what the gateway forwarded), so the endpoint really
+    closes. A server that never answered has no state: then only the client gets one, an RST+ACK of its
+    SYN, the only RST its SYN-SENT accepts."""
+    up, down = conn.up, conn.down
+    v = conn.version
+    if down.isn < 0:
+        if not both:
+            return []
+        return [build_rst(v, conn.server, conn.client, conn.sport, conn.cport, 0, (up.isn + 1) & 0xFFFFFFFF)]
+    out = []
+    if up.isn >= 0:
+        out.append(build_rst(v, conn.client, conn.server, conn.cport, conn.sport, up.next_seq, down.next_seq))
+    if both:
+        out.append(
+            build_rst(
+                v,
+                conn.server,
+                conn.client,
+                conn.sport,
+                conn.cport,
+                down.next_seq,
+                up.next_seq if up.isn >= 0 else None,
+            )
+        )
+    return out

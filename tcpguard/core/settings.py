@@ -1,8 +1,8 @@
 """Engine settings: every limit and policy the core applies, with its default.
 
-The YAML config (`tcpguard.app.config`) maps onto these dataclasses one to one, so the keys documented in
-`etc/tcpguard.yaml` are exactly the fields below. They are plain data: the engine reads them, never the
-file.
+The YAML config (`tcpguard.app.daemon.config`) maps onto these dataclasses one to one, so the keys
+documented in `etc/tcpguard.yaml` are exactly the fields below. They are plain data: the engine reads
+them, never the file.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Limits:
     # behind them is dropped (or passed uninspected with bypass).
     max_held_packets: int = 1024
     # Seconds one rule call may run before the daemon interrupts it (the flow gets the rule_error
-    # verdict); 0 turns the budget off. Enforced by tcpguard.app.budget, outside the sans-IO core.
+    # verdict); 0 turns the budget off. Enforced by tcpguard.app.daemon.budget, outside the sans-IO core.
     rule_time_budget: float = field(default=0.5, metadata={"min": 0})
 
 

@@ -259,7 +259,7 @@ class IptablesManager:
         That is every packet sent towards the queue(s), whether it entered one or not: a packet that
         finds no process bound (`--queue-bypass`) or a full queue with the fail-open flag never gets a
         queue packet id, so the kernel's per-queue counters miss it. The daemon compares the two to count
-        the packets that passed uninspected (`tcpguard.app.metrics.BypassMeter`). Raises IptablesError
+        the packets that passed uninspected (`tcpguard.app.daemon.metrics.BypassMeter`). Raises IptablesError
         when the chain is missing or iptables fails.
         """
         total = 0

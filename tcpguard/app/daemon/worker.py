@@ -48,6 +48,7 @@ from tcpguard.app.daemon.metrics import (
 )
 from tcpguard.app.daemon.notify import Notifier
 from tcpguard.app.daemon.ruleload import RuleTrial, load_rules
+from tcpguard.app.eventlog import EventLog
 from tcpguard.core.conntrack import Action
 from tcpguard.core.decision import Decision, Output, Release, Verdict
 from tcpguard.core.engine import Engine
@@ -135,7 +136,9 @@ class Worker:
         self.engine.alert_hook = self.alerts
         self.engine.wall_clock = time.time  # alert timestamps (the engine's own clock is monotonic)
         self.engine.queue = queue_num  # alert ids are QUEUE:FLOW, as the control commands take them
-        self.engine.log_payload = cfg.logging.log_payload
+        # The engine's events (errors, limits, blocks, alerts) become log lines with journald fields here.
+        self.events = EventLog(cfg.logging.log_payload)
+        self.engine.on_event = self.events
         # Made here, in the thread that runs the packet loop: that is the thread it interrupts.
         self.budget = RuleBudget(self.engine, cfg.engine.limits.rule_time_budget)
         if self.budget.budget > 0:
@@ -465,7 +468,7 @@ class Worker:
             self._reopen_dumps(cfg.dumps)
         self.engine.replace_rules(rules)
         self.engine.replace_settings(cfg.engine)
-        self.engine.log_payload = cfg.logging.log_payload
+        self.events.log_payload = cfg.logging.log_payload
         self.budget.budget = cfg.engine.limits.rule_time_budget
         if self.budget.budget > 0:
             self.budget.start()

@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tcpguard.app.eventlog import EventLog
 from tcpguard.core.decision import Output, Release, Verdict
 from tcpguard.core.engine import Engine
+from tcpguard.core.events import EngineEvent, RuleError
 from tcpguard.core.rules import RuleSet
 from tcpguard.core.settings import EngineSettings
 from tcpguard.io.pcap import PcapError, PcapReader, PcapWriter
@@ -94,7 +96,6 @@ class Replacing:
         self.part.unlink(missing_ok=True)
 
 
-_RULE_ERROR_MSG = "rule %s raised on %s at %s: %s: %s"  # the engine's message when log_payload is on
 # Payload reaches a rule as bytes (or memoryview), so a bytes literal in an exception's text is most
 # likely payload: it is elided from the report (the full text still goes to --events).
 _BYTES_LITERAL = re.compile(r"""b(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
@@ -109,44 +110,36 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-class RuleErrors(logging.Filter):
-    """Collects the engine's rule-error log records into distinct errors with a count, and keeps them out
-    of the log (the engine logs one line per failing call, which buries a replay's output).
-
-    The engine puts the exception in its log record only with `log_payload` on, so the offline tools
-    turn it on and let this filter take those records before any handler sees them; what is reported is
-    `error_text`, never the record's flow or traceback. At most `MAX_KINDS` distinct errors are kept;
-    later new ones are only counted in `other`. With `quiet`, every other engine record is held back
-    too (`tcpguard cost` keeps the log quiet while its clock runs).
+class RuleErrors:
+    """An engine's `on_event` listener for the offline tools: its rule errors are collected into distinct
+    errors with a count instead of one log line per failing call, which buries a replay's output; the
+    other events are logged as the daemon logs them, unless `quiet` (`tcpguard cost` keeps the log quiet
+    while its clock runs). What is reported is `error_text`, never the flow or a traceback. At most
+    `MAX_KINDS` distinct errors are kept; later new ones are only counted in `other`.
     """
 
     MAX_KINDS = 32
 
     def __init__(self, quiet: bool = False) -> None:
-        super().__init__()
-        self.quiet = quiet
+        self.log = None if quiet else EventLog()
         self.kinds: dict[tuple[str, str, str], int] = {}
         self.other = 0
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if record.msg != _RULE_ERROR_MSG or exc is None or not isinstance(record.args, tuple):
-            return not self.quiet
-        key = (str(record.args[0]), str(record.args[2]), error_text(exc))
+    def __call__(self, ev: EngineEvent) -> None:
+        if not isinstance(ev, RuleError):
+            if self.log is not None:
+                self.log(ev)
+            return
+        key = (ev.rule, ev.where, error_text(ev.error))
         if key in self.kinds:
             self.kinds[key] += 1
         elif len(self.kinds) < self.MAX_KINDS:
             self.kinds[key] = 1
         else:
             self.other += 1
-        return False
 
     def attach(self, engine: Engine) -> None:
-        engine.log_payload = True
-        logging.getLogger("tcpguard.engine").addFilter(self)
-
-    def detach(self) -> None:
-        logging.getLogger("tcpguard.engine").removeFilter(self)
+        engine.on_event = self
 
     def lines(self) -> list[str]:
         out = [f"  {rule} at {where}: {text} ({n} times)" for (rule, where, text), n in self.kinds.items()]
@@ -396,7 +389,6 @@ def replay(
             budget.stop()
         if bar is not None:
             bar.close()
-        errors.detach()
         reader.close()
         summary.frames, summary.non_ip = frames, non_ip
     summary.forwarded = gw.forwarded
