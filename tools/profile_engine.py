@@ -48,10 +48,10 @@ from tcpguard.core.rules import RuleSet  # noqa: E402
 from tcpguard.core.settings import EngineSettings  # noqa: E402
 from tcpguard.devtools.bench.load import (  # noqa: E402
     _fabricated_connection,
-    bench_rules,
     fabricated_client,
     generate_capture,
 )
+from tcpguard.devtools.bench.network import bench_rules  # noqa: E402
 from tcpguard.io.nfqueue import NfqueueAdapter  # noqa: E402
 from tcpguard.io.pcap import iter_frames  # noqa: E402
 

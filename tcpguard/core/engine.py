@@ -207,7 +207,7 @@ class Engine:
 
     def handle_packet(self, raw: bytes, now: float, token: object = None) -> Decision:
         """Judge one raw IP packet. `token` identifies it if the engine holds it."""
-        self.now = now
+        self.now = self.dispatch.now = now
         stats = self.stats
         stats.packets += 1
         size = len(raw)
@@ -264,7 +264,7 @@ class Engine:
 
     def handle_timer(self, now: float) -> Output:
         """Expire idle connections. Call it periodically (every second is plenty)."""
-        self.now = now
+        self.now = self.dispatch.now = now
         if self._evicted_unlogged:
             if self._on_event is not None:
                 self._on_event(Evictions(self._evicted_unlogged, self.settings.limits.max_connections))
@@ -282,7 +282,7 @@ class Engine:
 
     def shutdown(self, now: float) -> Output:
         """End every connection (end_connection with reason 'shutdown') and release every held packet."""
-        self.now = now
+        self.now = self.dispatch.now = now
         out = self._out = Output()
         try:
             for conn in self.table:
@@ -303,7 +303,7 @@ class Engine:
         conn = self.connection(cid)
         if conn is None:
             return None
-        self.now = now
+        self.now = self.dispatch.now = now
         out = self._out = Output()
         try:
             conn.action = max(conn.action, action)
@@ -599,8 +599,9 @@ class Engine:
         # `max_total_buffer`.
         ledger = self.ledger
         limits = self.limits
-        room = limits.room(before)
-        may_hold = limits.may_hold()
+        # Limits.room and may_hold, inlined: this runs on every data segment.
+        room = min(limits.max_stream_buffer - before, limits.max_total_buffer - ledger.buffered)
+        may_hold = ledger.held < limits.max_held_packets
         status, fix, new_start, reason, held = s.receive(
             off,
             payload,
