@@ -86,6 +86,9 @@ class Engine:
         self.stats = Stats()
         # The rules and how they are called (plain, streamed, their alerts): tcpguard.core.dispatch.
         self.dispatch = RuleDispatch(rules or RuleSet(), self.stats)
+        # Inside the class the callables are called through these private attributes, never through
+        # their properties: compiled by mypyc, `self.sink(ev)` on a property calls the getter and drops
+        # the result, so nothing is delivered (the replay events were silently empty once).
         self._sink = sink
         self.dispatch.sink = sink
         self._on_event: EventListener | None = None
@@ -617,8 +620,10 @@ class Engine:
         if status == SEG_LIMIT:
             need = new_start
             if before + need <= limits.max_stream_buffer and self._free_largest(conn, need):
-                # Only the total was short, and the connections holding more gave way: take it now.
+                # Only the total was short, and the connections holding more gave way: take it now
+                # (their held packets may have left too).
                 room = limits.room(before)
+                may_hold = limits.may_hold()
                 status, fix, new_start, reason, held = s.receive(
                     off,
                     payload,
@@ -858,6 +863,7 @@ class Engine:
         if self._sink is not None:
             event.setdefault("time", self.now)
             self._sink(event)
+
 
 def _route(p: bytes) -> bytes:
     """A TCP/IP packet's version, addresses and ports as one key; b"" when it is not plain TCP (IPv6

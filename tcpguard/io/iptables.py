@@ -346,7 +346,11 @@ class IptablesManager:
         return [line for line in out.splitlines() if line.startswith("-A ")]
 
     def _chain_exists(self, binary: str) -> bool:
-        res = self._exec([binary, "-w", "-t", "filter", "-S", self.spec.chain])
+        argv = [binary, "-w", "-t", "filter", "-S", self.spec.chain]
+        try:
+            res = self._exec(argv)
+        except FileNotFoundError as exc:  # a missing binary is an IptablesError, as in _run
+            raise IptablesError(self._argv(argv), 127, str(exc)) from exc
         return res.returncode == 0
 
     def _have(self, binary: str) -> bool:

@@ -455,6 +455,23 @@ def test_a_held_out_of_order_segment_can_free_a_larger_holder() -> None:
     assert conn_at(a).action == Action.RESET and b.engine.buffered == 3400
 
 
+def test_a_larger_holder_giving_way_also_frees_its_held_packets_for_the_segment() -> None:
+    """The held-packet bound (1 here) is full with A's out-of-order packet; B's out-of-order segment is
+    short of the total, so A meets the policy, and with it its held packet goes: B's segment is then
+    held. The bound was once judged before A gave way, and B's segment was dropped as "held packet
+    limit" (found in review)."""
+    a, b = _connections(2)
+    a.engine.settings.limits.max_held_packets = 1
+    a.engine.replace_settings(a.engine.settings)
+    assert at(a, 1.0).client("PA", b"a" * 6000, dt=0).verdict == ACCEPT
+    assert at(a, 1.01).client("PA", b"q" * 1000, seq=a.cnext + 10, dt=0).verdict == HOLD  # A: 7,000
+    assert at(b, 1.02).client("PA", b"b" * 2500, dt=0).verdict == ACCEPT  # 9,500 in all
+    d = at(b, 1.2).client("PA", b"o" * 900, seq=b.cnext + 10, dt=0)
+    assert conn_at(a).action == Action.RESET
+    assert d.verdict == HOLD, d
+    assert b.engine.held_packets == 1 and b.engine.buffered == 3400
+
+
 def conn_at(pb: Playbook) -> Connection:
     """The connection of `pb` in an engine several playbooks share."""
     (conn,) = [c for c in pb.engine.table if c.cport == pb.cport]

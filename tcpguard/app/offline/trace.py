@@ -82,6 +82,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tcpguard.app.eventlog import EventLog
 from tcpguard.app.offline.replay import (
     EXIT_DAMAGED,
     PROGRESS_EVERY,
@@ -608,6 +609,9 @@ class TCP:
         if payload:
             rules.append(Rule("trace.record", EventName.RECEIVE_DATA, self._on_data))
         self.engine = Engine(self.settings.engine_settings(), RuleSet(rules))
+        # Limit hits (policy accept), table-full evictions and errors in trace's own listeners are worth a
+        # line on stderr: they mean a flow's files are incomplete.
+        self.engine.on_event = EventLog()
         self._files = _Files(self.settings.max_open_files)
         self._mode = _JSON if format == "json" else _CLASSIC if container == "pcap" else _PCAPNG
         self._flush_bytes = self.settings.flush_bytes
