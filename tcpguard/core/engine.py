@@ -602,48 +602,38 @@ class Engine:
         # `max_total_buffer`.
         ledger = self.ledger
         limits = self.limits
-        # Limits.room and may_hold, inlined: this runs on every data segment.
-        room = min(limits.max_stream_buffer - before, limits.max_total_buffer - ledger.buffered)
-        may_hold = ledger.held < limits.max_held_packets
-        status, fix, new_start, reason, held = s.receive(
-            off,
-            payload,
-            fin,
-            token,
-            self._hold_ooo,
-            self._max_ooo_bytes,
-            self._max_ooo_segments,
-            room,
-            ledger,
-            may_hold,
-        )
+        retried = False
+        while True:
+            # The room and the held-packet bound, read inline: this runs on every data segment.
+            room = min(limits.max_stream_buffer - before, limits.max_total_buffer - ledger.buffered)
+            may_hold = ledger.held < limits.max_held_packets
+            status, fix, new_start, reason, held = s.receive(
+                off,
+                payload,
+                fin,
+                token,
+                self._hold_ooo,
+                self._max_ooo_bytes,
+                self._max_ooo_segments,
+                room,
+                ledger,
+                may_hold,
+            )
+            if status != SEG_LIMIT or retried:
+                break
+            retried = True
+            # Once more if only the total was short and the connections holding more gave way (their
+            # held packets may have left with them): new_start is the room the segment needs.
+            if before + new_start > limits.max_stream_buffer or not self._free_largest(conn, new_start):
+                break
         if status == SEG_LIMIT:
-            need = new_start
-            if before + need <= limits.max_stream_buffer and self._free_largest(conn, need):
-                # Only the total was short, and the connections holding more gave way: take it now
-                # (their held packets may have left too).
-                room = limits.room(before)
-                may_hold = limits.may_hold()
-                status, fix, new_start, reason, held = s.receive(
-                    off,
-                    payload,
-                    fin,
-                    token,
-                    self._hold_ooo,
-                    self._max_ooo_bytes,
-                    self._max_ooo_segments,
-                    room,
-                    ledger,
-                    may_hold,
-                )
-            if status == SEG_LIMIT:
-                if off > s.next:
-                    # Out of order: refusing the segment is enough (the sender retransmits it), as for
-                    # the out-of-order bounds themselves; the connection is not blocked for it.
-                    self.stats.limit_hits += 1
-                    self.stats.ooo_dropped += 1
-                    return Decision(DROP, flow_id=conn.id, reason="buffer limit (out of order)")
-                return self._limit(conn, s)
+            if off > s.next:
+                # Out of order: refusing the segment is enough (the sender retransmits it), as for the
+                # out-of-order bounds themselves; the connection is not blocked for it.
+                self.stats.limit_hits += 1
+                self.stats.ooo_dropped += 1
+                return Decision(DROP, flow_id=conn.id, reason="buffer limit (out of order)")
+            return self._limit(conn, s)
         if status == SEG_DROP:
             if reason in ("out of order", "out-of-order buffer full"):
                 self.stats.ooo_dropped += 1

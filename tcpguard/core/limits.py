@@ -36,10 +36,6 @@ class Limits:
         self.max_total_buffer = max_total_buffer
         self.max_held_packets = max_held_packets
 
-    def room(self, stream_buffered: int) -> int:
-        """How many bytes a direction holding `stream_buffered` may still take."""
-        return min(self.max_stream_buffer - stream_buffered, self.max_total_buffer - self.ledger.buffered)
-
     def may_hold(self) -> bool:
         """Whether one more packet may be held in the kernel's queue."""
         return self.ledger.held < self.max_held_packets

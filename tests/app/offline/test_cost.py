@@ -26,6 +26,8 @@ from tcpguard.core.rules import RuleSet, rule, tcp_connection
 from tcpguard.core.stream import HalfStream
 from tcpguard.io.pcap import iter_frames
 
+from .test_replay import LOOPING, RAISING  # the same failing rules as replay's tests
+
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "samples" / "demo.pcap"
 EV = tcp_connection.events
@@ -231,26 +233,6 @@ def test_a_broken_rule_names_its_file_and_line(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ damage, loops, errors
-
-LOOPING = """
-from tcpguard import rule, tcp_connection
-
-
-@rule(on=tcp_connection.events.receive_data)
-def spin(flow, stream, current, direction):
-    while True:
-        pass
-"""
-
-RAISING = """
-from tcpguard import rule, tcp_connection
-
-
-@rule(on=tcp_connection.events.receive_data)
-def parse(flow, stream, current, direction):
-    raise ValueError("cannot parse %r" % current.peek(current.available()))
-"""
-
 
 def test_a_damaged_capture_is_measured_up_to_the_damage(tmp_path: Path) -> None:
     """Before: `cost` stopped with the reader's error and measured nothing."""
