@@ -50,6 +50,15 @@ Choices documented here:
   still held (an engine that forgot one must not leak it in the kernel queue) and to packets already
   waiting in the socket, and unbinds. Packets still in flight at unbind are dropped by the kernel; TCP
   retransmits them (and with `--queue-bypass` they pass once nobody is bound).
+* Connection bypass (issue 20): a `Decision` with `bypass` set is accepted as NF_REPEAT with the bit
+  `bypass_mark` added to the packet mark (`repeat_mark | bypass_mark` in repeat mode), never batched,
+  because the batch message carries one mark for all. tcpguard's chain saves that bit into the conntrack
+  mark, and its connmark rule then lets the connection's later packets past the queue: the kernel stops
+  queueing them. A packet that *arrives* carrying the bit went through a queue rule that does not exempt
+  it (an operator's chain with `iptables.manage: false`): it is accepted with no second look and counted
+  (`bypass_looped`), since judging and repeating it again would loop it for ever, as `_looped` says.
+  Without a `bypass_mark` (0) the adapter accepts such a packet plainly and the engine's tombstone keeps
+  answering the connection's packets, which then all still come through the queue.
 """
 
 from __future__ import annotations
@@ -164,7 +173,10 @@ class QueueStats:
     reached us (a message lost by the kernel or cut short by the receive buffer), dropped explicitly so
     that no later batch verdict can accept them uninspected; refused: verdict messages of our own the
     kernel answered with an error; looped: packets that arrived carrying tcpguard's own mark, so already
-    judged by us (an operator's NFQUEUE rule without the mark exemption sent them back: `_looped`).
+    judged by us (an operator's NFQUEUE rule without the mark exemption sent them back: `_looped`);
+    bypass_marked: accepts given with the bypass bit (the engine's `Decision.bypass`: the kernel should
+    stop queueing the connection); bypass_looped: packets that arrived already carrying the bypass bit,
+    accepted with no second look (a queue rule that does not exempt the bit: `_bypass_looped`).
     """
 
     packets: int = 0
@@ -195,6 +207,8 @@ class QueueStats:
     unseen: int = 0
     refused: int = 0
     looped: int = 0
+    bypass_marked: int = 0
+    bypass_looped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -402,11 +416,16 @@ class NfqueueAdapter:
         drain_verdict: Verdict = Verdict.DROP,
         clock: Callable[[], float] = time.monotonic,
         repeat_mark: int | None = None,
+        bypass_mark: int = 0,
     ) -> None:
         if Verdict.HOLD in (error_verdict, drain_verdict):
             raise ValueError("error_verdict and drain_verdict must be ACCEPT or DROP")
         if tick <= 0 or batch < 1:
             raise ValueError("tick must be positive and batch at least 1")
+        if not 0 <= bypass_mark <= 0xFFFFFFFF or bypass_mark & (bypass_mark - 1):
+            raise ValueError("bypass_mark must be 0 or a single bit of the 32-bit mark")
+        if repeat_mark is not None and repeat_mark & bypass_mark:
+            raise ValueError("bypass_mark must not be a bit of repeat_mark")
         self.handler = handler
         self.queue_num = queue_num
         self.max_len = max_len
@@ -419,6 +438,7 @@ class NfqueueAdapter:
         self.drain_verdict = drain_verdict
         self.clock = clock
         self.repeat_mark = repeat_mark
+        self.bypass_mark = bypass_mark
         self.stats = QueueStats()
         self._held: dict[int, QueuedPacket] = {}
         self._draining = False
@@ -585,9 +605,15 @@ class NfqueueAdapter:
             self._verdict(pkt, self.drain_verdict, None)
             return
         rmark = self.repeat_mark
-        if rmark is not None and pkt.mark == rmark:
-            self._looped(pkt)
-            return
+        bmark = self.bypass_mark
+        if rmark is not None or bmark:
+            mark = pkt.mark
+            if mark & bmark:
+                self._bypass_looped(pkt)
+                return
+            if mark == rmark:
+                self._looped(pkt)
+                return
         try:
             dec = self.handler.handle_packet(raw, self.clock(), pkt)
         except Exception:
@@ -596,7 +622,15 @@ class NfqueueAdapter:
             self._error_verdict(pkt)
             return
         verdict = dec.verdict
-        if verdict is _ACCEPT and self._batching and dec.packet is None and not dec.releases and not dec.send:
+        bypass = getattr(dec, "bypass", False)
+        if (
+            verdict is _ACCEPT
+            and self._batching
+            and dec.packet is None
+            and not dec.releases
+            and not dec.send
+            and not bypass
+        ):
             # The common packet: its accept waits for the end of the read batch (_flush).
             st.accepted += 1
             self._pending.append(pkt)
@@ -614,6 +648,11 @@ class NfqueueAdapter:
         else:
             if verdict is _ACCEPT:
                 st.accepted += 1
+                if bypass:
+                    self._bypass(pkt, dec.packet)
+                    if dec.releases or dec.send:
+                        self._apply(dec.releases, dec.send)
+                    return
             else:
                 st.dropped += 1
                 if 0 <= dec.in_place < len(dec.send):
@@ -645,6 +684,58 @@ class NfqueueAdapter:
                 self.repeat_mark,
                 self.repeat_mark,
                 self.repeat_mark,
+            )
+        if self._pending:
+            self._flush()
+        try:
+            pkt.accept()
+        except (RuntimeError, TypeError, OSError) as exc:
+            st.verdict_errors += 1
+            log.warning("verdict ACCEPT failed: %s", exc)
+        if pkt is self._current:
+            self._current_done = True
+
+    def _bypass(self, pkt: QueuedPacket, payload: bytes | None) -> None:
+        """Accept the packet with the bypass bit added to its mark, as NF_REPEAT: the packet runs the hook
+        again, tcpguard's chain copies the bit into the connection's conntrack mark (CONNMARK) and the
+        connmark rule lets it, and every later packet of the connection, past the queue. Without a
+        bypass mark the packet is simply accepted (the kernel keeps queueing the connection)."""
+        bmark = self.bypass_mark
+        if not bmark:
+            self._verdict(pkt, Verdict.ACCEPT, payload)
+            return
+        try:
+            if payload is not None:
+                self.stats.rewritten += 1
+                pkt.set_payload(bytes(payload))
+            rmark = self.repeat_mark
+            pkt.set_mark((pkt.mark if rmark is None else rmark) | bmark)
+            pkt.repeat()
+            self.stats.bypass_marked += 1
+        except (RuntimeError, TypeError, OSError) as exc:
+            self.stats.verdict_errors += 1
+            log.warning("bypass verdict failed: %s", exc)
+        if pkt is self._current:
+            self._current_done = True
+
+    def _bypass_looped(self, pkt: QueuedPacket) -> None:
+        """A packet carrying the bypass bit was answered by us already with a bypass verdict and has been
+        queued again: the chain that feeds the queue neither saved the bit nor exempted it. Judging it again
+        would bypass-repeat it for ever. A plain accept ends its trip through this hook (rules after the
+        queue rule do not see it); the connection's next packets, whose conntrack mark never got the bit,
+        keep coming to the engine, whose tombstone answers them and reports the leak (BypassLeak)."""
+        st = self.stats
+        st.bypass_looped += 1
+        st.accepted += 1
+        if st.bypass_looped == 1:
+            b = f"{self.bypass_mark:#x}"
+            log.error(
+                "a packet came back to queue %d carrying tcpguard's bypass bit %s: the chain that feeds the "
+                "queue must save the bit and exempt it before its NFQUEUE rule (`-m mark --mark %s/%s -j "
+                "CONNMARK --set-xmark %s/%s`, then `-m connmark --mark %s/%s -j ACCEPT`). Such packets "
+                "are accepted without a second look; counted as 'bypass_looped'",
+                self.queue_num,
+                *([b] * 7),
             )
         if self._pending:
             self._flush()
