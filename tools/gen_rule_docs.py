@@ -210,6 +210,9 @@ END_REASONS = {
     "shutdown": "The daemon stopped (or the replay reached the end of the capture).",
     "uninspected": "A buffer bound was hit with `engine.policies.limit: accept` (fail-open): tcpguard "
     "stops inspecting the connection and lets its later packets through.",
+    "bypassed": "No listener wanted more of the connection (each said `flow.done()`, returned, or never "
+    "applied to it) and `engine.inspection.bypass` is on: the connection was handed to the kernel. "
+    "`end_connection` runs at that moment, not when the connection really ends, which tcpguard never sees.",
 }
 
 FLAG_CONSTANTS = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
@@ -674,6 +677,31 @@ never reaches the server; `reset()` there makes the client's connect() fail with
 `send()`: {{send_doc}} It goes with `current.mark()`/`unmark()` (see the cursor): a rule that needs to
 see more bytes before it lets earlier ones through marks a position, and the packets carrying bytes
 from there on are held (the kernel keeps them queued) until it unmarks or calls `flow.send()`.
+
+### Saying you are done: `flow.done()` and bypass
+
+A `receive_data` listener that needs no more of a connection says so: `flow.done()` (both directions)
+or `flow.done("up")` / `flow.done("down")`. The engine stops calling that listener for those bytes (a
+streamed listener that returns is done with its direction too, and one that calls `flow.done()` while it
+waits is ended). The engine keeps, per connection and direction, which listeners still want bytes; a
+listener whose `direction=` or `ports=` excludes a connection never wants it, and `new_connection` and
+`end_connection` listeners never hold a connection back. Calling `flow.done()` anywhere else does nothing.
+
+Once no listener wants either direction of an established connection, and with
+`engine.inspection.bypass: true`, the connection is *bypassed*: the packet that made it so is accepted
+with a request to the kernel to stop queueing the connection (tcpguard's chain then lets it through by
+its conntrack mark), `end_connection` runs with `flow.end_reason == "bypassed"`, and tcpguard forgets it.
+That is the whole speed-up on TLS, downloads and long transfers: their packets never cross into Python
+again. The price, which is why bypass is off by default: from then on the connection is out of
+tcpguard's sight for good. No rule sees it again (a rule loaded later neither), its segments are not
+normalised, RSTs are not checked, and `tcpguard reset ID` can no longer cut it. So say `done` only when
+nothing the connection can still carry matters to your rule: the sample shell-code scanner does so only
+once both ends have shown that they speak TLS (`tcpguard.tls`), never on one side's claim.
+
+A rule that only listens to `new_connection` (an allow-list) leaves nothing to read: with bypass on,
+its connections are bypassed right after their handshake. `engine.inspection.depth_up` and
+`depth_down` stop every listener after that many bytes of a direction (the segment crossing the depth
+is the last one they see): off by default, since past it a pattern can reach the server.
 
 ### End reasons
 

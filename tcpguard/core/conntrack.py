@@ -62,6 +62,7 @@ class Connection:
         "_send",
         "_store",
         "_syn_ts",
+        "_want",
         "action",
         "bytes_down",
         "bytes_up",
@@ -124,7 +125,13 @@ class Connection:
         # ones as bit 2 * index + direction of `_gdone`.
         self._greenlets: dict[tuple[int, int], Any] | None = None
         self._gdone = 0
-        self._send = 0  # bit 1: release 'up' holds, bit 2: release 'down' holds
+        # Requests of the rule call running now, read by the engine and the dispatch after it: bits 0-1
+        # `send` (release 'up' / 'down' holds), bits 2-3 `done` ('up' / 'down').
+        self._send = 0
+        # Which listeners still want bytes of which direction: bit 2 * i + d for the i-th receive_data
+        # listener (plain ones first, then streamed) and direction d (RuleDispatch.want_mask). 0: no
+        # listener wants anything more, and the connection may be bypassed (Inspection.bypass).
+        self._want = 0
         self._alert: Callable[..., None] | None = None
         # TCP-MD5/AO signing: a `tcpguard.core.state.Signing` value, kept as a plain int (native and small).
         self._auth = 0
@@ -201,6 +208,22 @@ class Connection:
         else:
             self._send |= 1 << DIRECTION_NAMES.index(direction)
 
+    def done(self, direction: str | None = None) -> None:
+        """The listener calling this needs no more bytes of `direction` ('up', 'down', or both when None)
+        of this connection: it is not called for them again. Once no listener wants either direction,
+        the engine may hand the connection to the kernel (bypass). Only inside a receive_data listener;
+        anywhere else the call is a rule error."""
+        if direction is None:
+            self._send |= 12
+        elif direction in DIRECTION_NAMES:
+            self._send |= 4 << DIRECTION_NAMES.index(direction)
+        else:
+            raise ValueError(f"flow.done({direction!r}): direction is 'up', 'down' or None")
+
+    def wants(self, direction: int) -> bool:
+        """True while some listener still wants the bytes of direction `direction` (UP or DOWN)."""
+        return bool(self._want & (WANT_UP << direction))
+
     def alert(
         self, description: str, severity: str = "medium", direction: str | None = None, **fields: Any
     ) -> None:
@@ -225,6 +248,62 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<flow #{self.id} {self.describe()} {self.state.name}>"
+
+
+#: Want bits of the up direction of the first 64 listeners (bit 2i); the down ones are this << 1. A
+#: direction's mask for any number of listeners is built by `direction_mask`.
+WANT_UP: Final = 1
+
+
+def direction_mask(d: int, listeners: int) -> int:
+    """The want bits of direction `d` for `listeners` receive_data listeners."""
+    m = 0
+    for i in range(listeners):
+        m |= 1 << (2 * i + d)
+    return m
+
+
+class BypassedFlow:
+    """What the engine keeps of a connection it handed to the kernel: enough to recognise its packets that
+    still arrive (they were queued before the kernel saw the mark, or the kernel's rule is missing), to
+    list it for the operator, and to count what it still cost. A few hundred bytes instead of a whole
+    `Connection` with its streams."""
+
+    __slots__ = (
+        "bytes",
+        "client",
+        "cport",
+        "expires",
+        "id",
+        "leak_seen",
+        "packets",
+        "server",
+        "since",
+        "sport",
+    )
+
+    def __init__(
+        self, cid: int, client: bytes, cport: int, server: bytes, sport: int, since: float, expires: float
+    ) -> None:
+        self.id = cid
+        self.client = client
+        self.cport = cport
+        self.server = server
+        self.sport = sport
+        self.since = since
+        self.expires = expires
+        self.packets = 0
+        self.bytes = 0
+        self.leak_seen = False
+
+    def describe(self) -> str:
+        c, s = ipaddress.ip_address(self.client), ipaddress.ip_address(self.server)
+        if len(self.client) == 16:
+            return f"[{c}]:{self.cport} > [{s}]:{self.sport}"
+        return f"{c}:{self.cport} > {s}:{self.sport}"
+
+    def __repr__(self) -> str:
+        return f"<bypassed flow #{self.id} {self.describe()}>"
 
 
 class ConnTable:

@@ -17,6 +17,12 @@ cannot be refused with EAGAIN when the outgoing link is congested, which is exac
 connections (issue 18: 17-23% of raw sends failed so behind a 40 Mbit/s link). An adapter that cannot
 (pcap replay) ignores `in_place` and sends `send` as usual; the outcome on the wire is the same.
 
+A Decision with `bypass` set (only with ACCEPT) also asks the adapter to have the kernel stop queueing
+the packet's connection: no listener wants more of it, and the engine has forgotten it. The NFQUEUE
+adapter marks the packet and lets tcpguard's chain save the mark on the conntrack entry; an offline
+adapter has nothing to do. Later packets of the connection that reach the engine anyway (already queued,
+or the kernel's rule is missing) are accepted with `bypass` set again.
+
 `Output` is the same minus the verdict, for timer ticks and shutdown.
 """
 
@@ -66,7 +72,7 @@ class Decision:
     """The verdict on one packet. `releases` and `send` are empty (shared empty tuples) on almost every
     packet, which saves two list allocations per packet on the hot path."""
 
-    __slots__ = ("flow_id", "in_place", "packet", "reason", "releases", "send", "verdict")
+    __slots__ = ("bypass", "flow_id", "in_place", "packet", "reason", "releases", "send", "verdict")
 
     def __init__(
         self,
@@ -77,6 +83,7 @@ class Decision:
         flow_id: int | None = None,
         reason: str = "",
         in_place: int = -1,
+        bypass: bool = False,
     ) -> None:
         self.verdict = verdict
         self.packet = packet
@@ -85,10 +92,11 @@ class Decision:
         self.flow_id = flow_id
         self.reason = reason
         self.in_place = in_place  # index in `send` of an RST that may ride this DROP's verdict; -1: none
+        self.bypass = bypass  # ACCEPT only: the kernel should stop queueing this connection
 
     def __repr__(self) -> str:
         return (
             f"Decision(verdict={self.verdict!r}, packet={self.packet!r}, releases={self.releases!r}, "
             f"send={self.send!r}, flow_id={self.flow_id!r}, reason={self.reason!r}, "
-            f"in_place={self.in_place!r})"
+            f"in_place={self.in_place!r}, bypass={self.bypass!r})"
         )

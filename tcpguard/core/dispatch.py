@@ -61,6 +61,8 @@ class RuleDispatch:
         self.stats = stats
         # The look-back tail each direction keeps for plain listeners (see `lookbacks`).
         self.lookback = lookbacks(rules)
+        # The want bits every connection starts with, and those that depend on its server port.
+        self._masks = _want_masks(rules)
         # For a rule-time watchdog outside the core: the rule running now (None between calls) and a
         # counter of calls, so the watchdog can tell one long call from many short ones.
         self.in_rule: Rule | None = None
@@ -86,9 +88,23 @@ class RuleDispatch:
 
     def replace(self, rules: RuleSet) -> None:
         """Swap the rule set (reload). Streamed listeners already running keep their old code until their
-        connection ends."""
+        connection ends. The engine recomputes every connection's want bits (`want_mask`): the new rules
+        never said they were done with anything."""
         self.rules = rules
         self.lookback = lookbacks(rules)
+        self._masks = _want_masks(rules)
+
+    def want_mask(self, conn: Connection) -> int:
+        """The want bits of a new connection: bit 2 * i + d for every receive_data listener i (plain ones
+        first, then streamed) that applies to direction d of this connection (its `direction=` and
+        `ports=`). A listener that never applies never holds the connection back from bypass."""
+        common, by_ports = self._masks
+        mask = common
+        sport = conn.sport
+        for bits, ports in by_ports:
+            if sport in ports:
+                mask |= bits
+        return mask
 
     # ------------------------------------------------------------------ events
     def new_connection(self, conn: Connection, pkt: Packet) -> None:
@@ -99,7 +115,9 @@ class RuleDispatch:
                 continue
             self._call(conn, r, conn, pkt)
             if conn.action:
-                return
+                break
+        # `flow.done()` means something only to a receive_data listener, which is what it stops calling.
+        conn._send &= 3
 
     def receive_data(self, conn: Connection, s: HalfStream, d: int, start: int) -> None:
         """`receive_data` for the bytes of direction `d` from offset `start` to the stream's end: the plain
@@ -115,25 +133,25 @@ class RuleDispatch:
                     "length": s.next - start,
                 }
             )
-        sport = conn.sport
+        # Listener i is called for direction d while bit 2 * i + d of `conn._want` is set: the bit says
+        # the listener applies (direction, ports) and has not said `flow.done()` or returned.
+        bit = 1 << d
         for r in self.rules.receive_data:
-            if r.direction is not None and r.direction != dname:
-                continue
-            if r.ports is not None and sport not in r.ports:
-                continue
-            self._call(conn, r, conn, s, Cursor(s, start, blocking=False), dname)
-            if conn.action:
-                return
+            if conn._want & bit:
+                self._call(conn, r, conn, s, Cursor(s, start, blocking=False), dname)
+                if conn._send & 12:
+                    self._take_done(conn, bit >> d)
+                if conn.action:
+                    return
+            bit <<= 2
         streamed = self.rules.streamed
         if not streamed:
             return
         for i, r in enumerate(streamed):
-            if r.direction is not None and r.direction != dname:
-                continue
-            if r.ports is not None and sport not in r.ports:
-                continue
-            if conn._gdone >> (2 * i + d) & 1:
-                continue  # this listener already finished on this direction
+            wanted = conn._want & bit
+            bit <<= 2
+            if not wanted or conn._gdone >> (2 * i + d) & 1:
+                continue  # not for this connection or direction, done, or finished (also before a reload)
             gls = conn._greenlets
             g = gls.get((d, i)) if gls is not None else None
             if g is None:
@@ -157,14 +175,28 @@ class RuleDispatch:
             if gd == d and i < len(streamed):
                 self._switch(conn, streamed[i], g, gd, i)
 
+    def stream_ended_early(self, conn: Connection, d: int) -> None:
+        """The rules stop seeing direction `d` before its end (its depth): its streamed listeners end now,
+        by GreenletExit, rather than wait for bytes they will never get."""
+        gls = conn._greenlets
+        if not gls:
+            return
+        for (gd, i), g in list(gls.items()):
+            if gd == d:
+                if not g.dead:
+                    g.throw(greenlet.GreenletExit)
+                self._retire(conn, gd, i)
+
     def end_connection(self, conn: Connection, blocked: bool) -> None:
         """Finish every streamed listener (at the end of both streams, or by GreenletExit when the
         connection is blocked), then `end_connection(flow)`."""
         self._end_readers(conn, kill=blocked)
+        conn._want = 0
         sport = conn.sport
         for r in self.rules.end_connection:
             if r.ports is None or sport in r.ports:
                 self._call(conn, r, conn)
+        conn._send &= 3
 
     # ------------------------------------------------------------------ calls
     def _call(self, conn: Connection, r: Rule, *args: Any) -> None:
@@ -189,17 +221,44 @@ class RuleDispatch:
             result = g.switch()
         finally:
             self.in_rule = None
+        base = 1 << 2 * (len(self.rules.receive_data) + i)
         if isinstance(result, _Done):
-            conn._gdone |= 1 << (2 * i + d)
-            gls = conn._greenlets
-            if gls is not None:
-                gls.pop((d, i), None)
-                if not gls:
-                    conn._greenlets = None
+            self._retire(conn, d, i)
+            conn._want &= ~(base << d)
             if result.error is not None:
                 self._rule_error(conn, r, result.error)
+        elif conn._send & 12:
+            # The listener said `flow.done()` and waits for more bytes: it gets none. Its greenlets of the
+            # directions it is done with end now (GreenletExit), which frees their coroutine.
+            req = conn._send >> 2 & 3
+            self._take_done(conn, base)
+            gls = conn._greenlets
+            for gd in (UP, DOWN):
+                g2 = gls.get((gd, i)) if gls is not None else None
+                if req >> gd & 1 and g2 is not None:
+                    if not g2.dead:
+                        g2.throw(greenlet.GreenletExit)
+                    self._retire(conn, gd, i)
+                    gls = conn._greenlets
         if self._pending_alerts:
             self._flush_alerts()
+
+    def _retire(self, conn: Connection, d: int, i: int) -> None:
+        """Streamed listener `i` is finished on direction `d`: forget its greenlet."""
+        conn._gdone |= 1 << (2 * i + d)
+        gls = conn._greenlets
+        if gls is not None:
+            gls.pop((d, i), None)
+            if not gls:
+                conn._greenlets = None
+
+    @staticmethod
+    def _take_done(conn: Connection, base: int) -> None:
+        """Apply the `flow.done()` of the listener whose up bit is `base`: clear its bits of the
+        directions it named."""
+        req = conn._send >> 2 & 3
+        conn._send &= 3
+        conn._want &= ~(req * base)
 
     def _end_readers(self, conn: Connection, kill: bool) -> None:
         if conn._greenlets is None and not conn._gdone:
@@ -302,6 +361,23 @@ class RuleDispatch:
         if self.sink is not None:
             event.setdefault("time", self.now)
             self.sink(event)
+
+
+def _want_masks(rules: RuleSet) -> tuple[int, list[tuple[int, frozenset[int]]]]:
+    """The want bits of the receive_data listeners (plain, then streamed), split into those of every
+    connection and those of listeners limited to some server ports (with the ports)."""
+    common = 0
+    by_ports: list[tuple[int, frozenset[int]]] = []
+    for i, r in enumerate((*rules.receive_data, *rules.streamed)):
+        bits = 0
+        for d, name in enumerate(DIRECTION_NAMES):
+            if r.direction is None or r.direction == name:
+                bits |= 1 << (2 * i + d)
+        if r.ports is None:
+            common |= bits
+        else:
+            by_ports.append((bits, r.ports))
+    return common, by_ports
 
 
 def lookbacks(rules: RuleSet) -> tuple[int, int]:

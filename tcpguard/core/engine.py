@@ -23,11 +23,19 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from tcpguard.core import forge, tracker
-from tcpguard.core.conntrack import Action, Connection, ConnTable, flow_key
+from tcpguard.core.conntrack import (
+    Action,
+    BypassedFlow,
+    Connection,
+    ConnTable,
+    FlowKey,
+    direction_mask,
+    flow_key,
+)
 from tcpguard.core.decision import Decision, Output, Release, Verdict
 from tcpguard.core.dispatch import EventSink, RuleDispatch
 from tcpguard.core.errors import DecodeError
-from tcpguard.core.events import Blocked, EventListener, Evicted, Evictions, LimitHit
+from tcpguard.core.events import Blocked, BypassLeak, EventListener, Evicted, Evictions, LimitHit
 from tcpguard.core.flowstore import pack_store
 from tcpguard.core.limits import Limits
 from tcpguard.core.packet import ACK, FIN, RST, SYN, URG, Packet, checksums_ok, decode
@@ -64,6 +72,12 @@ HOLD: Final = Verdict.HOLD
 #: from a fixed set (the text after a colon, which may vary, is not part of the key), so this only guards
 #: the bound against a future reason with variable text before its colon.
 MAX_DROP_REASONS: Final = 64
+#: Seconds after its bypass verdict during which packets of a bypassed connection reaching the engine are
+#: expected (they were queued behind that verdict); later ones mean the kernel's rule is missing.
+BYPASS_GRACE: Final = 2.0
+#: Seconds between sweeps of expired bypassed-connection entries, and between two BypassLeak events.
+BYPASS_SWEEP: Final = 10.0
+BYPASS_LEAK_EVERY: Final = 60.0
 
 # Enum members looked up on the class cost a metaclass call each; the hot path uses module constants.
 _ESTABLISHED: Final = State.ESTABLISHED
@@ -101,6 +115,13 @@ class Engine:
         self.drops: dict[str, int] = {}
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self._evicted_unlogged = 0
+        # Connections handed to the kernel (Inspection.bypass), by key: what is left of them. Bounded by
+        # max_connections (the oldest goes first); an entry lives `timeouts.closed` seconds after its
+        # bypass, or `timeouts.established` after its latest packet once they keep coming (a missing
+        # kernel rule), so that their packets are still recognised and never picked up mid-stream.
+        self.bypassed: dict[FlowKey, BypassedFlow] = {}
+        self._bypass_swept = 0.0
+        self._bypass_leak_said = -BYPASS_LEAK_EVERY
         self._read_settings()
 
     @property
@@ -179,8 +200,12 @@ class Engine:
     # ================================================================ public entry points
     def replace_rules(self, rules: RuleSet) -> None:
         """Swap the rule set (reload). Tracked connections keep running; streamed listeners already
-        running keep their old code until their connection ends."""
+        running keep their old code until their connection ends. Every connection is wanted again by the
+        new rules' listeners (they never said they were done with it), except past a depth."""
         self.dispatch.replace(rules)
+        for conn in self.table:
+            if not conn.ended and not conn.passthrough:
+                conn._want = self.dispatch.want_mask(conn) & ~self._past_depth(conn)
 
     def replace_settings(self, settings: EngineSettings) -> None:
         """Swap limits, timeouts and policies (reload). They apply from the next packet on; a connection's
@@ -207,9 +232,17 @@ class Engine:
         self.limits.configure(lim.max_stream_buffer, lim.max_total_buffer, lim.max_held_packets)
         self._refuse_unexpected_signature: bool = pol.unexpected_signature != "accept"
         self.dispatch.rule_error_policy = pol.rule_error
+        ins = st.inspection
+        self._bypass_on: bool = ins.bypass
+        self._depth_up: int = ins.depth_up
+        self._depth_down: int = ins.depth_down
 
-    def handle_packet(self, raw: bytes, now: float, token: object = None) -> Decision:
-        """Judge one raw IP packet. `token` identifies it if the engine holds it."""
+    def handle_packet(
+        self, raw: bytes, now: float, token: object = None, checksum_trusted: bool = False
+    ) -> Decision:
+        """Judge one raw IP packet. `token` identifies it if the engine holds it. `checksum_trusted`: the
+        adapter knows the checksums need no check (the kernel verified them, or fills them in on the way
+        out, as for a GSO packet queued whole), so the engine does not verify them."""
         self.now = self.dispatch.now = now
         stats = self.stats
         stats.packets += 1
@@ -217,7 +250,7 @@ class Engine:
         stats.bytes += size  # here, so that a packet whose handling raises still counts as received
         self._out = None  # made on demand by _output(): most packets release and send nothing
         try:
-            dec = self._handle(raw, token)
+            dec = self._handle(raw, token, checksum_trusted)
         finally:
             # Not `out = self._out` here: mypy narrowed `self._out` to None above, and mypyc would check
             # that narrowed type at run time (the rules may have made an Output since).
@@ -281,6 +314,11 @@ class Engine:
             self.table.compact()
         finally:
             self._out = None
+        if self.bypassed and now - self._bypass_swept >= BYPASS_SWEEP:
+            self._bypass_swept = now
+            gone = [k for k, b in self.bypassed.items() if b.expires <= now]
+            for k in gone:
+                del self.bypassed[k]
         return out
 
     def shutdown(self, now: float) -> Output:
@@ -301,6 +339,14 @@ class Engine:
                 return conn
         return None
 
+    def bypassed_flow(self, cid: int) -> BypassedFlow | None:
+        """The bypassed connection `cid`, if the engine still remembers it (for the operator's commands:
+        it can no longer be reset, the engine no longer knows where its sequence numbers are)."""
+        for b in self.bypassed.values():
+            if b.id == cid:
+                return b
+        return None
+
     def act(self, cid: int, action: int, now: float) -> Output | None:
         """Apply `Action.DROP`/`RESET`/`HALFRESET` to a live connection from outside (control socket)."""
         conn = self.connection(cid)
@@ -316,7 +362,7 @@ class Engine:
         return out
 
     # ================================================================ per packet
-    def _handle(self, raw: bytes, token: object) -> Decision:
+    def _handle(self, raw: bytes, token: object, checksum_trusted: bool) -> Decision:
         try:
             pkt = decode(raw)
         except DecodeError as e:
@@ -330,12 +376,18 @@ class Engine:
                 return Decision(DROP if drop else ACCEPT, reason="fragment")
             self.stats.non_tcp += 1
             return Decision(ACCEPT, reason="not tcp")
-        if self._verify_checksums and not checksums_ok(pkt):
+        if self._verify_checksums and not checksum_trusted and not checksums_ok(pkt):
             self.stats.bad_checksum += 1
             return Decision(DROP, reason="bad checksum")
         key = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
         conn = self.table.by_key.get(key)
         if conn is None:
+            if self.bypassed:
+                b = self.bypassed.get(key)
+                if b is not None:
+                    if pkt.flags & (SYN | ACK) != SYN:
+                        return self._bypassed_packet(b, len(raw))
+                    del self.bypassed[key]  # a new connection on the same ports: tracked as usual
             return self._untracked(pkt, token)
         direction = UP if pkt.sport == conn.cport and pkt.src == conn.client else DOWN
         return self._track(conn, pkt, direction, token)
@@ -405,6 +457,7 @@ class Engine:
         conn = Connection(self.table.new_id(), client, cport, server, sport, self.now, up, down, state)
         conn.midstream = midstream
         conn._alert = self.dispatch.alert_sink
+        conn._want = self.dispatch.want_mask(conn)
         if flags & SYN and not flags & ACK:
             wscale = pkt.options().wscale
             conn.wscale_client = wscale if wscale is not None else -1
@@ -442,7 +495,10 @@ class Engine:
         if conn.action:
             return Decision(DROP, flow_id=conn.id, reason="connection blocked")
         if conn.passthrough:
-            return Decision(ACCEPT, flow_id=conn.id, reason="uninspected after a limit (fail open)")
+            passed = Decision(ACCEPT, flow_id=conn.id, reason="uninspected after a limit (fail open)")
+            if self._bypass_on and not pkt.flags & (SYN | RST | FIN):
+                return self._bypass(conn, passed)  # nothing inspects it any more: the kernel may as well
+            return passed
         # Only segments with options pay for the signature check, and only a byte scan unless it hits.
         auth = conn._auth
         if pkt.tcp_hlen > 20 and auth != _NEGOTIATED and pkt.signed():
@@ -560,7 +616,10 @@ class Engine:
             dec = Decision(ACCEPT, flow_id=conn.id)
         # ---- state transition
         if steady and (fin_before >= 0 or s.fin_off < 0):
-            return dec  # no FIN was taken in (a held FIN can be taken when a data segment fills the gap)
+            # No FIN was taken in (a held FIN can be taken when a data segment fills the gap).
+            if not conn._want and self._bypass_on and dec.verdict is ACCEPT and self._may_bypass(conn):
+                return self._bypass(conn, dec)
+            return dec
         fins_acked = (
             conn.up.fin_off >= 0
             and conn.down.fin_off >= 0
@@ -577,6 +636,14 @@ class Engine:
                 self._set_state(conn, nxt)
                 if nxt in FINISHED:
                     self._finish(conn, "fin")
+        if (
+            not conn._want
+            and self._bypass_on
+            and conn.state is _ESTABLISHED
+            and dec.verdict is ACCEPT
+            and self._may_bypass(conn)
+        ):
+            return self._bypass(conn, dec)  # e.g. the handshake's last ACK, when no listener reads data
         return dec
 
     def _data(self, conn: Connection, pkt: Packet, s: HalfStream, d: int, token: object) -> Decision:
@@ -656,7 +723,9 @@ class Engine:
             assert held is not None
             held.packet = packet
             return Decision(HOLD, flow_id=conn.id, reason="out of order")
-        if new_start >= 0:
+        if new_start >= 0 and (self._depth_up or self._depth_down):
+            self._depth(conn, s, d, new_start)
+        if new_start >= 0 and conn._want:
             self.dispatch.receive_data(conn, s, d, new_start)
             if isinstance(conn._store, dict):
                 pack_store(conn)  # a one-entry store costs 64 bytes between packets instead of 184
@@ -737,6 +806,81 @@ class Engine:
         if down.held and down.hold_from < 0:
             self._release_held(down, ACCEPT)
         conn._send = 0
+
+    # ================================================================ bypass
+    def _may_bypass(self, conn: Connection) -> bool:
+        """Nothing of the connection waits in the engine: no held or out-of-order packet, no rule mark,
+        no blocked verdict pending. (Its listeners' want bits the caller checked.)"""
+        up, down = conn.up, conn.down
+        return not (
+            conn.action
+            or up.held
+            or down.held
+            or up.ooo
+            or down.ooo
+            or up.hold_from >= 0
+            or down.hold_from >= 0
+        )
+
+    def _bypass(self, conn: Connection, dec: Decision) -> Decision:
+        """Hand the connection to the kernel: this packet's ACCEPT carries the bypass request, the rules
+        get end_connection (reason 'bypassed'), and the engine keeps only a `BypassedFlow`."""
+        self.stats.bypassed += 1
+        self._emit({"event": "bypass", "flow": conn.id})
+        if not conn.ended:
+            self._finish(conn, "bypassed")
+        self.table.remove(conn)
+        bypassed = self.bypassed
+        if len(bypassed) >= self.settings.limits.max_connections:
+            del bypassed[next(iter(bypassed))]  # the oldest: its in-flight packets are long gone
+        now = self.now
+        b = BypassedFlow(
+            conn.id, conn.client, conn.cport, conn.server, conn.sport, now, now + self._timeout[State.CLOSED]
+        )
+        bypassed[conn.key] = b
+        dec.bypass = True
+        return dec
+
+    def _bypassed_packet(self, b: BypassedFlow, size: int) -> Decision:
+        """A packet of a connection handed to the kernel: accepted uninspected, with the bypass request
+        again (it re-marks the connection, harmless when the mark is there)."""
+        now = self.now
+        b.packets += 1
+        b.bytes += size
+        self.stats.bypass_packets += 1
+        self.stats.bypass_bytes += size
+        if now - b.since > BYPASS_GRACE:
+            # Long after the verdict: the kernel's rule is missing, so keep recognising the connection as
+            # long as its packets come (an idle established connection's timeout).
+            b.expires = now + self._timeout[_ESTABLISHED]
+            if not b.leak_seen:
+                b.leak_seen = True
+                if self._on_event is not None and now - self._bypass_leak_said >= BYPASS_LEAK_EVERY:
+                    self._bypass_leak_said = now
+                    self._on_event(BypassLeak(b, now - b.since))
+        return Decision(ACCEPT, flow_id=b.id, reason="bypassed", bypass=True)
+
+    def _past_depth(self, conn: Connection) -> int:
+        """The want bits of the directions past their depth (Inspection.depth_up/down)."""
+        n = len(self.dispatch.rules.receive_data) + len(self.dispatch.rules.streamed)
+        mask = 0
+        if self._depth_up and conn.up.next >= self._depth_up:
+            mask |= direction_mask(UP, n)
+        if self._depth_down and conn.down.next >= self._depth_down:
+            mask |= direction_mask(DOWN, n)
+        return mask
+
+    def _depth(self, conn: Connection, s: HalfStream, d: int, start: int) -> None:
+        """Past its depth a direction is wanted by no listener. The segment that crosses the depth is the
+        last the rules see whole; streamed listeners of the direction end at once."""
+        depth = self._depth_up if d == UP else self._depth_down
+        if not depth or start < depth:
+            return
+        mask = direction_mask(d, len(self.dispatch.rules.receive_data) + len(self.dispatch.rules.streamed))
+        if conn._want & mask:
+            conn._want &= ~mask
+            self.stats.depth_reached += 1
+            self.dispatch.stream_ended_early(conn, d)
 
     # ================================================================ verdict helpers
     def _take_output(self) -> Output | None:

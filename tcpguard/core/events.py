@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tcpguard.core.conntrack import Connection
+from tcpguard.core.conntrack import BypassedFlow, Connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,5 +71,16 @@ class AlertRaised:
     direction: str
 
 
-EngineEvent = RuleError | LimitHit | Blocked | Evicted | Evictions | AlertRaised
+@dataclass(frozen=True, slots=True)
+class BypassLeak:
+    """Packets of a bypassed connection still reach the engine `seconds` after its bypass verdict: the
+    kernel rule that lets marked connections through is missing (an operator's chain with
+    `iptables.manage: false`). The engine keeps accepting them without inspection; this says why they
+    still cost a trip through the daemon. Emitted at most once a minute."""
+
+    flow: BypassedFlow
+    seconds: float
+
+
+EngineEvent = RuleError | LimitHit | Blocked | Evicted | Evictions | AlertRaised | BypassLeak
 EventListener = Callable[[EngineEvent], None]

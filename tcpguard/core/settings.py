@@ -89,7 +89,28 @@ class Policies:
 
 
 @dataclass(slots=True)
+class Inspection:
+    """How far the rules look into a connection, and what happens once none of them looks any more."""
+
+    # When no listener wants more bytes of either direction of an established connection (each said
+    # `flow.done()`, returned, or never applied to it), answer its packet with a bypass verdict: the
+    # kernel stops queueing the connection (tcpguard's chain lets its conntrack mark through), the rules
+    # get end_connection (reason 'bypassed') and the engine forgets it. From then on the connection is out
+    # of tcpguard's sight for good: no normalisation, no RST checks, no operator reset. false: such a
+    # connection stays tracked and normalised, and every packet still crosses the daemon. Off by default,
+    # as Suricata's stream.bypass: with it, tcpguard's own protections (RST checks, normalisation) end
+    # with the rules' interest, which an operator who runs tcpguard for them must choose knowingly.
+    bypass: bool = False
+    # Bytes of each direction the rules see (0: all of them). Past it a direction counts as wanted by no
+    # listener, so with bypass a connection past both depths leaves the daemon. Off by default: the
+    # inline promise is that a pattern never reaches the server, and past the depth it can.
+    depth_up: int = field(default=0, metadata={"min": 0})
+    depth_down: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass(slots=True)
 class EngineSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     policies: Policies = field(default_factory=Policies)
+    inspection: Inspection = field(default_factory=Inspection)

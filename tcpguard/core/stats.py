@@ -12,12 +12,19 @@ class Stats:
     accepted: int = 0
     alerts: int = 0  # alerts the rules raised (`flow.alert`)
     bad_checksum: int = 0
+    # Connections handed to the kernel (Inspection.bypass), and the packets and bytes of theirs that
+    # still reached the engine afterwards: in flight when they were bypassed, or every one when the
+    # kernel's rule is missing. Offline, the packets that would not have reached the daemon.
+    bypass_bytes: int = 0
+    bypass_packets: int = 0
+    bypassed: int = 0
     # Bytes of the packets handed in, and of those answered at once with ACCEPT or DROP (a held packet's
     # fate comes later, in a Release, which the adapter side counts: the engine does not keep sizes).
     bytes: int = 0
     bytes_accepted: int = 0
     bytes_dropped: int = 0
     connections: int = 0
+    depth_reached: int = 0  # directions whose rules stopped at Inspection.depth_up/down
     dropped: int = 0
     evicted: int = 0
     fragments: int = 0

@@ -1,0 +1,293 @@
+"""Connection bypass: listeners say they are done, the engine hands the connection to the kernel.
+
+Each test is a packet exchange through the engine (tests/core/playbook.py); the decision's `bypass`
+flag is what the NFQUEUE adapter turns into the kernel-side mark.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tcpguard import rule, tcp_connection
+from tcpguard.core.decision import Verdict
+from tcpguard.core.engine import BYPASS_GRACE
+from tcpguard.core.events import BypassLeak
+from tcpguard.core.rules import RuleSet
+from tcpguard.core.settings import EngineSettings
+
+from .playbook import Playbook
+
+ACCEPT, DROP, HOLD = Verdict.ACCEPT, Verdict.DROP, Verdict.HOLD
+
+
+def settings(bypass: bool = True, depth_up: int = 0, depth_down: int = 0, **limits: Any) -> EngineSettings:
+    st = EngineSettings()
+    st.inspection.bypass = bypass
+    st.inspection.depth_up = depth_up
+    st.inspection.depth_down = depth_down
+    for k, v in limits.items():
+        setattr(st.limits, k, v)
+    return st
+
+
+def allow_all() -> RuleSet:
+    @rule(on=tcp_connection.events.new_connection)
+    def allow(flow: Any, pkt: Any) -> None:
+        pass
+
+    return RuleSet.of(allow)
+
+
+def ended(pb: Playbook) -> list[str]:
+    return [e["reason"] for e in pb.names("end_connection")]
+
+
+def test_a_new_connection_only_rule_set_is_bypassed_at_the_handshake_ack() -> None:
+    pb = Playbook(allow_all(), settings())
+    assert not pb.client("S").bypass
+    assert not pb.server("SA").bypass
+    last = pb.client("A")
+    assert last.verdict == ACCEPT and last.bypass
+    assert ended(pb) == ["bypassed"]
+    assert len(pb.engine.table) == 0 and pb.engine.stats.bypassed == 1
+    # A packet queued behind the verdict: accepted uninspected, asking for the bypass again, counted.
+    later = pb.client("PA", b"GET /bin/sh")
+    assert (later.verdict, later.bypass, later.reason) == (ACCEPT, True, "bypassed")
+    assert later.flow_id == last.flow_id
+    assert pb.engine.stats.bypass_packets == 1
+    assert pb.engine.stats.bypass_bytes == 40 + len(b"GET /bin/sh")
+    assert pb.engine.stats.midstream == 0  # not picked up as a new mid-stream connection
+
+
+def test_bypass_off_keeps_tracking() -> None:
+    pb = Playbook(allow_all(), settings(bypass=False))
+    pb.handshake()
+    d = pb.client("PA", b"hello")
+    assert d.verdict == ACCEPT and not d.bypass
+    assert len(pb.engine.table) == 1 and pb.engine.stats.bypassed == 0 and ended(pb) == []
+
+
+def test_one_listener_done_does_not_bypass_while_another_still_wants() -> None:
+    seen: dict[str, list[bytes]] = {"quick": [], "thorough": []}
+
+    @rule(on=tcp_connection.events.receive_data, direction="up")
+    def quick(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        seen["quick"].append(current.read())
+        flow.done()
+
+    @rule(on=tcp_connection.events.receive_data, direction="up")
+    def thorough(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        data = current.read()
+        seen["thorough"].append(data)
+        if data == b"last":
+            flow.done("up")
+
+    pb = Playbook(RuleSet.of(quick, thorough), settings())
+    pb.handshake()
+    assert not pb.client("PA", b"one").bypass
+    assert not pb.client("PA", b"two").bypass
+    assert seen == {"quick": [b"one"], "thorough": [b"one", b"two"]}  # quick is not called again
+    d = pb.client("PA", b"last")
+    assert d.verdict == ACCEPT and d.bypass  # the down direction was never wanted (direction='up')
+    assert ended(pb) == ["bypassed"]
+
+
+def test_a_listener_for_other_ports_never_holds_a_connection() -> None:
+    @rule(on=tcp_connection.events.receive_data, ports={80})
+    def http_only(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        raise AssertionError("called on a connection to another port")
+
+    pb = Playbook(RuleSet.of(http_only), settings(), sport=443)
+    pb.client("S")
+    pb.server("SA")
+    assert pb.client("A").bypass
+    pb80 = Playbook(RuleSet.of(http_only), settings(), sport=80)
+    pb80.client("S")
+    pb80.server("SA")
+    assert not pb80.client("A").bypass
+
+
+def test_a_streamed_listener_that_returns_is_done_with_its_direction() -> None:
+    @rule(on=tcp_connection.events.receive_data, streamed=True, direction="up")
+    def hello(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        flow.store["hello"] = current.read(8)
+
+    pb = Playbook(RuleSet.of(hello), settings())
+    pb.handshake()
+    assert not pb.client("PA", b"hell").bypass  # waits for 8 bytes
+    d = pb.client("PA", b"o, world")
+    assert d.bypass
+
+
+def test_a_streamed_listener_saying_done_while_waiting_is_ended() -> None:
+    finished: list[str] = []
+
+    @rule(on=tcp_connection.events.receive_data, streamed=True)
+    def reader(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        try:
+            while True:
+                chunk = current.read(4)
+                if chunk == b"stop":
+                    flow.done()  # both directions; this one waits for nothing more
+                if not chunk:
+                    return
+        finally:
+            finished.append(direction)
+
+    pb = Playbook(RuleSet.of(reader), settings())
+    pb.handshake()
+    assert not pb.server("PA", b"banner").bypass  # the down reader runs and waits
+    d = pb.client("PA", b"stop")
+    assert d.bypass
+    assert sorted(finished) == ["down", "up"]  # both greenlets ended, their `finally` ran
+    assert pb.engine.table.by_key == {}
+
+
+def test_done_outside_receive_data_does_nothing() -> None:
+    @rule(on=tcp_connection.events.new_connection)
+    def early(flow: Any, pkt: Any) -> None:
+        flow.done()
+
+    calls: list[bytes] = []
+
+    @rule(on=tcp_connection.events.receive_data, direction="up")
+    def reader(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        calls.append(current.read())
+
+    pb = Playbook(RuleSet.of(early, reader), settings())
+    pb.handshake()
+    assert not pb.client("PA", b"x").bypass
+    assert calls == [b"x"]  # the new_connection listener's done() did not silence the reader
+
+
+def test_held_bytes_keep_a_connection_until_released() -> None:
+    @rule(on=tcp_connection.events.receive_data, direction="up")
+    def holder(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        current.mark()  # hold the packets from here on
+        flow.done()  # and never look again: nothing will release them but the connection's end
+
+    pb = Playbook(RuleSet.of(holder), settings())
+    pb.handshake()
+    d = pb.client("PA", b"wait")
+    assert d.verdict == HOLD and not d.bypass  # marked: the packet stays in the queue
+    # The listener is done, so nothing will unmark: the connection stays tracked, never bypassed with a
+    # packet held; it ends with its held packet released in order at end_connection.
+    assert len(pb.engine.table) == 1
+    d2 = pb.client("A")
+    assert not d2.bypass
+
+
+def test_a_new_syn_on_the_same_ports_is_a_new_connection() -> None:
+    pb = Playbook(allow_all(), settings())
+    pb.handshake()
+    assert pb.engine.stats.bypassed == 1
+    pb.client("FA")
+    pb.cisn = pb.cnext = 90000
+    d = pb.client("S")
+    assert not d.bypass and d.reason != "bypassed"
+    assert len(pb.engine.table) == 1 and pb.engine.bypassed == {}
+    assert pb.engine.stats.connections == 2
+
+
+def test_bypassed_entries_expire_and_are_bounded() -> None:
+    pb = Playbook(allow_all(), settings(max_connections=2))
+    for port in (40001, 40002, 40003):
+        pb.cport = port
+        pb.handshake()
+    assert pb.engine.stats.bypassed == 3
+    assert [b.cport for b in pb.engine.bypassed.values()] == [40002, 40003]  # the oldest went first
+    closed = pb.engine.settings.timeouts.closed
+    pb.engine.handle_timer(pb.now + closed + 11)
+    assert pb.engine.bypassed == {}
+
+
+def test_packets_long_after_the_bypass_say_the_kernel_rule_is_missing() -> None:
+    events: list[Any] = []
+    pb = Playbook(allow_all(), settings())
+    pb.engine.on_event = events.append
+    pb.handshake()
+    pb.client("PA", b"in flight")
+    assert not [e for e in events if isinstance(e, BypassLeak)]
+    d = pb.client("PA", b"much later", dt=BYPASS_GRACE + 1)
+    assert d.bypass and d.verdict == ACCEPT
+    leaks = [e for e in events if isinstance(e, BypassLeak)]
+    assert len(leaks) == 1 and leaks[0].seconds > BYPASS_GRACE
+    pb.client("PA", b"and again")
+    assert len([e for e in events if isinstance(e, BypassLeak)]) == 1  # said once
+    # It keeps being recognised while its packets come, beyond the short post-bypass lifetime.
+    pb.engine.handle_timer(pb.now + pb.engine.settings.timeouts.closed + 11)
+    assert len(pb.engine.bypassed) == 1
+
+
+def test_depth_stops_the_rules_of_a_direction() -> None:
+    calls: list[int] = []
+
+    @rule(on=tcp_connection.events.receive_data)
+    def reader(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        calls.append(len(current.read()))
+
+    pb = Playbook(RuleSet.of(reader), settings(bypass=False, depth_up=10))
+    pb.handshake()
+    pb.client("PA", b"x" * 6)
+    pb.client("PA", b"y" * 6)  # crosses the depth: still seen whole
+    pb.client("PA", b"/bin/sh")  # past it: not seen
+    assert calls == [6, 6]
+    assert pb.engine.stats.depth_reached == 1
+    pb.server("PA", b"reply")  # the other direction is still read
+    assert calls == [6, 6, 5]
+    assert len(pb.engine.table) == 1  # bypass off: still tracked
+
+
+def test_depth_in_both_directions_with_bypass_hands_the_connection_over() -> None:
+    @rule(on=tcp_connection.events.receive_data)
+    def reader(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        current.read()
+
+    pb = Playbook(RuleSet.of(reader), settings(depth_up=4, depth_down=4))
+    pb.handshake()
+    assert not pb.client("PA", b"abcd").bypass
+    assert not pb.server("PA", b"wxyz").bypass
+    assert not pb.client("PA", b"e").bypass  # the down direction is still wanted
+    assert pb.server("PA", b"z").bypass
+
+
+def test_a_reload_makes_the_new_rules_want_existing_connections() -> None:
+    calls: list[bytes] = []
+
+    @rule(on=tcp_connection.events.receive_data, direction="up")
+    def reader(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        calls.append(current.read())
+
+    pb = Playbook(RuleSet(), settings(bypass=False))
+    pb.handshake()
+    pb.client("PA", b"before")
+    pb.engine.replace_rules(RuleSet.of(reader))
+    pb.client("PA", b"after")
+    assert calls == [b"after"]
+
+
+def test_a_connection_uninspected_after_a_limit_is_bypassed_too() -> None:
+    @rule(on=tcp_connection.events.receive_data, direction="up", streamed=True)
+    def hoarder(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        current.read(10**9)  # never satisfied: the stream's buffer fills
+
+    st = settings(max_stream_buffer=100)
+    st.policies.limit = "accept"
+    pb = Playbook(RuleSet.of(hoarder), st)
+    pb.handshake()
+    d = pb.client("PA", b"x" * 150)
+    assert d.verdict == ACCEPT and ended(pb) == ["uninspected"]
+    assert pb.client("PA", b"more").bypass
+
+
+def test_a_trusted_checksum_is_not_verified() -> None:
+    pb = Playbook(allow_all(), settings(bypass=False))
+    pb.handshake()
+    raw = bytearray(pb._seg(True, "PA", b"data", None, None, 65535, b"", 0))
+    raw[-1] ^= 0xFF  # the payload changed after the checksum was computed
+    pb.now += 0.001
+    assert pb.engine.handle_packet(bytes(raw), pb.now, None, checksum_trusted=True).verdict == ACCEPT
+    raw2 = bytearray(pb._seg(True, "PA", b"more", None, None, 65535, b"", 0))
+    raw2[-1] ^= 0xFF
+    d = pb.engine.handle_packet(bytes(raw2), pb.now, None)
+    assert (d.verdict, d.reason) == (DROP, "bad checksum")
