@@ -10,11 +10,29 @@ The chain holds, in order:
 1. `-m mark --mark M -j RETURN`: packets tcpguard forged itself (RSTs sent through a raw socket with
    `SO_MARK` = M) leave the chain and are never queued again. Exact match on purpose: a bit-mask match
    would also let through ordinary traffic that another tool happened to mark with overlapping bits.
-2. `-p tcp [-i IF] [-o IF] [-m multiport --ports P] -j NFQUEUE --queue-num N` (or `--queue-balance A:B`
+2. `-m mark --mark B/B -j CONNMARK --set-xmark B/B` (with a connection bypass bit B, `bypass_mark`): the
+   one packet tcpguard answered with a bypass verdict (NF_REPEAT with B added to its mark,
+   `tcpguard.io.nfqueue`) copies the bit into its connection's conntrack mark. Only bit B of the conntrack
+   mark is written, so an operator's own connmark bits stay as they are.
+3. `-m connmark --mark B/B -j ACCEPT` (`-j RETURN` with `repeat`, so the hook's later rules still see the
+   packets): every packet of a connection carrying the bit leaves before the queue rules, in the kernel,
+   at no cost to the daemon. This is connection bypass (issue 20): once no rule wants a connection's bytes
+   any more, the kernel stops queueing it. Its counters are the packets and bytes that went through the
+   kernel instead of the daemon (`bypass_counters`).
+4. `-p tcp [-i IF] [-o IF] [-m multiport --ports P] -j NFQUEUE --queue-num N` (or `--queue-balance A:B`
    for several workers, plus `--queue-bypass` when configured). NFQUEUE's balance hash is symmetric in
    the source and destination address, so both directions of a connection reach the same worker. The
    multiport match takes at most 15 ports, so a longer port list becomes several NFQUEUE rules; a packet
    is queued by the first one that matches (NFQUEUE is terminal), so never twice.
+
+Why the conntrack mark and not the verdict itself: nfnetlink_queue can set the conntrack mark from the
+verdict message (NFQA_CT with CTA_MARK), which would save rule 2, but only with
+CONFIG_NETFILTER_NETLINK_GLUE_CT, which the kernels we run on do not set (`zcat /proc/config.gz`: "#
+CONFIG_NETFILTER_NETLINK_GLUE_CT is not set"), and a verdict carrying NFQA_CT is then refused. A flowtable
+(nftables `flow add`), which would take the bypassed connection off the slow path altogether, needs
+CONFIG_NF_FLOW_TABLE, likewise not set. The CONNMARK target and the connmark match are built in
+(CONFIG_NETFILTER_XT_TARGET_CONNMARK, CONFIG_NETFILTER_XT_MATCH_CONNMARK, CONFIG_NF_CONNTRACK_MARK), and
+the packet mark round trip (NF_REPEAT with a mark) is what the adapter already does for `queue.repeat`.
 
 Idempotence and crashes: `install()` rebuilds the chain's content in one atomic `iptables-restore
 --noflush` transaction (declaring a chain there creates it or flushes it), so there is no moment where the
@@ -89,7 +107,10 @@ class IptablesSpec:
     bound to a queue, its packets are accepted instead of dropped (fail-open across restarts). `mark` is
     the fwmark of forged packets (must equal the raw sender's `SO_MARK`). `ports` restricts queueing to TCP
     packets with one of these as source or destination port (None or empty: all TCP). `ipv6` installs the
-    same chain with ip6tables as well.
+    same chain with ip6tables as well. `bypass_mark` is the single bit of connection bypass (rules 2 and 3
+    above; 0: no bypass rules, the kernel then queues every packet of every connection); it must not be a
+    bit of `mark`, or a forged RST would mark its connection bypassed. `repeat` mirrors `queue.repeat`:
+    bypassed connections then RETURN to the hook's later rules instead of being accepted outright.
     """
 
     chain: str = "TCPGUARD"
@@ -102,6 +123,8 @@ class IptablesSpec:
     out_interface: str | None = None
     ports: tuple[int, ...] | None = None
     ipv6: bool = True
+    bypass_mark: int = 0x40000000
+    repeat: bool = True
     # Not configuration: the binaries, overridable for tests or unusual installs.
     binaries: tuple[str, str] = field(default=("iptables", "ip6tables"), compare=False)
 
@@ -134,6 +157,11 @@ class IptablesSpec:
         if not 1 <= self.mark <= 0xFFFFFFFF:
             # Mark 0 would make the RETURN rule match every unmarked packet: nothing would be queued.
             raise ValueError(f"mark: {self.mark} outside 1..0xffffffff")
+        b = self.bypass_mark
+        if isinstance(b, bool) or not 0 <= b <= 0xFFFFFFFF or b & (b - 1):
+            raise ValueError(f"bypass_mark: {b!r} is not 0 or a single bit of the 32-bit mark")
+        if b & self.mark:
+            raise ValueError(f"bypass_mark: {b:#x} is a bit of mark {self.mark:#x}")
         for name, iface in (("in_interface", self.in_interface), ("out_interface", self.out_interface)):
             if iface is not None and not _IFACE_RE.fullmatch(iface):
                 raise ValueError(f"{name}: {iface!r} is not an interface name")
@@ -162,6 +190,7 @@ class IptablesSpec:
     def chain_rules(self) -> list[list[str]]:
         """The chain's rules as argument lists (without the leading `-A CHAIN`), in order."""
         rules: list[list[str]] = [["-m", "mark", "--mark", f"{self.mark:#x}", "-j", "RETURN"]]
+        rules += self.bypass_rules()
         match = ["-p", "tcp"]
         if self.in_interface is not None:
             match += ["-i", self.in_interface]
@@ -175,6 +204,16 @@ class IptablesSpec:
         else:
             rules.append([*match, *self.queue_target()])
         return rules
+
+    def bypass_rules(self) -> list[list[str]]:
+        """The two connection bypass rules (save the bit, let marked connections pass), or none."""
+        if not self.bypass_mark:
+            return []
+        bits = f"{self.bypass_mark:#x}/{self.bypass_mark:#x}"
+        return [
+            ["-m", "mark", "--mark", bits, "-j", "CONNMARK", "--set-xmark", bits],
+            ["-m", "connmark", "--mark", bits, "-j", "RETURN" if self.repeat else "ACCEPT"],
+        ]
 
     def restore_script(self) -> str:
         """The `iptables-restore --noflush` input that (re)builds the chain atomically."""
@@ -272,6 +311,26 @@ class IptablesManager:
                 if len(fields) > 2 and fields[2] == "NFQUEUE" and fields[0].isdigit():
                     total += int(fields[0])
         return total
+
+    def bypass_counters(self) -> tuple[int, int]:
+        """Packets and bytes the connmark rule let past the queue since the chain was (re)built, both
+        families: the traffic of bypassed connections that went through the kernel instead of the daemon
+        (each bypass verdict's own repeated packet included, one per bypassed connection and in-flight
+        packet). (0, 0) without a bypass bit. Raises IptablesError when the chain is missing or iptables
+        fails."""
+        if not self.spec.bypass_mark:
+            return 0, 0
+        packets = octets = 0
+        for binary in self.families():
+            out = self._run([binary, "-w", "-t", "filter", "-L", self.spec.chain, "-n", "-v", "-x"])
+            for line in out.splitlines():
+                fields = line.split()
+                # "pkts bytes ACCEPT|RETURN ... connmark match 0x40000000/0x40000000": only the connmark
+                # rule's line says "connmark match" (the CONNMARK target's says "CONNMARK or").
+                if len(fields) > 2 and fields[0].isdigit() and "connmark match" in line:
+                    packets += int(fields[0])
+                    octets += int(fields[1])
+        return packets, octets
 
     # ------------------------------------------------------------------ per family
     def _install_family(self, binary: str) -> list[str]:

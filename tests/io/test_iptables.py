@@ -20,6 +20,17 @@ def test_default_spec_rules() -> None:
     spec = IptablesSpec()
     assert spec.chain_rules() == [
         ["-m", "mark", "--mark", "0x7467", "-j", "RETURN"],
+        [
+            "-m",
+            "mark",
+            "--mark",
+            "0x40000000/0x40000000",
+            "-j",
+            "CONNMARK",
+            "--set-xmark",
+            "0x40000000/0x40000000",
+        ],
+        ["-m", "connmark", "--mark", "0x40000000/0x40000000", "-j", "RETURN"],
         ["-p", "tcp", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"],
     ]
     script = spec.restore_script()
@@ -38,13 +49,15 @@ def test_balance_interfaces_and_port_chunks() -> None:
         ports=tuple(ports),
         hooks=("FORWARD",),
     )
-    rules = spec.chain_rules()
-    assert len(rules) == 3
-    for rule in rules[1:]:
+    rules = spec.chain_rules()[2:]  # after the mark RETURN and the bypass CONNMARK
+    assert rules[0][-2:] == ["-j", "RETURN"]  # bypassed connections skip the queue rules
+    rules = rules[1:]
+    assert len(rules) == 2
+    for rule in rules:
         assert rule[:6] == ["-p", "tcp", "-i", "c0", "-o", "s+"]
         assert rule[-4:] == ["-j", "NFQUEUE", "--queue-balance", "3:6"]
-    assert rules[1][rules[1].index("--ports") + 1] == ",".join(str(p) for p in ports[:15])
-    assert rules[2][rules[2].index("--ports") + 1] == ",".join(str(p) for p in ports[15:])
+    assert rules[0][rules[0].index("--ports") + 1] == ",".join(str(p) for p in ports[:15])
+    assert rules[1][rules[1].index("--ports") + 1] == ",".join(str(p) for p in ports[15:])
 
 
 def test_lists_from_yaml_become_tuples() -> None:
@@ -241,7 +254,7 @@ def test_remove_reports_what_it_removed(gw_lab: Lab) -> None:
     mgr.install()
     lab.run("gw", ["iptables", "-w", "-A", "OPERATOR", "-p", "tcp", "--dport", "25", "-j", "TCPGUARD"])
     assert sorted(mgr.remove()) == [
-        "iptables chain TCPGUARD (2 rules)",
+        "iptables chain TCPGUARD (4 rules)",
         "iptables rule: -A FORWARD -j TCPGUARD",
         "iptables rule: -A INPUT -j TCPGUARD",
         "iptables rule: -A OPERATOR -p tcp -m tcp --dport 25 -j TCPGUARD",
@@ -262,6 +275,6 @@ def test_iptables_remove_command_says_what_it_removed(lab: Lab, tmp_path: Path) 
 
     run("install")
     assert run("remove") == (
-        "removed iptables rule: -A FORWARD -j TG_CLI\nremoved iptables chain TG_CLI (2 rules)\n"
+        "removed iptables rule: -A FORWARD -j TG_CLI\nremoved iptables chain TG_CLI (4 rules)\n"
     )
     assert run("remove") == "nothing to remove: no chain TG_CLI in iptables or ip6tables\n"
