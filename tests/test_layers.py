@@ -5,8 +5,8 @@
 * the adapters (`tcpguard.io`) import the standard library, NetfilterQueue, each other and, of the core,
   only the decision types they translate;
 * nothing imports the command line (`tcpguard.app.cli`): it only parses and dispatches;
-* rule modules (`rules/`) import the standard library and the public rule API (`tcpguard`,
-  `tcpguard.http`), nothing of the implementation.
+* rule modules (`rules/`) import the standard library and the public rule API (`tcpguard`, and the
+  rules' libraries `tcpguard.http` and `tcpguard.tls`), nothing of the implementation.
 
 Every import counts, also those inside functions and under `TYPE_CHECKING`: a lazy import is still a
 dependency a reader has to follow.
@@ -119,7 +119,18 @@ def test_nothing_imports_the_command_line() -> None:
 
 
 def test_rule_modules_import_only_the_public_rule_api() -> None:
-    assert offences("rules", ("tcpguard.http",), set()) == []
+    assert offences("rules", ("tcpguard.http", "tcpguard.tls"), set()) == []
+
+
+def test_the_rules_libraries_import_only_the_standard_library() -> None:
+    # They run wherever a rule module does, and are read by operators adapting a sample.
+    found = [
+        f"{p.relative_to(ROOT)}:{line}: {mod}"
+        for p in (ROOT / "tcpguard/http.py", ROOT / "tcpguard/tls.py")
+        for line, mod in imports(p)
+        if top(mod) not in STDLIB and mod != "__future__"
+    ]
+    assert found == []
 
 
 @pytest.mark.parametrize(
