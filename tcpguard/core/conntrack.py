@@ -306,6 +306,68 @@ class BypassedFlow:
         return f"<bypassed flow #{self.id} {self.describe()}>"
 
 
+class BypassTable:
+    """The connections handed to the kernel, by key: what the engine still knows of them, and for how long.
+
+    An entry exists so that packets of the connection that still reach the engine are recognised and
+    accepted with the bypass request again, never picked up as a new mid-stream connection (which would
+    run the rules on the middle of a stream they said they were done with). Normally that is only the
+    packets queued behind the bypass verdict, so an entry lives `linger` seconds; when they keep coming
+    (the kernel's rule is missing), it lives `idle` seconds after the latest. Bounded by `capacity`: past
+    it the oldest entry goes (its in-flight packets are long gone).
+    """
+
+    def __init__(self) -> None:
+        self.flows: dict[FlowKey, BypassedFlow] = {}
+        self.capacity = 65536
+        self.linger = 10.0
+        self.idle = 3600.0
+        self.grace = 2.0  # seconds after the verdict during which packets are expected (already queued)
+        self._swept = 0.0
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def __iter__(self) -> Iterator[BypassedFlow]:
+        return iter(list(self.flows.values()))
+
+    def add(self, conn: Connection, now: float) -> BypassedFlow:
+        flows = self.flows
+        if len(flows) >= self.capacity:
+            del flows[next(iter(flows))]
+        b = BypassedFlow(conn.id, conn.client, conn.cport, conn.server, conn.sport, now, now + self.linger)
+        flows[conn.key] = b
+        return b
+
+    def hit(self, b: BypassedFlow, size: int, now: float) -> bool:
+        """Count a packet of `b` that reached the engine. True the first time one arrives after the grace
+        period: the kernel rule is missing (the caller reports it)."""
+        b.packets += 1
+        b.bytes += size
+        if now - b.since <= self.grace:
+            return False
+        b.expires = now + self.idle
+        if b.leak_seen:
+            return False
+        b.leak_seen = True
+        return True
+
+    def find(self, cid: int) -> BypassedFlow | None:
+        for b in self.flows.values():
+            if b.id == cid:
+                return b
+        return None
+
+    def sweep(self, now: float, every: float) -> None:
+        """Forget expired entries, at most once per `every` seconds (a pass over the whole table)."""
+        if not self.flows or now - self._swept < every:
+            return
+        self._swept = now
+        flows = self.flows
+        for k in [k for k, b in flows.items() if b.expires <= now]:
+            del flows[k]
+
+
 class ConnTable:
     """Connections by key, with lazy timeouts in a timing wheel (see the module docstring). The engine
     decides policy; this only keeps order."""

@@ -26,9 +26,9 @@ from tcpguard.core import forge, tracker
 from tcpguard.core.conntrack import (
     Action,
     BypassedFlow,
+    BypassTable,
     Connection,
     ConnTable,
-    FlowKey,
     direction_mask,
     flow_key,
 )
@@ -75,7 +75,8 @@ MAX_DROP_REASONS: Final = 64
 #: Seconds after its bypass verdict during which packets of a bypassed connection reaching the engine are
 #: expected (they were queued behind that verdict); later ones mean the kernel's rule is missing.
 BYPASS_GRACE: Final = 2.0
-#: Seconds between sweeps of expired bypassed-connection entries, and between two BypassLeak events.
+#: Seconds between sweeps of expired bypassed-connection entries, and at least between two BypassLeak
+#: events (one per missing rule is enough; a line per connection would flood the log).
 BYPASS_SWEEP: Final = 10.0
 BYPASS_LEAK_EVERY: Final = 60.0
 
@@ -115,12 +116,9 @@ class Engine:
         self.drops: dict[str, int] = {}
         self._out: Output | None = None  # releases/sends gathered while handling one input
         self._evicted_unlogged = 0
-        # Connections handed to the kernel (Inspection.bypass), by key: what is left of them. Bounded by
-        # max_connections (the oldest goes first); an entry lives `timeouts.closed` seconds after its
-        # bypass, or `timeouts.established` after its latest packet once they keep coming (a missing
-        # kernel rule), so that their packets are still recognised and never picked up mid-stream.
-        self.bypassed: dict[FlowKey, BypassedFlow] = {}
-        self._bypass_swept = 0.0
+        # Connections handed to the kernel (Inspection.bypass): what is left of them (conntrack.BypassTable).
+        self.bypassed = BypassTable()
+        self.bypassed.grace = BYPASS_GRACE
         self._bypass_leak_said = -BYPASS_LEAK_EVERY
         self._read_settings()
 
@@ -236,6 +234,10 @@ class Engine:
         self._bypass_on: bool = ins.bypass
         self._depth_up: int = ins.depth_up
         self._depth_down: int = ins.depth_down
+        byp = self.bypassed
+        byp.capacity = lim.max_connections
+        byp.linger = st.timeouts.closed
+        byp.idle = st.timeouts.established
 
     def handle_packet(
         self, raw: bytes, now: float, token: object = None, checksum_trusted: bool = False
@@ -314,11 +316,7 @@ class Engine:
             self.table.compact()
         finally:
             self._out = None
-        if self.bypassed and now - self._bypass_swept >= BYPASS_SWEEP:
-            self._bypass_swept = now
-            gone = [k for k, b in self.bypassed.items() if b.expires <= now]
-            for k in gone:
-                del self.bypassed[k]
+        self.bypassed.sweep(now, BYPASS_SWEEP)
         return out
 
     def shutdown(self, now: float) -> Output:
@@ -342,10 +340,7 @@ class Engine:
     def bypassed_flow(self, cid: int) -> BypassedFlow | None:
         """The bypassed connection `cid`, if the engine still remembers it (for the operator's commands:
         it can no longer be reset, the engine no longer knows where its sequence numbers are)."""
-        for b in self.bypassed.values():
-            if b.id == cid:
-                return b
-        return None
+        return self.bypassed.find(cid)
 
     def act(self, cid: int, action: int, now: float) -> Output | None:
         """Apply `Action.DROP`/`RESET`/`HALFRESET` to a live connection from outside (control socket)."""
@@ -382,12 +377,13 @@ class Engine:
         key = flow_key(pkt.src, pkt.sport, pkt.dst, pkt.dport)
         conn = self.table.by_key.get(key)
         if conn is None:
-            if self.bypassed:
-                b = self.bypassed.get(key)
+            flows = self.bypassed.flows
+            if flows:
+                b = flows.get(key)
                 if b is not None:
                     if pkt.flags & (SYN | ACK) != SYN:
                         return self._bypassed_packet(b, len(raw))
-                    del self.bypassed[key]  # a new connection on the same ports: tracked as usual
+                    del flows[key]  # a new connection on the same ports: tracked as usual
             return self._untracked(pkt, token)
         direction = UP if pkt.sport == conn.cport and pkt.src == conn.client else DOWN
         return self._track(conn, pkt, direction, token)
@@ -830,14 +826,7 @@ class Engine:
         if not conn.ended:
             self._finish(conn, "bypassed")
         self.table.remove(conn)
-        bypassed = self.bypassed
-        if len(bypassed) >= self.settings.limits.max_connections:
-            del bypassed[next(iter(bypassed))]  # the oldest: its in-flight packets are long gone
-        now = self.now
-        b = BypassedFlow(
-            conn.id, conn.client, conn.cport, conn.server, conn.sport, now, now + self._timeout[State.CLOSED]
-        )
-        bypassed[conn.key] = b
+        self.bypassed.add(conn, self.now)
         dec.bypass = True
         return dec
 
@@ -845,19 +834,12 @@ class Engine:
         """A packet of a connection handed to the kernel: accepted uninspected, with the bypass request
         again (it re-marks the connection, harmless when the mark is there)."""
         now = self.now
-        b.packets += 1
-        b.bytes += size
         self.stats.bypass_packets += 1
         self.stats.bypass_bytes += size
-        if now - b.since > BYPASS_GRACE:
-            # Long after the verdict: the kernel's rule is missing, so keep recognising the connection as
-            # long as its packets come (an idle established connection's timeout).
-            b.expires = now + self._timeout[_ESTABLISHED]
-            if not b.leak_seen:
-                b.leak_seen = True
-                if self._on_event is not None and now - self._bypass_leak_said >= BYPASS_LEAK_EVERY:
-                    self._bypass_leak_said = now
-                    self._on_event(BypassLeak(b, now - b.since))
+        if self.bypassed.hit(b, size, now) and now - self._bypass_leak_said >= BYPASS_LEAK_EVERY:
+            self._bypass_leak_said = now
+            if self._on_event is not None:
+                self._on_event(BypassLeak(b, now - b.since))
         return Decision(ACCEPT, flow_id=b.id, reason="bypassed", bypass=True)
 
     def _past_depth(self, conn: Connection) -> int:
