@@ -291,3 +291,59 @@ def test_a_trusted_checksum_is_not_verified() -> None:
     raw2[-1] ^= 0xFF
     d = pb.engine.handle_packet(bytes(raw2), pb.now, None)
     assert (d.verdict, d.reason) == (DROP, "bad checksum")
+
+
+# ============================================================================================ property
+from hypothesis import given  # noqa: E402
+from hypothesis import settings as hsettings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from .test_properties import Schedule, schedules  # noqa: E402
+
+
+def _scanner(seen: bytearray, enough: int) -> RuleSet:
+    @rule(on=tcp_connection.events.receive_data, direction="up")
+    def scanner(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        seen.extend(current.read())
+        if len(seen) >= enough:
+            flow.done()
+
+    return RuleSet.of(scanner)
+
+
+def _play(sched: Schedule, bypass: bool, enough: int) -> tuple[list[Any], bytearray]:
+    seen = bytearray()
+    pb = Playbook(_scanner(seen, enough), settings(bypass=bypass), cisn=7000)
+    pb.handshake()
+    base = 7001
+    out = []
+    for (off, payload), ack in zip(sched.segments, sched.acks, strict=True):
+        d = pb.client("PA", payload, seq=base + off)
+        out.append((d.verdict, d.packet, d.bypass, d.reason, [(r.token, r.verdict) for r in d.releases]))
+        if ack:
+            pb.server("A", ack=base + len(seen))
+    return out, seen
+
+
+@hsettings(max_examples=120, deadline=None)
+@given(sched=schedules(max_len=3000), enough=st.integers(1, 3000))
+def test_bypass_changes_no_verdict_before_it_and_accepts_everything_after(
+    sched: Schedule, enough: int
+) -> None:
+    """Any segmentation, reordering and duplication: with bypass on, the rules see exactly what they see
+    with it off, every verdict up to the bypass is the same, the bypass rides an ACCEPT, and every later
+    packet is accepted uninspected with the bypass request."""
+    off_run, seen_off = _play(sched, False, enough)
+    on_run, seen_on = _play(sched, True, enough)
+    assert seen_on == seen_off
+    cut = next((i for i, v in enumerate(on_run) if v[2]), None)
+    if cut is None:
+        assert on_run == off_run
+        assert len(seen_on) < enough or any(v[0] == HOLD for v in on_run)
+        return
+    assert on_run[:cut] == off_run[:cut]
+    # The bypass rides the ACCEPT the packet gets anyway (with any held packets it releases, in order).
+    assert on_run[cut][0] == ACCEPT
+    assert (on_run[cut][:2], on_run[cut][4]) == (off_run[cut][:2], off_run[cut][4])
+    assert all(v[0] == ACCEPT and v[2] and v[3] == "bypassed" for v in on_run[cut + 1 :])
+    assert len(seen_on) >= enough
