@@ -87,7 +87,9 @@ class BypassOnData(AcceptAll):
     """Accepts the handshake, answers every packet carrying data with a bypass decision: the first data
     packet of a connection should be the last the daemon sees of it, but for those already queued."""
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         if _payload_len(raw) <= 0:
             self.extra["plain"] = self.extra.get("plain", 0) + 1
             return Decision(Verdict.ACCEPT)

@@ -118,6 +118,9 @@ class IptablesConfig:
     )
     # Zero would exclude every unmarked packet from the queue, so the mark must be set.
     mark: int = field(default=0x7467, metadata={"min": 1, "max": 0xFFFFFFFF})
+    # The one bit of connection bypass (engine.inspection.bypass): tcpguard's chain saves it on a bypassed
+    # connection's conntrack entry and lets such connections past the queue. 0: no bypass rules.
+    bypass_mark: int = field(default=0x40000000, metadata={"min": 0, "max": 0xFFFFFFFF})
 
 
 @dataclass(slots=True)
@@ -292,6 +295,8 @@ def config_warnings(config: Config) -> list[str]:
             "back to the queue (tcpguard then lets it through without a second look, skipping the rules "
             "after yours, and logs it once)"
         )
+    if config.engine.inspection.bypass:
+        out += _bypass_warnings(config)
     hooks = set(ipt.hooks)
     if ipt.manage and ("INPUT" in hooks) != ("OUTPUT" in hooks):
         have, missing = ("INPUT", "OUTPUT") if "INPUT" in hooks else ("OUTPUT", "INPUT")
@@ -301,6 +306,47 @@ def config_warnings(config: Config) -> list[str]:
             f"is dropped; hook both INPUT and OUTPUT (FORWARD alone covers traffic routed through the host)"
         )
     return out
+
+
+def bypass_chain_rules(config: Config) -> list[str]:
+    """The rules connection bypass needs in the chain that feeds the queues, as `iptables` command lines
+    for an operator who writes that chain (`iptables.manage: false`): the same two rules tcpguard's own
+    chain holds (`tcpguard.io.iptables`), placed before the NFQUEUE rule. Empty without a bypass bit."""
+    ipt = config.iptables
+    b = ipt.bypass_mark
+    if not b:
+        return []
+    bits = f"{b:#x}/{b:#x}"
+    target = "RETURN" if config.queue.repeat else "ACCEPT"
+    return [
+        f"-A <your chain> -m mark --mark {bits} -j CONNMARK --set-xmark {bits}",
+        f"-A <your chain> -m connmark --mark {bits} -j {target}",
+    ]
+
+
+def _bypass_warnings(config: Config) -> list[str]:
+    """engine.inspection.bypass without the kernel side it relies on: with no bypass bit, or with rules
+    the operator writes, the kernel keeps queueing every packet of a bypassed connection (each costs a
+    trip through the daemon, accepted uninspected, and the daemon logs a BypassLeak warning)."""
+    ipt = config.iptables
+    if not ipt.bypass_mark:
+        return [
+            "engine.inspection.bypass: true with iptables.bypass_mark: 0: no rule tells the kernel to stop "
+            "queueing a bypassed connection, so each of its packets still crosses the daemon, accepted "
+            "without inspection (the daemon logs it as a bypass leak); set iptables.bypass_mark to a bit "
+            "(default 0x40000000) or turn bypass off"
+        ]
+    if ipt.manage:
+        return []
+    rules = "; ".join(f"`{r}`" for r in bypass_chain_rules(config))
+    return [
+        f"engine.inspection.bypass: true with iptables.manage: false: the chain that feeds the queue needs "
+        f"these two rules, in this order, before its NFQUEUE rule (for ip6tables too): {rules}. The first "
+        f"saves the bypass bit {ipt.bypass_mark:#x} (iptables.bypass_mark) of the packet tcpguard answers "
+        "with a bypass verdict on its connection; the second lets that connection's later packets past the "
+        "queue. Without them every packet of a bypassed connection still crosses the daemon, accepted "
+        "without inspection, and the daemon logs a bypass leak naming the missing rule"
+    ]
 
 
 def schema_keys() -> list[str]:
@@ -335,6 +381,12 @@ def _check_iptables(iptables: IptablesConfig) -> Iterator[tuple[str, str]]:
         yield "in_interface", "OUTPUT packets have no input interface; drop OUTPUT from hooks or this key"
     if iptables.out_interface is not None and "INPUT" in iptables.hooks:
         yield "out_interface", "INPUT packets have no output interface; drop INPUT from hooks or this key"
+    b = iptables.bypass_mark
+    if b & (b - 1):
+        yield "bypass_mark", f"{b:#x} is not a single bit (e.g. 0x40000000), or 0 for no bypass rules"
+    elif b & iptables.mark:
+        # A forged RST carries `mark`: with a shared bit, the CONNMARK rule would bypass its connection.
+        yield "bypass_mark", f"{b:#x} is a bit of iptables.mark ({iptables.mark:#x}); choose a bit it lacks"
 
 
 def _check_control(control: ControlConfig) -> Iterator[tuple[str, str]]:

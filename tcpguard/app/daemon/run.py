@@ -126,6 +126,8 @@ def iptables_spec(cfg: Config) -> IptablesSpec:
         out_interface=ipt.out_interface,
         ports=tuple(ipt.ports) if ipt.ports else None,
         ipv6=ipt.ipv6,
+        bypass_mark=ipt.bypass_mark,
+        repeat=cfg.queue.repeat,
     )
 
 
@@ -148,6 +150,7 @@ def _serve_queue(
         fail_open=cfg.queue.bypass,
         sender=RawSender(mark=cfg.iptables.mark),
         repeat_mark=cfg.iptables.mark if cfg.queue.repeat else None,
+        bypass_mark=cfg.iptables.bypass_mark,
     )
     worker.adapter_stats = adapter.stats
     adapter.open()

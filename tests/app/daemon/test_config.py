@@ -110,6 +110,7 @@ def test_every_kind_of_value() -> None:
           out_interface: eth+
           ports: [80, 443]
           mark: 0xffffffff
+          bypass_mark: 0
         logging: {level: debug, target: journal, log_payload: true}
         alerts: {file: alerts.jsonl}
         control: {socket: ctl.sock, group: tcpguard}
@@ -131,6 +132,7 @@ def test_every_kind_of_value() -> None:
         out_interface="eth+",
         ports=[80, 443],
         mark=0xFFFFFFFF,
+        bypass_mark=0,
     )
     assert config.logging.level == "debug"
     assert config.logging.target == "journal"
