@@ -57,7 +57,9 @@ class AcceptAll:
     def __init__(self) -> None:
         self.extra: dict[str, Any] = {}
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         return Decision(Verdict.ACCEPT)
 
     def handle_timer(self, now: float) -> Output:
@@ -75,7 +77,9 @@ class AcceptStalling(AcceptAll):
         super().__init__()
         self.count = 0
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         self.count += 1
         if self.count % 200 == 0:
             time.sleep(0.003)
@@ -85,7 +89,9 @@ class AcceptStalling(AcceptAll):
 class DropBlock(AcceptAll):
     """Drops every packet whose bytes contain b"BLOCK"."""
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         if b"BLOCK" in raw:
             self.extra["blocked"] = self.extra.get("blocked", 0) + 1
             return Decision(Verdict.DROP)
@@ -101,7 +107,9 @@ class HoldAlternate(AcceptAll):
         self.count = 0
         self.held: tuple[object, float] | None = None
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         self.count += 1
         if self.held is not None:
             tok, _ = self.held
@@ -131,7 +139,9 @@ class HoldUntilTick(AcceptAll):
         super().__init__()
         self.held: list[object] = []
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         self.held.append(token)
         return Decision(Verdict.HOLD)
 
@@ -147,7 +157,9 @@ class HoldUntilTick(AcceptAll):
 class HoldForever(AcceptAll):
     """Holds every packet and never releases one: only the adapter's drain (or the kernel) can."""
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         return Decision(Verdict.HOLD)
 
 
@@ -161,7 +173,9 @@ def _scapy_ip(raw: bytes) -> Any:
 class Rewrite(AcceptAll):
     """Rewrites b"hello" to b"HELLO" in TCP payloads (same length), fixing the checksum."""
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         if b"hello" not in raw:
             return Decision(Verdict.ACCEPT)
         from scapy.layers.inet import TCP
@@ -180,7 +194,9 @@ class ResetOnMarker(AcceptAll):
     """Drops a client packet containing b"RESET" and forges a RST to the client in its place. Counts the RST
     packets it is shown: with OUTPUT hooked, a forged RST would come back here unless the mark rule works."""
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         from scapy.layers.inet import IP, TCP
         from scapy.layers.inet6 import IPv6
 
@@ -220,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fail-open", action="store_true")
     ap.add_argument("--drain-verdict", choices=["accept", "drop"], default="drop")
     ap.add_argument("--repeat", action="store_true", help="answer NF_REPEAT with --mark, as the daemon does")
+    ap.add_argument("--gso", action="store_true", help="ask the kernel for GSO packets whole")
     args = ap.parse_args(argv)
     handler = HANDLERS[args.handler]()
     with RawSender(mark=args.mark) as sender:
@@ -232,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             sender=sender,
             drain_verdict=Verdict[args.drain_verdict.upper()],
             repeat_mark=args.mark if args.repeat else None,
+            gso=args.gso,
         )
         signal.signal(signal.SIGTERM, lambda *_: adapter.stop())
         adapter.open()
@@ -682,11 +700,15 @@ class Scripted(AcceptAll):
         super().__init__()
         self.decisions = list(decisions)
         self.calls: list[tuple[bytes, float, object]] = []
+        self.trusted: list[bool] = []
         self.timer_out = Output()
         self.shutdown_out = Output()
 
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         self.calls.append((raw, now, token))
+        self.trusted.append(checksum_trusted)
         d = self.decisions.pop(0)
         if isinstance(d, BaseException):
             raise d
@@ -890,7 +912,7 @@ def test_unit_timer_and_drain() -> None:
 
 def test_unit_truncation_and_largest() -> None:
     h = Scripted(Decision(Verdict.ACCEPT), Decision(Verdict.ACCEPT), Decision(Verdict.ACCEPT))
-    a, _ = _adapter(h)
+    a, _ = _adapter(h, copy_range=NFQ_MAX_COPY)  # as on a kernel that refused our larger copy range
     # IPv4 total length 9000 (a jumbo frame), cut at the copy range.
     a.process(FakePacket(b"\x45\x00\x23\x28" + bytes(NFQ_MAX_COPY - 4)))
     assert (a.stats.truncated, a.stats.largest) == (1, NFQ_MAX_COPY)

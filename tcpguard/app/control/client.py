@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ _STATUS_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("  dropped", ("packets", "dropped"), "n"),
     ("  held now", ("packets", "held"), "n"),
     ("  looped back (mark)", ("adapter", "looped"), "n"),
+    ("  GSO aggregates", ("adapter", "gso_packets"), "n"),
+    ("  largest", ("adapter", "largest"), "bytes"),
     ("bytes received", ("bytes", "received"), "n"),
     ("  accepted", ("bytes", "accepted"), "n"),
     ("  dropped", ("bytes", "dropped"), "n"),
@@ -120,10 +123,17 @@ _STATUS_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("connections tracked", ("connections", "tracked"), "n"),
     ("connections opened", ("connections", "opened"), "n"),
     ("  met mid-stream", ("connections", "midstream"), "n"),
+    ("connections bypassed", ("bypass", "connections"), "n"),
+    ("  remembered now", ("bypass", "remembered"), "n"),
+    ("  packets via the kernel", ("bypass", "kernel_packets"), "n"),
+    ("  bytes via the kernel", ("bypass", "kernel_bytes"), "bytes"),
+    ("  packets via tcpguard", ("bypass", "late_packets"), "n"),
+    ("  bypass bit looped", ("adapter", "bypass_looped"), "n"),
     ("queue full drops", ("queue_drops", "kernel_dropped"), "n"),
     ("queue user drops", ("queue_drops", "kernel_user_dropped"), "n"),
     ("queue bypassed", ("queue_drops", "bypassed"), "n"),
     ("netlink ENOBUFS", ("queue_drops", "enobufs"), "n"),
+    ("GSO packets whole", ("adapter", "gso"), "onoff"),
     ("memory RSS", ("memory", "rss"), "bytes"),
     ("stream buffers", ("memory", "buffered"), "bytes"),
     ("uptime", ("uptime",), "time"),
@@ -143,6 +153,8 @@ def _cell(value: Any, kind: str) -> str:
         return _human_bytes(value)
     if kind == "time":
         return _duration(value)
+    if kind == "onoff":  # the total is how many queues have it on
+        return "on" if value else "off"
     return str(value)
 
 
@@ -181,6 +193,9 @@ def format_status(st: dict[str, Any]) -> str:
     note = _get(st.get("totals", {}), ("queue_drops", "bypassed_note"))
     if note:
         lines.append(f"queue bypassed: {note}")
+    note = _get(st.get("totals", {}), ("bypass", "kernel_note"))
+    if note and _get(st.get("totals", {}), ("bypass", "connections")):
+        lines.append(f"bypass via the kernel: {note}")
     return "\n".join(lines)
 
 
@@ -190,6 +205,22 @@ def format_connections(result: dict[str, Any]) -> str:
 
     table = [["ID", "CLIENT", "SERVER", "STATE", "PKTS UP/DOWN", "BYTES UP/DOWN", "AGE", "IDLE"]]
     for r in result["connections"]:
+        if r["state"] == "BYPASSED":
+            # Out of tcpguard's sight: when it was handed over, and what still came through the daemon.
+            late = r.get("late") or {}
+            table.append(
+                [
+                    r["id"],
+                    ep(r["client"], r["cport"]),
+                    ep(r["server"], r["sport"]),
+                    "BYPASSED at " + time.strftime("%H:%M:%S", time.localtime(r["since"])),
+                    f"{late.get('packets', 0)} late",
+                    f"{late.get('bytes', 0)} late",
+                    f"{r['age']:.1f}s",
+                    "-",
+                ]
+            )
+            continue
         state = r["state"] + (f" ({r['ended']})" if r.get("ended") else "")
         table.append(
             [
