@@ -74,7 +74,14 @@ class LoadTimeout(BaseException):
 
 
 def rule_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.py") if not p.name.startswith("_") and p.is_file())
+    """The rule files of `directory`, in name order: Python modules and Haka rule files in Lua
+    (`tcpguard.lua`). Names starting with `_` are left out: a Lua helper `_name.lua` is read only by
+    the `require('_name')` of a rule file."""
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix in (".py", ".lua") and not p.name.startswith("_") and p.is_file()
+    )
 
 
 def _check_permissions(path: Path) -> None:
@@ -125,6 +132,13 @@ def load_module(path: Path, budget: float | None = None, left: float | None = No
     only), a top level still running after `left` seconds (default: the budget, the rest of it when
     several modules share one) is interrupted and reported as not loaded within the budget."""
     _check_permissions(path)
+    if path.suffix == ".lua":
+        # A Lua file's top level runs under its own instruction budget (tcpguard.lua.LOAD_BUDGET),
+        # which also stops a loop that never calls back into Python, where no signal would be seen.
+        from tcpguard.lua import load_lua_file
+
+        with _deadline(left if left is not None else budget):
+            return load_lua_file(path, _check_permissions)
     try:
         source = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
