@@ -11,7 +11,16 @@ from __future__ import annotations
 import logging
 
 from tcpguard.core.conntrack import Connection
-from tcpguard.core.events import AlertRaised, Blocked, EngineEvent, Evicted, Evictions, LimitHit, RuleError
+from tcpguard.core.events import (
+    AlertRaised,
+    Blocked,
+    BypassLeak,
+    EngineEvent,
+    Evicted,
+    Evictions,
+    LimitHit,
+    RuleError,
+)
 
 log = logging.getLogger("tcpguard.engine")
 
@@ -30,8 +39,13 @@ class EventLog:
     may quote the exception's message and traceback, which often quote the data the rule choked on
     (`int(b'...')`, `KeyError(...)`); without it only the exception's type and where it happened."""
 
-    def __init__(self, log_payload: bool = False) -> None:
+    def __init__(self, log_payload: bool = False, bypass_rules: str | None = None) -> None:
         self.log_payload = log_payload
+        # The kernel side connection bypass relies on, for the config in use (the daemon passes
+        # `tcpguard.app.daemon.config.bypass_leak_hint`), named when a BypassLeak says it is missing.
+        # None: an offline tool (replay, trace), where no kernel takes a bypassed connection over, so
+        # its later packets reaching the engine are expected and not worth a warning.
+        self.bypass_rules = bypass_rules
 
     def __call__(self, ev: EngineEvent) -> None:
         if isinstance(ev, AlertRaised):
@@ -75,6 +89,25 @@ class EventLog:
                 "connection table full: evicting %s",
                 ev.flow.describe(),
                 extra=log_fields(ev.flow, VERDICT="evict"),
+            )
+        elif isinstance(ev, BypassLeak):
+            # The core says it at most once a minute: an operator's chain without the rule leaks every
+            # bypassed connection, and one line per connection would flood the log.
+            if self.bypass_rules is None:
+                return
+            f = ev.flow
+            log.warning(
+                "bypassed connection %s still reaches the daemon %.0f s after its bypass verdict: the "
+                "kernel rule that lets bypassed connections past the queue is missing: %s. Its packets "
+                "are accepted without inspection, each still costing a trip through the daemon",
+                f.describe(),
+                ev.seconds,
+                self.bypass_rules,
+                extra={
+                    "TCPGUARD_FLOW": f.describe(),
+                    "TCPGUARD_FLOW_ID": str(f.id),
+                    "TCPGUARD_VERDICT": "bypass",
+                },
             )
         elif isinstance(ev, Evictions):
             log.warning(

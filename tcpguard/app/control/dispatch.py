@@ -40,7 +40,8 @@ _TOTAL_PATHS = (
     ("connections", ("tracked", "opened", "midstream")),
     ("queue_drops", ("kernel_dropped", "kernel_user_dropped", "kernel_waiting", "enobufs")),
     ("memory", ("rss", "buffered")),
-    ("adapter", ("sent_in_place", "send_pending", "send_errors", "looped")),
+    ("adapter", ("sent_in_place", "send_pending", "send_errors", "looped", "bypass_marked", "bypass_looped")),
+    ("bypass", ("connections", "remembered", "late_packets", "late_bytes", "depth_reached")),
 )
 
 
@@ -111,6 +112,8 @@ class Dispatcher:
         timeout: float = WORKER_TIMEOUT,
         bypassed: Callable[[], int | None] | None = None,
         bypassed_note: str | None = None,
+        kernel_bypass: Callable[[], tuple[int, int] | None] | None = None,
+        kernel_bypass_note: str | None = None,
     ) -> None:
         self.links = links
         self.mode = mode
@@ -119,6 +122,11 @@ class Dispatcher:
         self.bypassed = bypassed
         # Why `bypassed` is not measured, shown where the missing number is (status, docs).
         self.bypassed_note = bypassed_note
+        # Connection bypass (issue 20): packets and bytes of bypassed connections that the kernel carried
+        # past the queues (the connmark rule's counters, `IptablesManager.bypass_counters`), for all queues
+        # together; None when not measured, and why.
+        self.kernel_bypass = kernel_bypass
+        self.kernel_bypass_note = kernel_bypass_note
         self.reload_check = reload_check
         self.reload_hooks = reload_hooks
         self.timeout = timeout
@@ -154,6 +162,11 @@ class Dispatcher:
         total["queue_drops"]["bypassed"] = self.bypassed() if self.bypassed is not None else None
         if self.bypassed is None and self.bypassed_note is not None:
             total["queue_drops"]["bypassed_note"] = self.bypassed_note
+        kernel = self.kernel_bypass() if self.kernel_bypass is not None else None
+        total["bypass"]["kernel_packets"] = kernel[0] if kernel is not None else None
+        total["bypass"]["kernel_bytes"] = kernel[1] if kernel is not None else None
+        if kernel is None and self.kernel_bypass_note is not None:
+            total["bypass"]["kernel_note"] = self.kernel_bypass_note
         return {
             **version_info(),
             "mode": self.mode,

@@ -62,6 +62,10 @@ def encode(obj: Any) -> bytes:
 # ================================================================================== connection rows
 
 
+#: The state `connections` shows for a connection handed to the kernel (connection bypass, issue 20): not a
+#: TCP state, since tcpguard no longer follows the connection, only remembers it for a while.
+BYPASSED = "BYPASSED"
+
 _FILTER_KEYS = ("state", "ip", "client", "server", "port", "cport", "sport", "queue")
 
 
@@ -71,11 +75,10 @@ def _states(items: list[str]) -> frozenset[str]:
     from tcpguard.core.state import State
 
     names = [v.upper() for v in items]
-    unknown = [v for v in names if v not in State.__members__]
+    known = [*State.__members__, BYPASSED]
+    unknown = [v for v in names if v not in known]
     if unknown:
-        raise ValueError(
-            f"filter state: unknown state {', '.join(unknown)} (states: {', '.join(State.__members__)})"
-        )
+        raise ValueError(f"filter state: unknown state {', '.join(unknown)} (states: {', '.join(known)})")
     return frozenset(names)
 
 
@@ -122,18 +125,27 @@ class ConnFilter:
         return cls(**kw)
 
     def matches(self, conn: Any, queue: int) -> bool:
+        return self._match(conn.state.name, conn.cport, conn.sport, conn.srcip, conn.dstip, queue)
+
+    def matches_bypassed(self, flow: Any, queue: int) -> bool:
+        """For a `tcpguard.core.conntrack.BypassedFlow`, whose state is BYPASSED and whose addresses are
+        kept as bytes (turned into address objects only when a filter asks for them)."""
+        return self._match(BYPASSED, flow.cport, flow.sport, flow.client, flow.server, queue)
+
+    def _match(self, state: str, cport: int, sport: int, c: Any, s: Any, queue: int) -> bool:
         if self.queue is not None and queue not in self.queue:
             return False
-        if self.states is not None and conn.state.name not in self.states:
+        if self.states is not None and state not in self.states:
             return False
-        if self.port is not None and conn.cport not in self.port and conn.sport not in self.port:
+        if self.port is not None and cport not in self.port and sport not in self.port:
             return False
-        if self.cport is not None and conn.cport not in self.cport:
+        if self.cport is not None and cport not in self.cport:
             return False
-        if self.sport is not None and conn.sport not in self.sport:
+        if self.sport is not None and sport not in self.sport:
             return False
         if self.ip is not None or self.client is not None or self.server is not None:
-            c, s = conn.srcip, conn.dstip
+            if isinstance(c, bytes):
+                c, s = ipaddress.ip_address(c), ipaddress.ip_address(s)
             if self.ip is not None and not any(c in n or s in n for n in self.ip):
                 return False
             if self.client is not None and not any(c in n for n in self.client):
@@ -161,6 +173,27 @@ def connection_row(conn: Any, queue: int, now: float) -> dict[str, Any]:
         "action": ("none", "drop", "halfreset", "reset")[conn.action],
         "ended": conn.end_reason if conn.ended else None,
         "midstream": conn.midstream,
+    }
+
+
+def bypassed_row(flow: Any, queue: int, now: float, wall: float) -> dict[str, Any]:
+    """One `connections` entry for a connection handed to the kernel (a `BypassedFlow`): state BYPASSED,
+    when (`since`: wall-clock seconds; `age`: seconds ago), and what still reached the daemon after it
+    (`late`: packets and bytes, in flight at the verdict, or all of them when the kernel rule is missing).
+    `now` is the engine's clock, `wall` the wall clock at the same moment."""
+    ago = max(0.0, now - flow.since)
+    return {
+        "id": f"{queue}:{flow.id}",
+        "queue": queue,
+        "flow": flow.id,
+        "client": str(ipaddress.ip_address(flow.client)),
+        "cport": flow.cport,
+        "server": str(ipaddress.ip_address(flow.server)),
+        "sport": flow.sport,
+        "state": BYPASSED,
+        "since": round(wall - ago, 3),
+        "age": round(ago, 3),
+        "late": {"packets": flow.packets, "bytes": flow.bytes},
     }
 
 

@@ -324,6 +324,22 @@ def bypass_chain_rules(config: Config) -> list[str]:
     ]
 
 
+def bypass_leak_hint(config: Config) -> str:
+    """The missing kernel side named in the log when packets of a bypassed connection keep reaching the
+    daemon (the core's BypassLeak event, logged by `tcpguard.app.eventlog`)."""
+    rules = bypass_chain_rules(config)
+    if not rules:
+        return "iptables.bypass_mark is 0, so no bypass rule is installed; set it to a bit (0x40000000)"
+    ipt = config.iptables
+    if ipt.manage:
+        chain = ipt.chain
+        rules = [r.replace("<your chain>", chain) for r in rules]
+        where = f"tcpguard's chain {chain} (`tcpguard iptables show`; reinstalled at start)"
+    else:
+        where = "the chain that feeds the queue, before its NFQUEUE rule (iptables.manage is false)"
+    return f"{where} needs `{rules[0]}` then `{rules[1]}`"
+
+
 def _bypass_warnings(config: Config) -> list[str]:
     """engine.inspection.bypass without the kernel side it relies on: with no bypass bit, or with rules
     the operator writes, the kernel keeps queueing every packet of a bypassed connection (each costs a

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KERNEL_QUEUE_FILE",
     "BypassMeter",
+    "KernelBypassReader",
     "MetricsServer",
     "StatusCollector",
     "Traffic",
@@ -148,6 +149,27 @@ class BypassMeter:
             return self.bypassed
 
 
+class KernelBypassReader:
+    """Reads the connmark rule's counters (`IptablesManager.bypass_counters`): the packets and bytes of
+    bypassed connections that the kernel carried past the queues. Like BypassMeter, it runs iptables, so
+    it is read only when a status is asked for (control or metrics thread), never in the packet loop; a
+    failing read is None and one log line, never a crash. The counters start at zero when the daemon
+    (re)builds its chain, so they count since this daemon started."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
+        self._read = read
+        self.errors = 0
+
+    def read(self) -> tuple[int, int] | None:
+        try:
+            return self._read()
+        except Exception as e:  # iptables missing, timing out or failing
+            self.errors += 1
+            if self.errors == 1:
+                log.warning("cannot read the bypass rule's counters: %s", e)
+            return None
+
+
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -224,6 +246,27 @@ _COUNTERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "Verdict messages of tcpguard's own that the kernel refused.",
         ("adapter", "refused"),
     ),
+    (
+        "tcpguard_bypassed_connections",
+        "Connections handed to the kernel (connection bypass): no rule wanted more of them.",
+        ("bypass", "connections"),
+    ),
+    (
+        "tcpguard_bypass_late_packets",
+        "Packets of bypassed connections that still reached the daemon (in flight at the verdict, or all "
+        "of them when the kernel rule is missing).",
+        ("bypass", "late_packets"),
+    ),
+    (
+        "tcpguard_bypass_late_bytes",
+        "Bytes of the packets of bypassed connections that still reached the daemon.",
+        ("bypass", "late_bytes"),
+    ),
+    (
+        "tcpguard_bypass_looped",
+        "Packets that came back to the queue carrying the bypass bit (the chain does not exempt it).",
+        ("adapter", "bypass_looped"),
+    ),
     ("tcpguard_reloads", "Successful reloads.", ("reloads",)),
     ("tcpguard_reload_failures", "Reloads refused (bad config or rules).", ("reload_failures",)),
 )
@@ -235,6 +278,11 @@ _GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("tcpguard_queue_waiting", "Packets waiting in the kernel queue.", ("queue_drops", "kernel_waiting")),
     ("tcpguard_worker_rss_bytes", "Resident memory of the worker process.", ("memory", "rss")),
     ("tcpguard_stream_buffer_bytes", "Bytes held in stream buffers.", ("memory", "buffered")),
+    (
+        "tcpguard_bypassed_remembered",
+        "Bypassed connections the engine still remembers (to answer their late packets).",
+        ("bypass", "remembered"),
+    ),
     ("tcpguard_worker_uptime_seconds", "Seconds since the worker started.", ("uptime",)),
 )
 
@@ -312,6 +360,24 @@ class StatusCollector:
             )
             c.add_metric([], bypassed)
             yield c
+        for name, text, key in (
+            (
+                "tcpguard_bypass_kernel_packets",
+                "Packets of bypassed connections the kernel carried past the queues (all queues; the "
+                "connmark rule's counter since the chain was installed).",
+                "kernel_packets",
+            ),
+            (
+                "tcpguard_bypass_kernel_bytes",
+                "Bytes of bypassed connections the kernel carried past the queues (all queues).",
+                "kernel_bytes",
+            ),
+        ):
+            v = _dig(status, ("totals", "bypass", key))
+            if v is not None:
+                c = CounterMetricFamily(name, text)
+                c.add_metric([], v)
+                yield c
         rss = status.get("rss")
         if isinstance(rss, int):
             main_rss = GaugeMetricFamily("tcpguard_main_rss_bytes", "Resident memory of the main process.")

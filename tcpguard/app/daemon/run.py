@@ -56,6 +56,7 @@ from tcpguard.app.daemon.config import (
 from tcpguard.app.daemon.logsetup import setup_logging
 from tcpguard.app.daemon.metrics import (
     BypassMeter,
+    KernelBypassReader,
     MetricsServer,
     start_metrics_server,
 )
@@ -213,6 +214,7 @@ def start_services(
     dispatcher: Dispatcher | None = None,
     bypass: BypassMeter | None = None,
     reload_check: Callable[[], str | None] | None = None,
+    kernel_bypass: KernelBypassReader | None = None,
 ) -> Services:
     """Serve the control socket and (if configured) the metrics endpoint for the workers behind `links`.
     Raises ControlError or OSError when either cannot be served, having closed what it opened."""
@@ -222,6 +224,8 @@ def start_services(
         reload_check=reload_check,
         bypassed=bypass.read if bypass is not None else None,
         bypassed_note=_bypass_note(cfg),
+        kernel_bypass=kernel_bypass.read if kernel_bypass is not None else None,
+        kernel_bypass_note=_kernel_bypass_note(cfg),
     )
     services = Services()
     try:
@@ -234,6 +238,15 @@ def start_services(
         services.close()
         raise
     return services
+
+
+def _kernel_bypass_note(cfg: Config) -> str | None:
+    """Why the status cannot count what the kernel carried for bypassed connections, or None."""
+    if not cfg.iptables.bypass_mark:
+        return "no bypass rule: iptables.bypass_mark is 0"
+    if not cfg.iptables.manage:
+        return "not counted with iptables.manage false: the bypass rules are yours (iptables -L -v -n)"
+    return None
 
 
 def _bypass_note(cfg: Config) -> str | None:
@@ -264,6 +277,12 @@ class Daemon:
             else None
         )
         self.bypass_note = _bypass_note(cfg)
+        # What the kernel carried for bypassed connections (issue 20): the connmark rule's counters.
+        self.kernel_bypass = (
+            KernelBypassReader(self.iptables.bypass_counters)
+            if self.iptables is not None and cfg.iptables.bypass_mark
+            else None
+        )
         self.flags = _Flags()
         self.children: dict[int, int] = {}  # pid -> queue number
         self.notifier = Notifier()
@@ -292,6 +311,7 @@ class Daemon:
                 InboxLinks(self.cfg.queue.num, worker.inbox),
                 "single",
                 bypass=self.bypass,
+                kernel_bypass=self.kernel_bypass,
                 # The trial load runs in the control thread, so the packet loop only does the real one.
                 reload_check=self._reload_check,
             )
@@ -370,6 +390,8 @@ class Daemon:
             ),
             bypassed=self.bypass.read if self.bypass is not None else None,
             bypassed_note=self.bypass_note,
+            kernel_bypass=self.kernel_bypass.read if self.kernel_bypass is not None else None,
+            kernel_bypass_note=_kernel_bypass_note(self.cfg),
         )
         try:
             for i in range(self.cfg.queue.workers):

@@ -13,9 +13,11 @@ which reaches each worker over a socket pair made at fork (`tcpguard.app.control
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -27,6 +29,7 @@ from tcpguard.app.control.protocol import (
     ConnFilter,
     Request,
     Response,
+    bypassed_row,
     connection_row,
     error,
     ok,
@@ -39,6 +42,7 @@ from tcpguard.app.daemon.config import (
     Config,
     ConfigError,
     DumpsConfig,
+    bypass_leak_hint,
     load_config,
 )
 from tcpguard.app.daemon.metrics import (
@@ -108,6 +112,29 @@ class AlertLog:
             self._file = None
 
 
+def bypassed_answer(cmd: str, cid: str, flow: Any, now: float) -> str:
+    """What `drop`/`reset` of a bypassed connection answers: it cannot be done from here, and how the
+    operator can still cut it in the kernel. tcpguard no longer sees the connection's packets and no
+    longer knows its sequence numbers, so it could not forge an RST the ends would take."""
+    c, s = ipaddress.ip_address(flow.client), ipaddress.ip_address(flow.server)
+    ip = "ip6tables" if c.version == 6 else "iptables"
+    conntrack = (
+        "conntrack (conntrack-tools)"
+        if shutil.which("conntrack")
+        else "conntrack (from conntrack-tools, not installed here)"
+    )
+    return (
+        f"cannot {cmd} {cid} ({flow.describe()}): it was bypassed {max(0.0, now - flow.since):.0f} s ago, "
+        "handed to the kernel, which now forwards it without tcpguard (no rule, no normalisation, no RST "
+        f"checks), and tcpguard no longer knows where its sequence numbers are. Cut it in the kernel: "
+        f"delete its conntrack entry with {conntrack}, `conntrack -D -p tcp --orig-src {c} --orig-port-src "
+        f"{flow.cport} --orig-dst {s} --orig-port-dst {flow.sport}` (its next packet is then queued again "
+        f"and handled as mid-stream, engine.policies.midstream), or add a rule before tcpguard's jump, "
+        f"`{ip} -I FORWARD -p tcp -s {c} --sport {flow.cport} -d {s} --dport {flow.sport} -j REJECT "
+        "--reject-with tcp-reset` (and the same with source and destination swapped)"
+    )
+
+
 def open_dumps(cfg: DumpsConfig, queue_num: int) -> PacketDumps | None:
     """The configured dumps of one queue, None when none is enabled. Raises OSError if it cannot write."""
     kinds = [k for k in DUMP_KINDS if getattr(cfg, k)]
@@ -137,7 +164,7 @@ class Worker:
         self.engine.wall_clock = time.time  # alert timestamps (the engine's own clock is monotonic)
         self.engine.queue = queue_num  # alert ids are QUEUE:FLOW, as the control commands take them
         # The engine's events (errors, limits, blocks, alerts) become log lines with journald fields here.
-        self.events = EventLog(cfg.logging.log_payload)
+        self.events = EventLog(cfg.logging.log_payload, bypass_leak_hint(cfg))
         self.engine.on_event = self.events
         # Made here, in the thread that runs the packet loop: that is the thread it interrupts.
         self.budget = RuleBudget(self.engine, cfg.engine.limits.rule_time_budget)
@@ -165,13 +192,16 @@ class Worker:
         self._midstream_next = 0.0
 
     # ------------------------------------------------------------------ the packet path
-    def handle_packet(self, raw: bytes, now: float, token: object) -> Decision:
+    def handle_packet(
+        self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
+    ) -> Decision:
         # The engine counts every packet and the bytes of its direct verdicts (compiled, that costs next to
-        # nothing); this wrapper only has work for held packets, releases and dumps.
+        # nothing); this wrapper only has work for held packets, releases and dumps. `checksum_trusted`: the
+        # kernel vouched for the checksum (tcpguard.io.nfqueue, GSO packets).
         dumps = self.dumps
         if dumps is not None:
             dumps.input(raw)
-        dec = self.engine.handle_packet(raw, now, token)
+        dec = self.engine.handle_packet(raw, now, token, checksum_trusted=checksum_trusted)
         if dec.verdict is not _ACCEPT or dec.releases or dumps is not None:
             self._account(raw, token, dec, dumps)
         return dec
@@ -360,6 +390,15 @@ class Worker:
                     truncated = True
                     break
                 rows.append(connection_row(conn, self.queue_num, now))
+        if not truncated:
+            # Then the connections handed to the kernel that the engine still remembers (issue 20).
+            wall = time.time()
+            for flow in self.engine.bypassed:
+                if flt.matches_bypassed(flow, self.queue_num):
+                    if limit is not None and len(rows) >= limit:
+                        truncated = True
+                        break
+                    rows.append(bypassed_row(flow, self.queue_num, now, wall))
         return rows, truncated
 
     def reload_request(self, refused: str | None) -> Response:
@@ -379,6 +418,9 @@ class Worker:
             return error("flow must be an integer")
         conn = self.engine.connection(flow)
         if conn is None:
+            gone = self.engine.bypassed_flow(flow)
+            if gone is not None:
+                return error(bypassed_answer(cmd, cid, gone, now))
             return error(f"no connection {cid}")
         if conn.ended:
             return error(f"connection {cid} has already ended ({conn.end_reason})")
@@ -392,6 +434,18 @@ class Worker:
                 tick.send.extend(out.send)
         log.info("%s %s by the operator (%s)", cmd, cid, conn.describe())
         return ok({"id": cid, "action": cmd, "forged": forged})
+
+    def _bypass_status(self) -> dict[str, int]:
+        """Connection bypass (issue 20) as this worker saw it: connections handed to the kernel, those the
+        engine still remembers, and their packets and bytes that still reached the daemon (`late`)."""
+        est = self.engine.stats
+        return {
+            "connections": est.bypassed,
+            "remembered": len(self.engine.bypassed),
+            "late_packets": est.bypass_packets,
+            "late_bytes": est.bypass_bytes,
+            "depth_reached": est.depth_reached,
+        }
 
     def _drops(self) -> dict[str, int]:
         """Dropped packets by reason: the engine's on arrival, and held packets dropped when released
@@ -437,6 +491,7 @@ class Worker:
                 "enobufs": ad.nl_enobufs if ad is not None else None,
             },
             "memory": {"rss": rss_bytes(), "buffered": eng.buffered},
+            "bypass": self._bypass_status(),
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "engine": est.as_dict(),

@@ -214,6 +214,16 @@ class ReplaySummary:
         conns = [f"{label} {g(k)}" for k, label in _CONNECTIONS if g(k, 0)]
         if conns:
             out.append("connections " + ", ".join(conns))
+        if g("bypassed", 0):
+            # Offline there is no kernel to hand a connection to: every later packet of a bypassed
+            # connection still reaches the engine here, and is what a live gateway would not queue.
+            out.append(
+                f"connections bypassed {g('bypassed')} (no rule wanted more of them): "
+                f"{g('bypass_packets', 0)} later packets ({g('bypass_bytes', 0)} bytes) would not have "
+                "reached the daemon"
+            )
+        if g("depth_reached", 0):
+            out.append(f"directions past their inspection depth {g('depth_reached')}")
         if g("limit_hits", 0):
             out.append(f"buffer limits hit {g('limit_hits')} times")
         if g("bad_checksum", 0):
@@ -373,6 +383,20 @@ def replay(
                 gw.held[number] = ip
             if dec.releases or dec.send:
                 gw.apply_out(dec.releases, dec.send, ts)
+        if sink is not None:
+            # Per bypassed connection the engine still remembers (issue 20): its packets after the bypass
+            # verdict, which a live gateway's kernel would have forwarded without queueing them. The
+            # "bypass" event at the verdict and end_connection's reason "bypassed" come from the engine.
+            for b in engine.bypassed:
+                sink(
+                    {
+                        "event": "bypassed",
+                        "flow": b.id,
+                        "time": ts,
+                        "packets_after": b.packets,
+                        "bytes_after": b.bytes,
+                    }
+                )
         gw.output(engine.shutdown(ts), ts)
         if writer is not None:
             writer.close()
