@@ -53,6 +53,7 @@ __all__ = [
     "MalformedHelloError",
     "ServerHello",
     "TlsEvidence",
+    "answer_problem",
     "parse_client_hello",
     "parse_server_hello",
     "read_client_hello",
@@ -60,7 +61,14 @@ __all__ = [
 ]
 
 # Record content types (RFC 8446 5.1).
-CHANGE_CIPHER_SPEC, ALERT, HANDSHAKE, APPLICATION_DATA = 20, 21, 22, 23
+CHANGE_CIPHER_SPEC = 20
+"""Record type of ChangeCipherSpec: one byte, 1; what follows it from that side is encrypted."""
+ALERT = 21
+"""Record type of an alert."""
+HANDSHAKE = 22
+"""Record type of handshake messages: a TLS client's first byte."""
+APPLICATION_DATA = 23
+"""Record type of application data, and in TLS 1.3 of every encrypted record."""
 # Handshake message types.
 CLIENT_HELLO, SERVER_HELLO = 1, 2
 # What may follow a side's hello in clear (TLS 1.2 and before; in TLS 1.3 the rest is encrypted):
@@ -152,6 +160,7 @@ class ClientHello:
     extensions: tuple[tuple[int, bytes], ...]
 
     def extension(self, kind: int) -> bytes | None:
+        """The body of extension `kind` (a number: 0 is server_name), or None if the client sent none."""
         for k, data in self.extensions:
             if k == kind:
                 return data
@@ -289,7 +298,7 @@ def answer_problem(server: ServerHello, client: ClientHello) -> str | None:
     return None
 
 
-class _Cursor(Protocol):
+class Cursor(Protocol):
     """What `read_client_hello` needs of a rule's `current` (tcpguard.Cursor)."""
 
     def peek(self, n: int) -> bytes: ...
@@ -297,7 +306,7 @@ class _Cursor(Protocol):
     def read(self, n: int = -1) -> bytes: ...
 
 
-def read_client_hello(current: _Cursor) -> bytes | None:
+def read_client_hello(current: Cursor) -> bytes | None:
     """The ClientHello body from a streamed listener's cursor: None if the stream does not start with a
     TLS handshake record. Reads records until the message is complete (a streamed cursor waits for
     them); a broken handshake raises `MalformedHelloError`."""

@@ -85,11 +85,20 @@ def exchange(
     assert all(done), "the handshake did not finish"
     client.write(request)
     pump()
-    assert server.read(len(request) + 100) == request
+    assert _read_all(server, len(request)) == request
     server.write(response)
     pump()
-    assert client.read(len(response) + 100) == response
+    assert _read_all(client, len(response)) == response
     return flights
+
+
+def _read_all(end: ssl.SSLObject, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = end.read(n - len(out))
+        assert chunk, "the peer's bytes ended early"
+        out += chunk
+    return out
 
 
 def stream(flights: list[Flight], direction: str) -> bytes:

@@ -20,9 +20,10 @@ What comes from where:
   the daemon writes in `AlertLog`.
 * The flag constants are the rule API's (`tcpguard.FIN` ...); each must be exported (in
   `tcpguard.__all__`) with the value `tcpguard.core.packet` gives it.
-* The section on `tcpguard.http` (the HTTP request reader rules import) is its module docstring and the
-  docstrings of every name in its `__all__` (a constant's is the string literal below its assignment); a
-  name without one is an error.
+* The sections on `tcpguard.http` (the HTTP request reader rules import) and `tcpguard.tls` (TLS hellos
+  and the evidence that a connection is TLS) are their module docstrings and the docstrings of every name
+  in their `__all__` (a constant's is the string literal below its assignment); a name without one is an
+  error.
 * The sample rules section is each `rules/*.py` module's docstring.
 * The configuration table is read from `etc/tcpguard.yaml`: each key, its default and the comment above
   it; every key of the config schema (`tcpguard.app.daemon.config.schema_keys()`) must be in that file.
@@ -53,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 import tcpguard  # noqa: E402
 import tcpguard.http  # noqa: E402
+import tcpguard.tls  # noqa: E402
 from tcpguard.app.daemon.config import schema_keys  # noqa: E402
 from tcpguard.app.daemon.ruleload import rule_files  # noqa: E402
 from tcpguard.core.errors import RuleLoadError, RuleTimeout  # noqa: E402
@@ -448,6 +450,8 @@ def render_rules_md() -> str:
         "flag_table": flag_table(),
         "http_doc": docstring(tcpguard.http),
         "http_table": library_table(tcpguard.http),
+        "tls_doc": docstring(tcpguard.tls),
+        "tls_table": library_table(tcpguard.tls),
         "store_doc": docstring(conntrack.Connection.store),
         "alert_sig": signature(conntrack.Connection.alert, "flow.alert"),
         "alert_doc": docstring(conntrack.Connection.alert),
@@ -820,6 +824,12 @@ A module that cannot be loaded raises `RuleLoadError`. {{loaderror_doc}} `tcpgua
 {{http_doc}}
 
 {{http_table}}
+
+## Reading TLS: `tcpguard.tls`
+
+{{tls_doc}}
+
+{{tls_table}}
 
 ## The sample rules
 

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
 import pytest
 
-from .samples import ACCEPT, DROP, HOLD, actions, alerts, flow, forged, load, playbook, send_pieces, split
+from tcpguard.core.decision import Verdict
+from tcpguard.core.settings import EngineSettings
+from tests.tls_exchange import exchange
+
+from .samples import (
+    ACCEPT,
+    DROP,
+    HOLD,
+    Playbook,
+    actions,
+    alerts,
+    client_hello,
+    flow,
+    forged,
+    load,
+    playbook,
+    send_pieces,
+    split,
+)
 
 RS, MOD = load("shellcode")
 
@@ -106,3 +127,149 @@ def test_an_idle_connection_keeps_only_the_look_back_the_longest_pattern_needs()
     assert bytes(flow(pb).up.buf) == b"\x90" * (longest - 1)  # not the default 256 bytes of the request
     # ...which is still enough for the longest pattern (the 32-byte NOP sled) completed by one more byte.
     assert pb.client("PA", b"\x90").verdict == DROP
+
+
+# -- TLS: scanned until both ends showed they speak it, then done (and bypassed when that is on) --------
+V12, V13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
+HELLO_REQUEST = b"GET /?q=/bin/sh HTTP/1.1\r\n\r\n"  # encrypted inside TLS: the scanner cannot see it
+
+
+def bypass_on() -> EngineSettings:
+    st = EngineSettings()
+    st.inspection.bypass = True
+    return st
+
+
+def tls_playbook(**kw: Any) -> Playbook:
+    pb = playbook(RS, bypass_on(), sport=443, **kw)
+    pb.handshake()
+    return pb
+
+
+def play(pb: Playbook, flights: list[tuple[str, bytes]], mss: int = 1448) -> list[tuple[str, Verdict, bool]]:
+    """Send the flights as MSS-sized segments: (direction, verdict, bypass) of each, until a drop."""
+    out = []
+    for d, data in flights:
+        for piece in split(data, mss):
+            dec = pb.client("PA", piece) if d == "up" else pb.server("PA", piece)
+            out.append((d, dec.verdict, dec.bypass))
+            if dec.verdict == DROP:
+                return out
+    return out
+
+
+@pytest.mark.parametrize("version", [V12, V13])
+def test_a_real_tls_connection_is_done_after_both_sides_first_application_data(
+    version: ssl.TLSVersion,
+) -> None:
+    flights = exchange(version, request=HELLO_REQUEST)
+    pb = tls_playbook()
+    got = play(pb, flights)
+    assert all(v == ACCEPT for _, v, _ in got)
+    # Bypassed on the segment that completes the evidence, and not before: TLS 1.3 on the client's
+    # Finished (the server's first flight had application data), TLS 1.2 on the server's response.
+    # The later ones are answered from the engine's tombstone (bypass asked again, harmless).
+    bypass = [b for _, _, b in got]
+    at = bypass.index(True)
+    assert all(bypass[at:])
+    assert at == (2 if version == V13 else len(got) - 1)
+    assert got[at][0] == ("up" if version == V13 else "down")
+    assert [e["reason"] for e in pb.names("end_connection")] == ["bypassed"]
+    assert alerts(pb) == [] and pb.engine.stats.bypassed == 1
+
+
+def test_a_tls_12_download_is_bypassed_without_waiting_for_the_client() -> None:
+    """The server's first application data decides; the client sends nothing after its request. With a
+    listener per direction, the client's would wait for bytes that never come."""
+    flights = exchange(V12, response=b"x" * 20000)
+    pb = tls_playbook()
+    got = play(pb, flights)
+    bypass = [b for _, _, b in got]
+    at = bypass.index(True)
+    # The response's first segment (its first application data record starts there, and ends in the
+    # segment that completes it): 20 KB in 16 KB records of 1448-byte segments.
+    response = sum(1 for d, data in flights[:-1] for _ in split(data, 1448))
+    assert response < at <= response + 12 and got[at][0] == "down"
+    assert pb.engine.stats.bypassed == 1
+    # ...and later packets of the download are accepted as bypassed without reaching the rules.
+    assert pb.server("PA", b"y" * 1000).bypass
+
+
+def fake_hello() -> bytes:
+    hello = client_hello("www.example.org")
+    return hello[: 5 + int.from_bytes(hello[3:5], "big")]
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        b"GET /?cmd=/bin/sh HTTP/1.0\r\n\r\n",  # plaintext after the hello
+        b"\x17\x03\x03\x00\x20" + b"x" * 10 + b"/bin/sh" + b"x" * 15,  # ...dressed as an encrypted record
+    ],
+)
+def test_a_fake_client_hello_followed_by_the_pattern_is_scanned_and_reset(after: bytes) -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", fake_hello()).verdict == ACCEPT
+    assert pb.server("PA", b"HTTP/1.1 400 Bad Request\r\n\r\n").verdict == ACCEPT  # a plaintext server
+    dec = pb.client("PA", after)
+    assert (dec.verdict, dec.bypass) == (DROP, False)
+    assert actions(pb) == ["reset"] and pb.engine.stats.bypassed == 0
+
+
+def test_the_pattern_in_the_same_segment_as_a_fake_hello_is_reset() -> None:
+    pb = tls_playbook()
+    assert pb.client("PA", fake_hello() + b"/bin/sh").verdict == DROP
+    assert alerts(pb) == ["shell-code pattern b'/bin/sh' from the client"]
+
+
+def test_a_fake_server_hello_then_plaintext_keeps_the_client_scanned() -> None:
+    flights = exchange(V13)
+    sh = flights[1][1][: 5 + int.from_bytes(flights[1][1][3:5], "big")]
+    pb = tls_playbook()
+    assert pb.client("PA", flights[0][1]).verdict == ACCEPT
+    assert pb.server("PA", sh + b"220 plaintext from here\r\n").verdict == ACCEPT
+    dec = pb.client("PA", b"\x14\x03\x03\x00\x01\x01" + b"\x17\x03\x03\x00\x09/bin/bash")
+    assert (dec.verdict, dec.bypass) == (DROP, False)
+    assert alerts(pb) == ["shell-code pattern b'/bin/bash' from the client"]
+
+
+def test_a_server_that_speaks_first_makes_no_candidate() -> None:
+    pb = tls_playbook()
+    assert pb.server("PA", b"220 ready\r\n").verdict == ACCEPT
+    assert pb.client("PA", fake_hello()).verdict == ACCEPT
+    assert pb.client("PA", b"\x17\x03\x03\x00\x07/bin/sh").verdict == DROP
+
+
+def test_a_mid_stream_connection_is_never_a_tls_candidate() -> None:
+    pb = playbook(RS, bypass_on(), sport=443)
+    assert pb.client("A").verdict == ACCEPT  # picked up mid-stream
+    assert flow(pb).midstream
+    assert pb.client("PA", fake_hello()).verdict == ACCEPT
+    assert pb.server("PA", exchange(V13)[1][1]).verdict == ACCEPT
+    assert pb.client("PA", b"\x17\x03\x03\x00\x07/bin/sh").verdict == DROP
+
+
+def test_a_plain_connection_costs_one_call_more_and_keeps_nothing() -> None:
+    pb = playbook(RS, bypass_on())
+    pb.handshake()
+    calls = pb.engine.dispatch.rule_calls
+    assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").verdict == ACCEPT
+    assert pb.engine.dispatch.rule_calls - calls == 2  # no_shellcode, and tls_or_not saying done
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"d" * 100
+    for _ in range(3):
+        assert pb.server("PA", response).verdict == ACCEPT
+        pb.client("A")
+        assert pb.client("PA", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").verdict == ACCEPT
+    assert pb.engine.dispatch.rule_calls - calls == 2 + 3  # only no_shellcode from then on
+    assert flow(pb)._store is None  # no flow.store on a plain connection
+    assert bytes(flow(pb).down.buf) == b""  # and no tail of the server's bytes (look-back 0 there)
+    assert pb.engine.stats.bypassed == 0  # the client's direction is scanned to the end
+
+
+def test_without_bypass_the_tls_connection_stays_tracked_but_unscanned() -> None:
+    flights = exchange(V13)
+    pb = playbook(RS, sport=443)
+    pb.handshake()
+    assert all(v == ACCEPT and not b for _, v, b in play(pb, flights))
+    assert flow(pb)._want == 0  # both listeners are done with it
+    assert flow(pb)._store is None or MOD["TLS"] not in flow(pb).store
