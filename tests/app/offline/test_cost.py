@@ -192,13 +192,13 @@ def test_command_prints_a_row_per_sample_rule_and_logs_nothing_while_timing() ->
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # the demo's alerts are counted in the table, not logged per run
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("412 IP frames of") and "6 rules from rules" in lines[0]
+    assert lines[0].startswith("412 IP frames of") and "7 rules from rules" in lines[0]
     names = [line.split()[0] for line in lines[2:]]
     for name in ("(no", "http_host.blocked_host", "shellcode.no_shellcode", "tls_sni.blocked_sni"):
         assert name in names
     row = next(line for line in lines if line.startswith("tls_sni.blocked_sni"))
     assert "receive_data streamed, up, ports 443 8443" in row
-    everything = next(line for line in lines if line.startswith("(all 6 rules)"))
+    everything = next(line for line in lines if line.startswith("(all 7 rules)"))
     assert everything.split()[-2] != "0"  # the demo capture raises alerts with the sample rules
 
 
@@ -241,7 +241,7 @@ def test_a_damaged_capture_is_measured_up_to_the_damage(tmp_path: Path) -> None:
     cut.write_bytes(raw[:150_000])
     r = run(str(cut), "--rules", "rules", "--repeat", "1")
     assert r.returncode == 3, r.stderr
-    assert r.stdout.startswith("181 IP frames of") and "(all 6 rules)" in r.stdout
+    assert r.stdout.startswith("181 IP frames of") and "(all 7 rules)" in r.stdout
     assert "capture damaged at byte 149416: " in r.stdout
     assert f"tcpguard cost: warning: {cut}: offset 149416: " in r.stderr
     # Damage past the frames asked for is never reached: a clean run.
