@@ -6,6 +6,8 @@ import struct
 
 import pytest
 
+from tcpguard.core.settings import EngineSettings
+
 from .samples import (
     ACCEPT,
     DROP,
@@ -172,3 +174,52 @@ def test_stream_ending_inside_the_hello_fails_closed() -> None:
     assert pb.client("PA", hello[:50]).verdict == ACCEPT
     assert pb.client("FA").verdict == DROP
     assert alerts(pb) == ["malformed TLS ClientHello: stream ended inside a record"]
+
+
+# -- done after the ClientHello: the rule never holds a connection back from bypass --------------------
+def bypassing(sport: int = 443) -> Playbook:
+    st = EngineSettings()
+    st.inspection.bypass = True
+    pb = playbook(RS, st, sport=sport)
+    pb.handshake()
+    return pb
+
+
+def test_after_an_allowed_hello_the_rule_is_done_and_the_connection_bypassed() -> None:
+    hello = client_hello("www.example.org")
+    pb = bypassing()
+    first = pb.client("PA", hello[:100])
+    assert (first.verdict, first.bypass) == (ACCEPT, False)  # the hello is not complete: still wanted
+    assert flow(pb).wants(0)
+    last = pb.client("PA", hello[100:])
+    assert (last.verdict, last.bypass) == (ACCEPT, True)  # complete: nothing wanted any more
+    assert [e["reason"] for e in pb.names("end_connection")] == ["bypassed"]
+
+
+def test_a_blocked_name_is_reset_not_bypassed() -> None:
+    pb = bypassing()
+    dec = pb.client("PA", client_hello("blocked.example"))
+    assert (dec.verdict, dec.bypass) == (DROP, False)
+    assert pb.engine.stats.bypassed == 0
+
+
+def test_a_stream_that_is_not_tls_is_let_go_on_its_first_byte() -> None:
+    pb = bypassing()
+    dec = pb.client("PA", b"GET / HTTP/1.1\r\n\r\n")
+    assert (dec.verdict, dec.bypass) == (ACCEPT, True)
+
+
+def test_a_connection_to_another_port_is_never_wanted() -> None:
+    st = EngineSettings()
+    st.inspection.bypass = True
+    pb = playbook(RS, st, sport=8000)
+    assert not pb.client("S").bypass and not pb.server("SA").bypass
+    assert pb.client("A").bypass  # bypassed at the handshake's last ACK: the rule never applied
+
+
+def test_the_server_direction_is_never_wanted() -> None:
+    pb = playbook(RS, sport=443)
+    pb.handshake()
+    assert not flow(pb).wants(1)
+    assert pb.server("PA", b"220 server speaks first\r\n").verdict == ACCEPT
+    assert flow(pb).wants(0) and not flow(pb).wants(1)
