@@ -42,14 +42,15 @@ def test_no_sample_rule_defines_its_own_flag_constants() -> None:
             assert not names & set(FLAGS), f"{path.name}:{node.lineno} defines {sorted(names & set(FLAGS))}"
 
 
-def test_the_rules_http_library_imports_only_the_standard_library() -> None:
-    for line, module in imports(ROOT / "tcpguard" / "http.py"):
-        top = module.split(".")[0]
-        assert module == "__future__" or top in sys.stdlib_module_names, f"tcpguard/http.py:{line}: {module}"
+def test_the_rules_libraries_import_only_the_standard_library() -> None:
+    for lib in ("http.py", "tls.py"):
+        for line, module in imports(ROOT / "tcpguard" / lib):
+            top = module.split(".")[0]
+            assert module == "__future__" or top in sys.stdlib_module_names, f"tcpguard/{lib}:{line}: {module}"
 
 
 def test_sample_rules_import_only_the_public_rule_api_and_the_standard_library() -> None:
-    public = {"tcpguard", "tcpguard.http"}
+    public = {"tcpguard", "tcpguard.http", "tcpguard.tls"}
     for path in sorted((ROOT / "rules").glob("*.py")):
         for line, module in imports(path):
             ok = module in public or module.split(".")[0] in sys.stdlib_module_names
