@@ -850,7 +850,7 @@ class NfqueueAdapter:
             self._error_verdict(pkt)
             return
         verdict = dec.verdict
-        bypass = getattr(dec, "bypass", False)
+        bypass = dec.bypass
         if (
             verdict is _ACCEPT
             and self._batching

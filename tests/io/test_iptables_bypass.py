@@ -94,7 +94,7 @@ class BypassOnData(AcceptAll):
             self.extra["plain"] = self.extra.get("plain", 0) + 1
             return Decision(Verdict.ACCEPT)
         self.extra["bypass"] = self.extra.get("bypass", 0) + 1
-        return Decision(Verdict.ACCEPT, bypass=True)  # type: ignore[call-arg,unused-ignore]
+        return Decision(Verdict.ACCEPT, bypass=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,23 +28,9 @@ from tests.io.test_nfqueue import (
 BYPASS = 0x40000000
 
 
-class _Bypass(Decision):
-    """Decision with the core's `bypass` field, for a core from before it (the adapter reads it with
-    getattr until then)."""
-
-    __slots__ = ("bypass",)
-
-
 def bypass_decision(packet: bytes | None = None, **kw: Any) -> Decision:
     """`Decision(ACCEPT, bypass=True)` as the core makes it."""
-    args: dict[str, Any] = {"packet": packet, "bypass": True, **kw}
-    try:
-        return Decision(Verdict.ACCEPT, **args)
-    except TypeError:
-        del args["bypass"]
-        d = _Bypass(Verdict.ACCEPT, **args)
-        d.bypass = True
-        return d
+    return Decision(Verdict.ACCEPT, packet=packet, bypass=True, **kw)
 
 
 def marked(mark: int, log: list[str], name: str) -> FakePacket:
