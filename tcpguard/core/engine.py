@@ -275,23 +275,30 @@ class Engine:
         if dec.packet is not None:
             stats.rewritten += 1
         if self._sink is not None:
-            self._sink(
-                {
-                    "event": "verdict",
-                    "time": now,
-                    "token": token if isinstance(token, int | str) else None,
-                    "verdict": dec.verdict.name.lower(),
-                    "flow": dec.flow_id,
-                    "reason": dec.reason,
-                    "rewritten": dec.packet is not None,
-                    "released": [
-                        [r.token if isinstance(r.token, int | str) else None, r.verdict.name.lower()]
-                        for r in dec.releases
-                    ],
-                    "sent": len(dec.send),
-                }
-            )
+            self._sink_verdict(dec, token, now)
         return dec
+
+    def _sink_verdict(self, dec: Decision, token: object, now: float) -> None:
+        """The verdict as an event for the sink (replay --events, golden tests); `bypass` only when set, so
+        that traces of runs without bypass stay as they were."""
+        assert self._sink is not None
+        ev: dict[str, Any] = {
+            "event": "verdict",
+            "time": now,
+            "token": token if isinstance(token, int | str) else None,
+            "verdict": dec.verdict.name.lower(),
+            "flow": dec.flow_id,
+            "reason": dec.reason,
+            "rewritten": dec.packet is not None,
+            "released": [
+                [r.token if isinstance(r.token, int | str) else None, r.verdict.name.lower()]
+                for r in dec.releases
+            ],
+            "sent": len(dec.send),
+        }
+        if dec.bypass:
+            ev["bypass"] = True
+        self._sink(ev)
 
     def _count_drop(self, reason: str) -> None:
         key = reason.split(":", 1)[0] or "unspecified"

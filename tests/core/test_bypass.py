@@ -57,6 +57,9 @@ def test_a_new_connection_only_rule_set_is_bypassed_at_the_handshake_ack() -> No
     assert pb.engine.stats.bypass_packets == 1
     assert pb.engine.stats.bypass_bytes == 40 + len(b"GET /bin/sh")
     assert pb.engine.stats.midstream == 0  # not picked up as a new mid-stream connection
+    # The trace (replay --events) says which packets carried the bypass request.
+    assert [e.get("bypass", False) for e in pb.names("verdict")] == [False, False, True, True]
+    assert [e["flow"] for e in pb.names("bypass")] == [last.flow_id]
 
 
 def test_bypass_off_keeps_tracking() -> None:
