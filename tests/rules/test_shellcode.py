@@ -273,3 +273,13 @@ def test_without_bypass_the_tls_connection_stays_tracked_but_unscanned() -> None
     assert all(v == ACCEPT and not b for _, v, b in play(pb, flights))
     assert flow(pb)._want == 0  # both listeners are done with it
     assert flow(pb)._store is None or MOD["TLS"] not in flow(pb).store
+
+
+def test_with_bypass_tls_off_a_tls_connection_is_scanned_to_the_end() -> None:
+    rs, mod = load("shellcode")
+    mod["BYPASS_TLS"] = False
+    pb = playbook(rs, bypass_on(), sport=443)
+    pb.handshake()
+    assert all(not b for _, _, b in play(pb, exchange(V13)))
+    assert flow(pb).wants(0)  # no_shellcode still reads the client's bytes
+    assert pb.client("PA", b"\x17\x03\x03\x00\x07/bin/sh").verdict == DROP
