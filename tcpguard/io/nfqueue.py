@@ -287,8 +287,8 @@ class _BatchReader:
 
     It reads up to NFQ_RECV_SIZE bytes whatever NetfilterQueue asks for (4,096), since NetfilterQueue
     parses what `recv` returns at its own length: that is how packets longer than 4,016 bytes get through.
-    With `info` on it also reads each queued packet's id, hook and NFQA_SKB_INFO flags (`_skb_info`) into
-    `last`, for `_process`, which NetfilterQueue calls for this datagram before it reads the next.
+    With `info` on it keeps each queued packet's datagram in `data`, where `_process` (which NetfilterQueue
+    calls for this datagram before it reads the next) finds its NFQA_SKB_INFO (`_info_of`).
     """
 
     def __init__(self, sock: socket.socket, stats: QueueStats, info: bool = False) -> None:
@@ -296,7 +296,7 @@ class _BatchReader:
         self.stats = stats
         self.left = 0
         self.info = info
-        self.last: tuple[int, int, int] = (-1, 0, -1)
+        self.data = b""
 
     def recv(self, size: int) -> bytes:
         if self.left <= 0:
@@ -311,12 +311,9 @@ class _BatchReader:
         head = data[4:6]
         if head == _NLMSG_ERROR_TYPE:  # queued packets are type 0x0300: one slice and compare
             _note_error(data, self.stats)
-        elif self.info and head == _PACKET_TYPE:
-            self.last = _skb_info(data)
+        elif self.info:
+            self.data = data
         return data
-
-
-_PACKET_TYPE = struct.pack("=H", (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_PACKET)
 
 
 def _skb_info(data: bytes) -> tuple[int, int, int]:
@@ -343,6 +340,42 @@ def _skb_info(data: bytes) -> tuple[int, int, int]:
 
 
 _LITTLE = struct.pack("=H", 1) == b"\x01\x00"
+_ORDER = "little" if _LITTLE else "big"
+# nlmsg_len; after the nlmsghdr's other fields and the nfgenmsg, the first attribute's length and type and
+# the packet header's id (big-endian) and hook (struct nfqnl_msg_packet_hdr: 7 bytes, packed).
+_HEAD = struct.Struct("=I16xHH4s2xB")
+# The 8 bytes before the payload attribute (an NFQA_SKB_INFO when there is one) and that attribute's header.
+_TAIL = struct.Struct("=HH4sHH")
+
+
+def _info_of(data: bytes, pid: int, size: int) -> tuple[int, int]:
+    """(NFQA_SKB_INFO flags, hook) of queued packet `pid`, whose payload is `size` bytes, from its
+    datagram; hook -1 if the datagram is not that packet's.
+
+    The walk of `_skb_info` costs some 5 us a packet in Python. This takes the kernel's layout instead
+    (nfqnl_build_packet_message): the packet header is the first attribute, the payload the last, with
+    no padding after it, and NFQA_SKB_INFO, when there is one, comes right before the payload. A datagram
+    that does not look exactly so gets the walk. When there is no NFQA_SKB_INFO the 8 bytes before the
+    payload belong to another attribute; should they read like an NFQA_SKB_INFO header, the value after
+    it has bytes 2 and 3 zero or comes from the kernel's own fields (every attribute that can precede is
+    an ifindex, mark, priority, timestamp, uid/gid, the 8-byte hardware address field whose last two
+    bytes are zero for Ethernet, or a conntrack/secctx blob), and a value with bit 0 and bit 2 clear means
+    what no NFQA_SKB_INFO means (no flag), so a misread can only lose the GSO count."""
+    try:
+        end, alen, atype, id_bytes, hook = _HEAD.unpack_from(data)
+        ilen, itype, flags_bytes, plen, ptype = _TAIL.unpack_from(data, end - 12 - size)
+    except struct.error:
+        ilen = -1
+        alen = 0
+    if alen != 11 or atype != _NFQA_PACKET_HDR or id_bytes != pid.to_bytes(4, "big"):
+        ipid, flags, hook = _skb_info(data)
+        return (flags, hook) if ipid == pid else (0, -1)
+    if plen != 4 + size or ptype != _NFQA_PAYLOAD or end - 4 - size < 32:
+        _, flags, hook = _skb_info(data)
+        return flags, hook
+    if ilen == 8 and itype == _NFQA_SKB_INFO:
+        return int.from_bytes(flags_bytes, "big"), hook
+    return 0, hook
 
 
 _NLMSG_ERROR_TYPE = struct.pack("=H", _NLMSG_ERROR)
@@ -366,7 +399,7 @@ def _note_error(data: bytes, stats: QueueStats) -> None:
 
 class _Replay:
     """Socket stand-in that hands `run_socket` datagrams we already read, then EAGAIN (and, like
-    `_BatchReader`, notes each packet's NFQA_SKB_INFO in `reader.last`)."""
+    `_BatchReader`, keeps each datagram in `reader.data`)."""
 
     def __init__(self, datagrams: list[bytes], reader: _BatchReader | None = None) -> None:
         self.datagrams = datagrams
@@ -377,8 +410,8 @@ class _Replay:
             raise BlockingIOError(errno.EAGAIN, "replayed")
         data = self.datagrams.pop(0)
         reader = self.reader
-        if reader is not None and reader.info and data[4:6] == _PACKET_TYPE:
-            reader.last = _skb_info(data)
+        if reader is not None and reader.info:
+            reader.data = data
         return data
 
 
@@ -828,7 +861,7 @@ class NfqueueAdapter:
             return
         trusted = False
         if self.gso_on:
-            trusted = self._checksum_trusted(pid)
+            trusted = self._checksum_trusted(pid, size)
         rmark = self.repeat_mark
         bmark = self.bypass_mark
         if rmark is not None or bmark:
@@ -892,15 +925,15 @@ class NfqueueAdapter:
         if dec.releases or dec.send:
             self._apply(dec.releases, dec.send)
 
-    def _checksum_trusted(self, pid: int) -> bool:
+    def _checksum_trusted(self, pid: int, size: int) -> bool:
         """Whether the kernel vouches for packet `pid`'s checksum, from the NFQA_SKB_INFO the reader saw
         in its datagram (see the module's notes): partial (to be completed on the way out), or verified
         on a hook where the kernel would have said NOTVERIFIED otherwise. Counts GSO packets."""
         reader = self._reader
         if reader is None:
             return False
-        ipid, flags, hook = reader.last
-        if ipid != pid:
+        flags, hook = _info_of(reader.data, pid, size)
+        if hook < 0:
             return False  # not the datagram we parsed (cannot happen with one packet per datagram)
         st = self.stats
         if flags & NFQA_SKB_GSO:

@@ -21,6 +21,7 @@ from tcpguard.io.nfqueue import (
     _BatchReader,
     _copy_range_message,
     _gso_message,
+    _info_of,
     _Replay,
     _skb_info,
 )
@@ -34,15 +35,28 @@ def nla(atype: int, value: bytes) -> bytes:
     return struct.pack("=HH", 4 + len(value), atype) + value + b"\0" * (-len(value) % 4)
 
 
-def packet_message(pid: int, payload: bytes, flags: int | None, hook: int = FORWARD) -> bytes:
+def packet_message(
+    pid: int,
+    payload: bytes,
+    flags: int | None,
+    hook: int = FORWARD,
+    cap_len: int | None = None,
+    pad: bool = False,
+    before: bytes = b"",
+) -> bytes:
     """An NFQNL_MSG_PACKET as nfqnl_build_packet_message writes it: packet header, interfaces, mark,
-    timestamp, NFQA_SKB_INFO (when a flag is set), the payload last."""
+    timestamp, `before` (more attributes), NFQA_CAP_LEN (when cut short), NFQA_SKB_INFO (when a flag is
+    set), the payload last and unpadded (`pad`: padded, as an older kernel might)."""
     attrs = nla(1, struct.pack("!IHB", pid, 0x0800, hook))  # NFQA_PACKET_HDR
     attrs += nla(5, struct.pack("!I", 2)) + nla(6, struct.pack("!I", 3))  # NFQA_IFINDEX_IN/OUTDEV
     attrs += nla(3, struct.pack("!I", 0x10)) + nla(4, struct.pack("!QQ", 1, 2))  # NFQA_MARK, TIMESTAMP
+    attrs += before
+    if cap_len is not None:
+        attrs += nla(13, struct.pack("!I", cap_len))  # NFQA_CAP_LEN
     if flags is not None:
         attrs += nla(14, struct.pack("!I", flags))  # NFQA_SKB_INFO
-    attrs += nla(10, payload)  # NFQA_PAYLOAD
+    payload_attr = nla(10, payload)  # NFQA_PAYLOAD
+    attrs += payload_attr if pad else payload_attr[: 4 + len(payload)]
     body = struct.pack("=BBH", 2, 0, 0) + attrs
     return struct.pack("=IHHII", 16 + len(body), 0x0300, 0, 0, 0) + body
 
@@ -82,6 +96,32 @@ def test_skb_info_reads_id_flags_and_hook() -> None:
         assert pid in (-1, 19)
 
 
+@pytest.mark.parametrize("flags", [None, 0, CSUMNOTREADY, CSUMNOTREADY | GSO, NOTVERIFIED, NOTVERIFIED | GSO])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {},
+        {"cap_len": 70000},
+        {"pad": True},  # not where the fast path looks: the walk
+        {"before": nla(16, b"\0\0\0\1") + nla(17, b"\0\0\0\2")},  # NFQA_UID, NFQA_GID
+        # NFQA_HWADDR whose address reads like an NFQA_SKB_INFO header: never a flag it does not have.
+        {"before": nla(9, struct.pack("!HH", 6, 0) + struct.pack("=HH", 8, 14) + b"\x05\x05\0\0")},
+    ],
+)
+def test_the_fast_lookup_agrees_with_the_walk(flags: int | None, layout: dict[str, Any]) -> None:
+    for size in (1, 3, 40, 1500, NFQ_COPY_LIMIT):
+        payload = b"\x45" + bytes(size - 1)
+        msg = packet_message(77, payload, flags, PRE_ROUTING, **layout)
+        assert _skb_info(msg) == (77, flags or 0, PRE_ROUTING)
+        got = _info_of(msg, 77, size)
+        assert got[1] == PRE_ROUTING
+        if "before" in layout and flags is None:
+            assert not got[0] & (CSUMNOTREADY | NOTVERIFIED)
+        else:
+            assert got[0] == (flags or 0)
+        assert _info_of(msg, 78, size)[1] == -1  # another packet's datagram
+
+
 def test_the_reader_takes_datagrams_past_4096_bytes() -> None:
     """NetfilterQueue asks for 4,096 bytes; the reader reads NFQ_RECV_SIZE, enough for the largest packet
     the kernel copies, and notes its NFQA_SKB_INFO."""
@@ -92,7 +132,7 @@ def test_the_reader_takes_datagrams_past_4096_bytes() -> None:
     reader.left = 1
     assert reader.recv(4096) == dgram
     assert sock.asked == [NFQ_RECV_SIZE] and len(dgram) <= NFQ_RECV_SIZE
-    assert reader.last == (5, CSUMNOTREADY | GSO, FORWARD)
+    assert reader.data == dgram
 
 
 def _gso_adapter(*decisions: Decision) -> tuple[NfqueueAdapter, Scripted, _BatchReader]:
@@ -119,7 +159,7 @@ def _gso_adapter(*decisions: Decision) -> tuple[NfqueueAdapter, Scripted, _Batch
 def test_which_checksums_the_engine_is_told_to_trust(flags: int | None, hook: int, trusted: bool) -> None:
     a, h, reader = _gso_adapter(Decision(Verdict.ACCEPT))
     pkt = FakePacket()
-    reader.last = _skb_info(packet_message(pkt.id, pkt.payload, flags, hook))
+    reader.data = packet_message(pkt.id, pkt.payload, flags, hook)
     a.process(pkt)
     assert h.trusted == [trusted]
     assert a.stats.csum_trusted == int(trusted)
@@ -130,11 +170,11 @@ def test_which_checksums_the_engine_is_told_to_trust(flags: int | None, hook: in
 def test_nothing_is_trusted_for_another_id_or_with_gso_off() -> None:
     a, h, reader = _gso_adapter(Decision(Verdict.ACCEPT), Decision(Verdict.ACCEPT))
     pkt = FakePacket()
-    reader.last = _skb_info(packet_message(pkt.id + 1, pkt.payload, CSUMNOTREADY))
+    reader.data = packet_message(pkt.id + 1, pkt.payload, CSUMNOTREADY)
     a.process(pkt)
     a.gso_on = False
     pkt = FakePacket()
-    reader.last = _skb_info(packet_message(pkt.id, pkt.payload, CSUMNOTREADY))
+    reader.data = packet_message(pkt.id, pkt.payload, CSUMNOTREADY)
     a.process(pkt)
     assert h.trusted == [False, False] and a.stats.csum_trusted == 0
 
@@ -143,8 +183,8 @@ def test_replayed_datagrams_carry_their_info() -> None:
     """Packets read while waiting for a config ack go through _Replay, which notes their info too."""
     reader = _BatchReader(Datagrams(), NfqueueAdapter(Scripted()).stats, info=True)  # type: ignore[arg-type]
     replay = _Replay([packet_message(9, b"\x45", CSUMNOTREADY)], reader)
-    replay.recv(4096)
-    assert reader.last == (9, CSUMNOTREADY, FORWARD)
+    assert replay.recv(4096) == reader.data
+    assert _info_of(reader.data, 9, 1) == (CSUMNOTREADY, FORWARD)
 
 
 class Kernel:
