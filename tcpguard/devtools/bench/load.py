@@ -20,7 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tcpguard.devtools.bench.network import BULK_PORT, RR_PORT, RR_PORT2, BenchLab, _py_role, stop_process
+from tcpguard.devtools.bench.network import (
+    BULK_PORT,
+    RR_PORT,
+    RR_PORT2,
+    TLS_NAME,
+    TLS_PORT,
+    TLS_SERVER_V4,
+    BenchLab,
+    _py_role,
+    stop_process,
+)
+from tcpguard.devtools.labnet import SERVER_V4
 
 # ------------------------------------------------------------------------------------ the load's bytes
 RESP_BODY = 512
@@ -34,6 +45,10 @@ RESPONSE = (
     + bytes(random.Random(5).choice(b"abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(RESP_BODY))
 )
 BULK_BLOCK = 256 * 1024
+# TLS kind: the application writes this much per sendall, so the ssl module fills maximal records (16 KB)
+# back to back inside one call instead of returning to Python per record.
+TLS_BLOCK = 1024 * 1024
+TLS_MAX_CHILDREN = 256  # the TLS server's concurrent connections (one forked process each)
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -94,7 +109,7 @@ def _role_server(p: dict[str, Any]) -> None:
     import select
 
     _raise_nofile(int(p.get("nofile", 1024)))
-    threading.Thread(target=_bulk_listener, args=(int(p["bulk_port"]),), daemon=True).start()
+    threading.Thread(target=_bulk_listener, args=(p["bulk_host"], int(p["bulk_port"])), daemon=True).start()
     ep = select.epoll()
     listeners: dict[int, socket.socket] = {}
     for port in p["rr_ports"]:
@@ -154,10 +169,11 @@ def _role_server(p: dict[str, Any]) -> None:
                 c.close()
 
 
-def _bulk_listener(port: int) -> None:
+def _bulk_listener(host: str, port: int) -> None:
+    # On the server's address, not the wildcard: the TLS kind's server has port 443 on another address.
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("0.0.0.0", port))
+    ls.bind((host, port))
     ls.listen(64)
     while True:
         c, _ = ls.accept()
@@ -542,6 +558,263 @@ def _role_mem(p: dict[str, Any]) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------------ TLS kind
+def make_certificate(work: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed ECDSA P-256 certificate for `TLS_NAME`, made with the openssl command (the
+    `cryptography` package is not a dependency). P-256 keeps the handshake cheap: the figure is meant to
+    be the bulk of the transfer, not the signatures. Returns (certificate, key)."""
+    cert, key = work / "tls-cert.pem", work / "tls-key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", f"/CN={TLS_NAME}", "-addext", f"subjectAltName=DNS:{TLS_NAME}",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def _kernel_timeouts(s: socket.socket, seconds: float) -> None:
+    """Bound every send and receive of `s` in the kernel (SO_SNDTIMEO/SO_RCVTIMEO) and leave the socket
+    blocking for Python. A Python-level timeout makes the ssl module run the socket non-blocking and poll
+    before every retry, which cost the TLS load a quarter to a third of its throughput here (loopback,
+    one pair: 137-192 MB/s against 204-231 blocking); with kernel timeouts a stalled peer still ends the
+    call (EAGAIN, an OSError), so nothing waits forever. Large buffers: fewer wake-ups per megabyte."""
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+
+
+def _tls_header(mode: bytes, size: int) -> bytes:
+    return mode + size.to_bytes(8, "big")
+
+
+def _recv_exact_into(s: socket.socket, buf: bytearray, n: int) -> None:
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = s.recv_into(view[got:n])
+        if not k:
+            raise ConnectionError("closed early")
+        got += k
+
+
+def _role_tls_server(p: dict[str, Any]) -> None:
+    """TLS listener: one forked process per connection (the crypto of several connections then runs on
+    every core, which threads under the GIL would not), at most `TLS_MAX_CHILDREN` at once (the accept
+    waits for one to end). A connection asks `U<size>` (the client uploads `size` bytes, answered by one
+    byte `K` once they all arrived) or `D<size>` (the server sends `size` bytes); the client closes first."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(p["cert"], p["key"])
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((p["host"], int(p["port"])))
+    ls.listen(256)
+    end = time.monotonic() + float(p["max_seconds"])
+    children: set[int] = set()
+
+    def stop(*_: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    Path(p["ready"]).touch()
+    ls.settimeout(0.5)
+    while time.monotonic() < end:
+        while children:
+            pid, _ = os.waitpid(-1, os.WNOHANG if len(children) < TLS_MAX_CHILDREN else 0)
+            if not pid:
+                break
+            children.discard(pid)
+        try:
+            c, _ = ls.accept()
+        except TimeoutError:
+            continue
+        pid = os.fork()
+        if pid:
+            children.add(pid)
+            c.close()
+            continue
+        # The child: one connection, then exit without running the parent's cleanup.
+        code = 0
+        try:
+            ls.close()
+            c.settimeout(None)
+            _kernel_timeouts(c, 30)
+            s = ctx.wrap_socket(c, server_side=True)
+            buf = bytearray(TLS_BLOCK)
+            head = bytearray(9)
+            _recv_exact_into(s, head, 9)
+            size = int.from_bytes(head[1:], "big")
+            if head[:1] == b"U":
+                got = 0
+                while got < size:
+                    k = s.recv_into(buf)
+                    if not k:
+                        raise ConnectionError("upload cut short")
+                    got += k
+                s.sendall(b"K")
+            else:
+                block = memoryview(random.Random(17).randbytes(TLS_BLOCK))
+                left = size
+                while left > 0:
+                    n = min(left, TLS_BLOCK)
+                    s.sendall(block[:n])
+                    left -= n
+            # Wait for the client's close (it closes first: TIME_WAIT stays on its side).
+            with contextlib.suppress(OSError):
+                s.recv(1)
+        except (OSError, ValueError):
+            code = 1
+        os._exit(code)
+
+
+def _role_tls(p: dict[str, Any]) -> None:
+    """`up` uploading and `down` downloading processes, each doing TLS connections one after another
+    (handshake with SNI and certificate check, `size` bytes, close) until `stop_at`. Counts the bytes
+    moved and the connections completed inside the window, summed over the processes."""
+    import ssl
+
+    win_start, win_end, stop_at = float(p["win_start"]), float(p["win_end"]), float(p["stop_at"])
+    size = int(p["size"])
+    sources = list(p.get("sources") or [""])
+    modes = [b"U"] * int(p["up"]) + [b"D"] * int(p["down"])
+    kids: list[tuple[int, int]] = []
+    for i, mode in enumerate(modes):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(w)
+            kids.append((pid, r))
+            continue
+        os.close(r)
+        stats: dict[str, Any] = {
+            "window_bytes": 0,
+            "bytes": 0,
+            "connections": 0,
+            "window_connections": 0,
+            "errors": 0,
+        }
+        try:
+            ctx = ssl.create_default_context(cafile=p["cafile"])
+            _tls_worker(
+                ctx, p["host"], int(p["port"]), mode, size, sources, i, stats, win_start, win_end, stop_at
+            )
+        except Exception as e:  # one process failing must reach the report, not hang it
+            stats["errors"] += 1
+            stats["failure"] = f"{type(e).__name__}: {e}"
+        os.write(w, json.dumps(stats).encode())
+        os.close(w)
+        os._exit(0)
+    total: dict[str, Any] = {
+        "window_bytes": 0,
+        "bytes": 0,
+        "connections": 0,
+        "window_connections": 0,
+        "errors": 0,
+    }
+    for pid, r in kids:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        try:
+            one = json.loads(data)
+        except ValueError:
+            total["errors"] += 1
+            continue
+        for k in ("window_bytes", "bytes", "connections", "window_connections", "errors"):
+            total[k] += int(one.get(k, 0))
+        for k in ("cipher", "failure"):
+            if one.get(k):
+                total[k] = one[k]
+    print(json.dumps(total), flush=True)
+
+
+def _tls_worker(
+    ctx: Any,
+    host: str,
+    port: int,
+    mode: bytes,
+    size: int,
+    sources: list[str],
+    index: int,
+    stats: dict[str, Any],
+    win_start: float,
+    win_end: float,
+    stop_at: float,
+) -> None:
+    """One process's connections, until `stop_at` (a transfer under way then is cut short)."""
+    block = memoryview(random.Random(19).randbytes(TLS_BLOCK))
+    buf = bytearray(TLS_BLOCK)
+    n = 0
+    while time.monotonic() < stop_at:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        _kernel_timeouts(raw, 10)
+        try:
+            raw.bind((sources[(index + n * 7) % len(sources)], 0))
+            n += 1
+            raw.connect((host, port))
+            s = ctx.wrap_socket(raw, server_hostname=TLS_NAME)
+            stats["cipher"] = (s.cipher() or ("",))[0]
+            s.sendall(_tls_header(mode, size))
+            left = size
+            while left > 0 and time.monotonic() < stop_at:
+                if mode == b"U":
+                    k = min(left, TLS_BLOCK)
+                    s.sendall(block[:k])
+                else:
+                    k = s.recv_into(buf)
+                    if not k:
+                        raise ConnectionError("download cut short")
+                left -= k
+                t = time.monotonic()
+                stats["bytes"] += k
+                if win_start <= t < win_end:
+                    stats["window_bytes"] += k
+            if left > 0:
+                break  # stop_at passed mid-transfer
+            if mode == b"U":
+                _recv_exact_into(s, buf, 1)  # the server has every byte
+            stats["connections"] += 1
+            if win_start <= time.monotonic() < win_end:
+                stats["window_connections"] += 1
+        except (OSError, ValueError):
+            stats["errors"] += 1
+            time.sleep(0.05)  # a refused or reset connection must not spin
+        finally:
+            raw.close()
+
+
+def start_tls_server(lab: BenchLab, work: Path, cert: Path, key: Path) -> subprocess.Popen[Any]:
+    """The TLS kind's server in the server namespace, on its own address, once it listens."""
+    ready = work / "tls-server.ready"
+    ready.unlink(missing_ok=True)
+    params = {
+        "host": TLS_SERVER_V4,
+        "port": TLS_PORT,
+        "cert": str(cert),
+        "key": str(key),
+        "ready": str(ready),
+        "max_seconds": 3600,
+    }
+    server = lab.popen("server", _py_role("tls_server", params), cwd=work)
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the TLS load server did not start")
+        time.sleep(0.05)
+    return server
+
+
 ROLE_FUNCS: dict[str, Callable[[dict[str, Any]], None]] = {
     "server": _role_server,
     "rr": _role_rr,
@@ -550,6 +823,8 @@ ROLE_FUNCS: dict[str, Callable[[dict[str, Any]], None]] = {
     "hold": _role_hold,
     "nfq": _role_nfq,
     "mem": _role_mem,
+    "tls_server": _role_tls_server,
+    "tls": _role_tls,
 }
 
 # ============================================================================== fabricated packets
@@ -683,6 +958,7 @@ def start_load_server(lab: BenchLab, work: Path, nofile: int) -> subprocess.Pope
     ready.unlink(missing_ok=True)
     params = {
         "rr_ports": [RR_PORT, RR_PORT2],
+        "bulk_host": SERVER_V4,
         "bulk_port": BULK_PORT,
         "ready": str(ready),
         "max_seconds": 3600,

@@ -34,10 +34,13 @@ from tcpguard.devtools.bench.network import (
     ROOT,
     RR_PORT,
     RR_PORT2,
+    TLS_PORT,
+    TLS_SERVER_V4,
     BenchLab,
     GatewayPath,
     Settings,
     _py_role,
+    bypass_supported,
     stop_process,
 )
 from tcpguard.devtools.labnet import (
@@ -57,6 +60,45 @@ class Sample:
     load_cpu_ns: int
     busy: int  # /proc/stat busy jiffies, all cores
     total: int  # /proc/stat jiffies, all cores
+    # What the gateway's NFQUEUE rules sent to user space (their iptables counters): 0 on the paths
+    # without a queue. Bytes count a GRO aggregate whole, so bytes/packets is the mean size queued.
+    uq_packets: int = 0
+    uq_bytes: int = 0
+    drops: int = 0  # the kernel's NFQUEUE drop counters (queue_drops)
+    # The daemon's own counters (status over the control socket), None on the other paths.
+    daemon_packets: int | None = None
+    daemon_bypassed: int | None = None
+
+
+def queued_counters(lab: BenchLab) -> tuple[int, int]:
+    """Packets and bytes that every `-j NFQUEUE` rule in the gateway (every table and chain: the
+    baselines' FORWARD rule or tcpguard's own chain) sent to a queue. Packets that a bypass rule lets
+    through before the NFQUEUE rule are not in them: they never left the kernel."""
+    r = lab.run("gw", ["iptables-save", "-c"], check=False)
+    pk = by = 0
+    for line in r.stdout.splitlines():
+        if line.startswith("[") and "-j NFQUEUE" in line:
+            counts = line[1 : line.index("]")].split(":")
+            pk += int(counts[0])
+            by += int(counts[1])
+    return pk, by
+
+
+def daemon_counters(sock: Path) -> tuple[int | None, int | None]:
+    """(packets received, connections bypassed) summed over the daemon's workers, from `status`; the
+    bypassed count is None when the daemon does not report one (no bypass in this build)."""
+    from tcpguard.app.control.client import ControlClient
+    from tcpguard.app.control.protocol import ControlError
+
+    try:
+        resp = ControlClient(sock, timeout=10).call({"cmd": "status"})
+    except ControlError:
+        return None, None
+    workers = [w for w in (resp.get("result") or {}).get("workers", []) if "error" not in w]
+    packets = sum(int(w.get("packets", {}).get("received") or 0) for w in workers)
+    counts = [w.get("engine", {}).get("bypassed") for w in workers]
+    bypassed = sum(int(c) for c in counts) if counts and all(c is not None for c in counts) else None
+    return packets, bypassed
 
 
 def _link_tx(lab: BenchLab) -> tuple[int, int]:
@@ -105,13 +147,18 @@ def _machine_cpu() -> tuple[int, int]:
     return sum(vals) - idle, sum(vals)
 
 
-def take_sample(lab: BenchLab, load_pids: list[int]) -> Sample:
+def take_sample(lab: BenchLab, load_pids: list[int], daemon_sock: Path | None = None) -> Sample:
     t = time.monotonic()
     pk, by = _link_tx(lab)
     gw = sum(proc_cpu_ns(p) for p in lab.pids("gw"))
     load = sum(proc_cpu_ns(p) for p in load_pids)
     busy, total = _machine_cpu()
-    return Sample(t, pk, by, gw, load, busy, total)
+    sample = Sample(t, pk, by, gw, load, busy, total)
+    sample.uq_packets, sample.uq_bytes = queued_counters(lab)
+    sample.drops = queue_drops(lab)
+    if daemon_sock is not None:
+        sample.daemon_packets, sample.daemon_bypassed = daemon_counters(daemon_sock)
+    return sample
 
 
 def queue_drops(lab: BenchLab) -> int:
@@ -138,6 +185,22 @@ class PhaseResult:
     errors: int = 0
     syn_retrans: int = 0
     note: str = ""
+    uq_packets: int = 0
+    uq_bytes: int = 0
+    drops: int = 0
+    connections: int = 0  # completed inside the window (tls), opened (rr); 0 where not counted
+    daemon_packets: int | None = None
+    daemon_bypassed: int | None = None
+
+    @property
+    def mean_size(self) -> float:
+        """Mean size of the packets the gateway forwarded (bytes)."""
+        return self.bytes / self.packets if self.packets else 0.0
+
+    @property
+    def uq_mean_size(self) -> float:
+        """Mean size of the packets the queue delivered to user space (bytes)."""
+        return self.uq_bytes / self.uq_packets if self.uq_packets else 0.0
 
     @property
     def pps(self) -> float:
@@ -161,12 +224,18 @@ class PathResult:
     # "added latency" compares against the link at that moment, not at the start of the run.
     base_latency: dict[str, float] = field(default_factory=dict)
     phases: dict[str, PhaseResult] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # kind -> why it has no figures
     queue_drops: int = 0
     error: str = ""
+    note: str = ""
 
 
 def phase_between(a: Sample, b: Sample) -> PhaseResult:
     jiffies = b.total - a.total
+
+    def delta(x: int | None, y: int | None) -> int | None:
+        return y - x if x is not None and y is not None else None
+
     return PhaseResult(
         seconds=b.t - a.t,
         packets=b.tx_packets - a.tx_packets,
@@ -174,6 +243,11 @@ def phase_between(a: Sample, b: Sample) -> PhaseResult:
         gw_cpu_ns=b.gw_cpu_ns - a.gw_cpu_ns,
         load_cpu_ns=b.load_cpu_ns - a.load_cpu_ns,
         busy_share=(b.busy - a.busy) / jiffies if jiffies > 0 else 0.0,
+        uq_packets=b.uq_packets - a.uq_packets,
+        uq_bytes=b.uq_bytes - a.uq_bytes,
+        drops=b.drops - a.drops,
+        daemon_packets=delta(a.daemon_packets, b.daemon_packets),
+        daemon_bypassed=delta(a.daemon_bypassed, b.daemon_bypassed),
     )
 
 
@@ -189,8 +263,16 @@ def _phase(
     kind: str,
     server_pid: int,
     profile: Callable[[str, float], subprocess.Popen[Any] | None] | None = None,
+    daemon_sock: Path | None = None,
 ) -> PhaseResult:
-    """Run one traffic kind; sample the gateway over the steady-state window."""
+    """Run one traffic kind; sample the gateway over the steady-state window. `bulk-gso` turns the
+    offloads on for its run and off again after it, also on failure."""
+    if kind == "bulk-gso":
+        lab.offloads(True)
+        try:
+            return _phase(lab, st, "bulk", server_pid, profile, daemon_sock)
+        finally:
+            lab.offloads(False)
     start = time.monotonic() + 0.6  # the load generator's own start-up
     win_start = start + st.warmup
     win_end = win_start + st.duration
@@ -204,6 +286,21 @@ def _phase(
     }
     if kind == "rr":
         role, params = "rr", {**common, "port": RR_PORT, "conns": st.rr_conns, "per_conn": st.per_conn}
+    elif kind == "tls":
+        if st.tls_cert is None:
+            raise RuntimeError("no TLS certificate for the tls kind")
+        role, params = (
+            "tls",
+            {
+                **common,
+                "host": TLS_SERVER_V4,
+                "port": TLS_PORT,
+                "up": st.tls_up,
+                "down": st.tls_down,
+                "size": st.tls_size,
+                "cafile": str(st.tls_cert),
+            },
+        )
     else:
         role, params = "bulk", {**common, "port": BULK_PORT, "up": st.bulk_up, "down": st.bulk_down}
     syn0 = syn_retransmissions(lab)
@@ -214,11 +311,11 @@ def _phase(
     try:
         load_pids = [proc.pid, server_pid]
         _sleep_until(win_start)
-        a = take_sample(lab, load_pids)
+        a = take_sample(lab, load_pids, daemon_sock)
         if profile is not None:
             prof = profile(kind, st.duration)
         _sleep_until(win_end)
-        b = take_sample(lab, load_pids)
+        b = take_sample(lab, load_pids, daemon_sock)
         try:
             out, err = proc.communicate(timeout=st.duration + 60)
         except subprocess.TimeoutExpired:
@@ -243,6 +340,11 @@ def _phase(
         ph.app_bytes = ph.transactions * (len(REQUEST) + len(RESPONSE))
     else:
         ph.app_bytes = int(res["window_bytes"])
+    if kind == "tls":
+        ph.connections = int(res.get("window_connections", 0))
+        ph.note = "; ".join(x for x in (str(res.get("cipher") or ""), str(res.get("failure") or "")) if x)
+        if not res.get("connections"):
+            raise RuntimeError(f"no TLS connection completed: {res.get('failure') or res}")
     return ph
 
 
@@ -276,9 +378,16 @@ def measure_path(
         drops0 = queue_drops(lab)
         result.latency = _latency(lab, st) if name != "none" else result.base_latency
         profile = _profiler(lab, st, name) if st.profile is not None and name == "tcpguard-1" else None
-        for kind in ("rr", "bulk"):
+        sock = gp.control_socket if name.startswith("tcpguard-") else None
+        if name.endswith("+bypass") and not bypass_supported():
+            result.note = "this daemon has no engine.inspection.bypass: ran as bypass off"
+        for kind in st.kinds:
             log(f"[{name}] {kind} for {st.duration:g} s")
-            result.phases[kind] = _phase(lab, st, kind, server_pid, profile)
+            try:
+                result.phases[kind] = _phase(lab, st, kind, server_pid, profile, sock)
+            except RuntimeError as e:  # one kind failing must not hide the path's other kinds
+                result.failed[kind] = str(e)
+                log(f"[{name}] {kind} failed: {e}")
         result.queue_drops = queue_drops(lab) - drops0
         if not gp.alive():
             result.error = f"filter process exited: {gp.tail()}"

@@ -37,7 +37,16 @@ RR_PORT2 = 80  # a second listener, for more client ports when holding many conn
 # them evenly over the queues of one worker per core.
 CLIENT_SOURCES = tuple(f"10.77.1.{i}" for i in range(100, 132))
 BULK_PORT = 443  # allowed by the firewall, not HTTP: only the shell-code scanner reads it
+# The TLS kind: its own server address (in the server namespace, on the lab's server subnet) so that its
+# port can be 443 too, beside the bulk kind's plain listener. TLS_NAME is the SNI the client sends and
+# the certificate's name; the sample SNI rule does not block it.
+TLS_SERVER_V4 = "10.77.2.3"
+TLS_PORT = 443
+TLS_NAME = "bench.example"
 QUEUE = 0
+# The traffic kinds, in the order each path runs them. `bulk-gso` is `bulk` with the offloads on
+# (BenchLab.offloads); `tls` is real TLS to port 443 (load._role_tls).
+KINDS = ("rr", "bulk", "tls", "bulk-gso")
 _CMD_TIMEOUT = 30.0
 
 
@@ -56,17 +65,9 @@ class BenchLab(Lab):
 
     def _build(self) -> None:
         super()._build()
-        for role, dev in (
-            ("client", CLIENT_IF),
-            ("gw", GW_CLIENT_IF),
-            ("gw", GW_SERVER_IF),
-            ("server", SERVER_IF),
-        ):
-            # Wire-sized segments everywhere: see the module docstring.
-            self.run(
-                role,
-                ["ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"],
-            )
+        # Wire-sized segments everywhere (see the module docstring); `offloads(True)` for the bulk-gso kind.
+        self.offloads(False)
+        self.run("server", ["ip", "addr", "add", f"{TLS_SERVER_V4}/24", "dev", SERVER_IF])
         # The kernel's `--queue-balance` picks a queue from a hash of the two addresses only (not the
         # ports: nf_queue.h hash_v4/hash_v6), so traffic from one client address would all go to one
         # worker. The load generators spread their connections over several client addresses, as a
@@ -84,6 +85,21 @@ class BenchLab(Lab):
                 ["sysctl", "-q", "-w", "net.core.somaxconn=65535", "net.ipv4.tcp_max_syn_backlog=65535"],
                 check=False,
             )
+
+    def offloads(self, on: bool) -> None:
+        """All offloads of the four veths off, or on: the endpoints' TSO/GSO (with the transmit checksum,
+        which TSO needs) hand the kernel 64 KB segments, and GRO on the gateway's interfaces aggregates what
+        arrives there (veth's GRO runs in its NAPI, which `gro on` enables), so the gateway forwards, and
+        an NFQUEUE sees, super-packets as behind a real NIC with its offloads on (issue 21)."""
+        state = "on" if on else "off"
+        for role, dev in (
+            ("client", CLIENT_IF),
+            ("gw", GW_CLIENT_IF),
+            ("gw", GW_SERVER_IF),
+            ("server", SERVER_IF),
+        ):
+            args = ["tx", state, "rx", state, "tso", state, "gso", state, "gro", state]
+            self.run(role, ["ethtool", "-K", dev, *args])
 
     def pids(self, role: str) -> list[int]:
         return self._pids_in(self.ns[role])
@@ -172,24 +188,46 @@ class Settings:
     bulk_up: int
     bulk_down: int
     lat_count: int
+    tls_up: int
+    tls_down: int
+    tls_size: int
     mem_count: int
     hold_count: int
     capture_packets: int
     rules: Path
     workers: int
     profile: Path | None
+    tls_cert: Path | None = None  # made for the run (load.make_certificate)
+    kinds: tuple[str, ...] = KINDS
+
+
+BYPASS_SUFFIX = "+bypass"
 
 
 def paths_for(workers: int) -> list[tuple[str, str]]:
-    """(name, label) of every path, in the order they run; the last one has one worker per core."""
+    """(name, label) of every path, in the order they run; the last one has one worker per core.
+
+    Every tcpguard path runs with `engine.inspection.bypass: false` (the figures of earlier rounds, every
+    packet through the daemon) except `tcpguard-1+bypass`, which sets it true (issue 20)."""
     return [
         ("none", "no filtering (plain forwarding)"),
         ("kernel", "kernel: iptables string match + REJECT tcp-reset"),
         ("nfq-bare", "bare NetfilterQueue loop, accept all"),
         ("nfq-scapy", "naive NetfilterQueue + scapy filter"),
-        ("tcpguard-1", "tcpguard, sample rules, 1 worker"),
-        (f"tcpguard-{workers}", f"tcpguard, sample rules, {workers} workers (1 per core)"),
+        ("tcpguard-1", "tcpguard, sample rules, 1 worker, bypass off"),
+        ("tcpguard-1" + BYPASS_SUFFIX, "tcpguard, sample rules, 1 worker, bypass on"),
+        (f"tcpguard-{workers}", f"tcpguard, sample rules, {workers} workers (1 per core), bypass off"),
     ]
+
+
+def bypass_supported() -> bool:
+    """Whether this checkout's daemon knows `engine.inspection.bypass` (issue 20). Without it the key
+    would be refused as unknown, so the bypass path runs without it, and the report says so."""
+    import dataclasses
+
+    from tcpguard.core.settings import EngineSettings
+
+    return "inspection" in {f.name for f in dataclasses.fields(EngineSettings)}
 
 
 class GatewayPath:
@@ -233,7 +271,8 @@ class GatewayPath:
             self._spawn(_py_role("nfq", params), ready.exists)
             self.queue_forwarded_tcp()
         elif n.startswith("tcpguard-"):
-            self.start_daemon(int(n.split("-")[1]))
+            bypass = n.endswith(BYPASS_SUFFIX)
+            self.start_daemon(int(n.removesuffix(BYPASS_SUFFIX).split("-")[1]), bypass=bypass)
 
     def queue_forwarded_tcp(self) -> None:
         """Send the gateway's forwarded TCP to QUEUE, for a filter that bound it already (the queue is
@@ -243,7 +282,16 @@ class GatewayPath:
             ["iptables", "-w", "-A", "FORWARD", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", str(QUEUE)],
         )
 
-    def start_daemon(self, workers: int, max_connections: int = 65536) -> None:
+    @property
+    def control_socket(self) -> Path:
+        return self.work / (self.name + ".sock")
+
+    def start_daemon(self, workers: int, max_connections: int = 65536, bypass: bool = False) -> None:
+        """`tcpguard run` in the gw namespace. `bypass` sets `engine.inspection.bypass` where the daemon
+        knows the key; the key is written either way where it exists, since its default is on."""
+        inspection = (
+            f"  inspection:\n    bypass: {'true' if bypass else 'false'}\n" if bypass_supported() else ""
+        )
         cfg = self.work / f"{self.name}.yaml"
         cfg.write_text(
             f"rules_dir: {self.st.rules}\n"
@@ -251,8 +299,8 @@ class GatewayPath:
             f"iptables:\n  manage: true\n  hooks: [FORWARD]\n  ipv6: false\n"
             f"logging:\n  level: info\n  target: stderr\n"
             f"alerts:\n  file: null\n"
-            f"control:\n  socket: {self.work / (self.name + '.sock')}\n"
-            f"engine:\n  limits:\n    max_connections: {max_connections}\n"
+            f"control:\n  socket: {self.control_socket}\n"
+            f"engine:\n  limits:\n    max_connections: {max_connections}\n" + inspection
         )
         argv = [sys.executable, "-m", "tcpguard.app.cli", "run", "--config", str(cfg)]
         self._spawn(argv, lambda: "running:" in self.log.read_text(errors="replace"), timeout=60)
