@@ -60,8 +60,9 @@ class Sample:
     load_cpu_ns: int
     busy: int  # /proc/stat busy jiffies, all cores
     total: int  # /proc/stat jiffies, all cores
-    # What the gateway's NFQUEUE rules sent to user space (their iptables counters): 0 on the paths
-    # without a queue. Bytes count a GRO aggregate whole, so bytes/packets is the mean size queued.
+    # What went to user space: packets, the queues' id counters (every packet a queue delivered, each
+    # segment of an aggregate the kernel cut for a queue without GSO counted once); bytes, the NFQUEUE
+    # rules' counters (an aggregate counted whole, before any cut). 0 on the paths without a queue.
     uq_packets: int = 0
     uq_bytes: int = 0
     drops: int = 0  # the kernel's NFQUEUE drop counters (queue_drops)
@@ -154,22 +155,30 @@ def take_sample(lab: BenchLab, load_pids: list[int], daemon_sock: Path | None = 
     load = sum(proc_cpu_ns(p) for p in load_pids)
     busy, total = _machine_cpu()
     sample = Sample(t, pk, by, gw, load, busy, total)
-    sample.uq_packets, sample.uq_bytes = queued_counters(lab)
-    sample.drops = queue_drops(lab)
+    sample.uq_bytes = queued_counters(lab)[1]
+    sample.uq_packets, sample.drops = queue_counters(lab)
     if daemon_sock is not None:
         sample.daemon_packets, sample.daemon_bypassed = daemon_counters(daemon_sock)
     return sample
 
 
-def queue_drops(lab: BenchLab) -> int:
-    """queue_dropped + user_dropped of every NFQUEUE in the gw namespace (0 if none is bound)."""
+def queue_counters(lab: BenchLab) -> tuple[int, int]:
+    """(packets delivered, drops) of every NFQUEUE bound in the gw namespace, from
+    /proc/net/netfilter/nfnetlink_queue: the last packet id (id_sequence: each packet queued takes the
+    next one) and queue_dropped + user_dropped. (0, 0) if none is bound."""
     r = lab.run("gw", ["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False)
-    drops = 0
+    ids = drops = 0
     for line in r.stdout.splitlines():
         cols = line.split()
-        if len(cols) >= 7:
+        if len(cols) >= 8:
             drops += int(cols[5]) + int(cols[6])
-    return drops
+            ids += int(cols[7])
+    return ids, drops
+
+
+def queue_drops(lab: BenchLab) -> int:
+    """queue_dropped + user_dropped of every NFQUEUE in the gw namespace (0 if none is bound)."""
+    return queue_counters(lab)[1]
 
 
 @dataclass(slots=True)
