@@ -63,8 +63,8 @@ Choices documented here:
   when the packet was queued from PRE_ROUTING, LOCAL_IN or FORWARD (or POST_ROUTING without a socket) and
   `skb_csum_unnecessary()` is false, i.e. nobody verified it; no flag: the driver (or GRO) verified it.
   NetfilterQueue does not expose the attribute, but `_BatchReader.recv` sees every raw datagram before
-  NetfilterQueue parses it, so it reads the packet id and NFQA_SKB_INFO itself (`_skb_info`) and
-  `_process` matches them by id. The engine skips its checksum check (`checksum_trusted=True`) for a
+  NetfilterQueue parses it, so it keeps the datagram and `_process` finds the packet's NFQA_SKB_INFO
+  there by id (`_info_of`). The engine skips its checksum check (`checksum_trusted=True`) for a
   CSUMNOTREADY packet, and for a packet without NOTVERIFIED queued from PRE_ROUTING, LOCAL_IN or FORWARD
   (where the kernel would have said NOTVERIFIED had nobody verified it); every other packet is checked
   as before. With GSO off, or on a kernel that refused it, nothing is trusted. Left: a local sender with
@@ -76,8 +76,17 @@ Choices documented here:
   and tcp4/tcp6_gso_segment, seeing no CHECKSUM_PARTIAL, reset the checksum to the pseudo-header sum and
   mark it partial, so every segment gets a correct checksum and sequence number from the rewritten
   header; the engine's rewrites keep or shrink the length and recompute the full checksum, which a packet
-  that is not GSO needs. So rewrites are applied to aggregates as to any packet; tests/io/test_gso_live.py
-  sends a rewritten aggregate (urgent data cleared) to a real receiver.
+  that is not GSO needs. So rewrites are applied to aggregates as to any packet:
+  tests/adversarial/test_evasion_offloads.py has GRO merge a conflicting retransmission into one
+  aggregate, which the engine rewrites to the first copy, and the server reads the first copy. Not
+  tried live: a rewrite that shrinks an aggregate to one segment or less (a retransmission cut to what
+  the receiver has not acknowledged yet); see the next point for what a 40-byte replacement did.
+* No RST in place of an aggregate. A dropped packet normally carries the connection's RST as its own
+  verdict (`Decision.in_place`: the RST leaves where the packet was going, without a raw socket). Put in
+  place of a GSO packet, the 40-byte RST keeps the aggregate's GSO metadata, and the receiver did not
+  take it in 3 of 4 runs of tests/adversarial/test_evasion_offloads.py (the adapter counted it
+  `sent_in_place`; the server was never reset). So a GSO packet is dropped and its RST sent by the raw
+  sender like the others.
 * `stop()` only sets a flag and writes to a pipe (safe from a signal handler or another thread). The loop
   then drains: it asks `handler.shutdown(now)` for its final releases, gives `drain_verdict` to any packet
   still held (an engine that forgot one must not leak it in the kernel queue) and to packets already
@@ -673,6 +682,8 @@ class NfqueueAdapter:
         # not known yet). A packet with a later id means the ones between never reached us.
         self._next_id = -1
         self._unseen_logged = -math.inf
+        # Whether the packet in `_process` is a GSO packet (NFQA_SKB_GSO): no RST rides its verdict.
+        self._gso_packet = False
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> None:
@@ -861,6 +872,7 @@ class NfqueueAdapter:
             return
         trusted = False
         if self.gso_on:
+            self._gso_packet = False
             trusted = self._checksum_trusted(pid, size)
         rmark = self.repeat_mark
         bmark = self.bypass_mark
@@ -916,7 +928,7 @@ class NfqueueAdapter:
                     return
             else:
                 st.dropped += 1
-                if 0 <= dec.in_place < len(dec.send):
+                if 0 <= dec.in_place < len(dec.send) and not self._gso_packet:
                     # An RST goes where this packet was going: it leaves as this packet's verdict, at
                     # its place among the sends (tcpguard.core.decision).
                     self._apply(dec.releases, dec.send, pkt, dec.in_place)
@@ -938,6 +950,7 @@ class NfqueueAdapter:
         st = self.stats
         if flags & NFQA_SKB_GSO:
             st.gso_packets += 1
+            self._gso_packet = True
         if flags & NFQA_SKB_CSUMNOTREADY:
             st.csum_partial += 1
         elif flags & NFQA_SKB_CSUM_NOTVERIFIED or hook not in _VERIFYING_HOOKS:

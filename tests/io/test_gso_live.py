@@ -51,7 +51,7 @@ class Recording:
         self.over_mtu = 0
         self.trusted = 0
         self.stopper_size = 0  # the size of the first packet the rule's block dropped
-        self.rewritten_over_mtu = 0
+        self.rewritten_trusted = 0  # rewritten packets whose checksum the kernel was to complete
 
     def handle_packet(
         self, raw: bytes, now: float, token: object, checksum_trusted: bool = False
@@ -65,8 +65,8 @@ class Recording:
         dec = self.engine.handle_packet(raw, now, token, checksum_trusted=checksum_trusted)
         if dec.verdict is Verdict.DROP and dec.reason.endswith("by rule") and not self.stopper_size:
             self.stopper_size = size
-        if dec.packet is not None and size > MTU:
-            self.rewritten_over_mtu += 1
+        if dec.packet is not None and checksum_trusted:
+            self.rewritten_trusted += 1
         return dec
 
     def handle_timer(self, now: float) -> Output:
@@ -146,13 +146,15 @@ except OSError:
 c.close()
 """
 
-# argv: family addr port mode size infile -> "UP": sends the file in `parts` (comma-separated sizes,
-# with a pause between) and prints the server's answer or "reset"; "DOWN": prints the sha256 of what came.
+# argv: family addr port mode size infile parts -> "UP": sends the file in `parts` (comma-separated sizes,
+# with a pause between; "oob": all, then one urgent byte "!") and prints the server's answer or "reset";
+# "DOWN": prints the sha256 of what came.
 CLIENT = r"""
 import hashlib, socket, sys, time
 fam, addr, port, mode, size, path, parts = sys.argv[1:8]
 s = socket.create_connection((addr, int(port)), timeout=30)
-s.sendall(f"{mode} {size}\n".encode())
+oob = parts == "oob"
+s.sendall(f"{mode} {int(size) + oob}\n".encode())
 if mode == "DOWN":
     h, total = hashlib.sha256(), 0
     while True:
@@ -166,11 +168,13 @@ if mode == "DOWN":
 data = open(path, "rb").read()
 try:
     at = 0
-    for p in [int(x) for x in parts.split(",")]:
+    for p in [] if oob else [int(x) for x in parts.split(",")]:
         s.sendall(data[at : at + p])
         at += p
         time.sleep(0.3)
     s.sendall(data[at:])
+    if oob:  # one urgent byte: the segments still queued for sending leave with URG and its pointer
+        s.send(b"!", socket.MSG_OOB)
     print(s.recv(100).decode() or "closed")
 except (ConnectionResetError, BrokenPipeError, socket.timeout) as e:
     print("reset", type(e).__name__)
@@ -343,6 +347,26 @@ def test_a_pattern_split_across_two_aggregates_never_reaches_the_server(gso: Gso
     assert got == data[: len(got)]
     _check_gso(report)
     assert report["handler"]["stopper_size"] > MTU, "the pattern's second half was not in an aggregate"
+
+
+@pytest.mark.root
+def test_rewritten_partial_checksum_packets_reach_the_receiver_intact(gso: Gso) -> None:
+    """The engine clears the urgent flag and pointer (the urgent byte stays in the stream, where the
+    rules saw it), which rewrites every segment that carries them. With GSO on these arrive with partial
+    checksums (the client offloads its checksum); nfqnl_mangle marks a rewritten packet CHECKSUM_NONE, so
+    the engine's full checksum is what the receiver checks: it must read every byte, the urgent one
+    inline. (Linux sends no TSO packets in urgent mode, tcp_xmit_size_goal: these are wire-sized; the
+    rewrite of an aggregate is tests/adversarial/test_evasion_offloads.py's.)"""
+    gso.start()
+    data = hashlib.shake_256(b"urgent").digest(8 << 20)
+    out = gso.server()
+    want = data + b"!"
+    assert gso.client("UP", data, parts="oob") == "OK " + hashlib.sha256(want).hexdigest()
+    assert out.read_bytes() == want
+    report = gso.stop()
+    _check_gso(report)
+    assert report["handler"]["rewritten_trusted"] >= 1, "no rewritten packet had a partial checksum"
+    assert report["queue"]["rewritten"] >= report["handler"]["rewritten_trusted"]
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from tcpguard.io.nfqueue import (
     _Replay,
     _skb_info,
 )
-from tests.io.test_nfqueue import FakePacket, Scripted
+from tests.io.test_nfqueue import FakePacket, FakeSender, Scripted
 
 CSUMNOTREADY, GSO, NOTVERIFIED = 1, 2, 4
 PRE_ROUTING, LOCAL_IN, FORWARD, LOCAL_OUT, POST_ROUTING = range(5)
@@ -274,3 +274,24 @@ def test_a_handler_without_checksum_trusted_keeps_gso_off(caplog: pytest.LogCapt
     a = NfqueueAdapter(OldHandler())  # type: ignore[arg-type]
     assert not a.gso and "takes no checksum_trusted" in caplog.text
     assert NfqueueAdapter(Scripted()).gso
+
+
+def test_no_rst_rides_the_verdict_of_a_gso_packet() -> None:
+    """Decision.in_place names the RST that goes where the dropped packet was going; a GSO packet is
+    dropped and that RST sent by the raw sender instead (tcpguard.io.nfqueue: the receiver did not take
+    an RST put in place of an aggregate). A packet that is not GSO still carries it."""
+    rst = b"rst"
+    a, _, reader = _gso_adapter(
+        Decision(Verdict.DROP, send=[rst], in_place=0), Decision(Verdict.DROP, send=[rst], in_place=0)
+    )
+    sender = FakeSender()
+    a.sender = sender
+    agg = FakePacket(b"\x45" + bytes(5000))
+    reader.data = packet_message(agg.id, agg.payload, CSUMNOTREADY | GSO)
+    a.process(agg)
+    assert agg.verdict == "drop" and agg.new_payload is None and sender.sent == [rst]
+    one = FakePacket()
+    reader.data = packet_message(one.id, one.payload, CSUMNOTREADY)
+    a.process(one)
+    assert one.verdict == "accept" and one.new_payload == rst and sender.sent == [rst]
+    assert a.stats.sent_in_place == 1 and a.stats.sent == 2
