@@ -281,3 +281,27 @@ def test_after_the_decision_nothing_is_read() -> None:
         ev.feed(d, b)
     assert ev.decision is True
     assert ev.feed("up", b"GET /bin/sh HTTP/1.0\r\n") is True  # encrypted from here on: not read
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    chunks=st.lists(st.tuples(st.sampled_from(["up", "down"]), st.binary(max_size=64)), max_size=30),
+    start=st.booleans(),
+)
+def test_any_bytes_give_a_decision_or_none_and_never_an_exception(
+    chunks: list[tuple[str, bytes]], start: bool
+) -> None:
+    """Random bytes (after a real ClientHello, or from the first byte) never raise, and once the
+    evidence has decided, nothing changes its mind."""
+    ev = TlsEvidence()
+    if start:
+        ch = stream(EXCHANGES[V13], "up")
+        ev.feed("up", ch[: 5 + int.from_bytes(ch[3:5], "big")])
+    first: bool | None = None
+    for d, data in chunks:
+        got = ev.feed(d, data)
+        assert got is ev.decision
+        if first is None:
+            first = got
+        assert got == first or first is None
+    assert ev.decision is not True  # random bytes never make a TLS exchange
