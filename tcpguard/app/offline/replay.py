@@ -38,6 +38,7 @@ from tcpguard.app.eventlog import EventLog
 from tcpguard.core.decision import Output, Release, Verdict
 from tcpguard.core.engine import Engine
 from tcpguard.core.events import EngineEvent, RuleError
+from tcpguard.core.packet import sum16_mod
 from tcpguard.core.rules import RuleSet
 from tcpguard.core.settings import EngineSettings
 from tcpguard.io.pcap import PcapError, PcapReader, PcapWriter
@@ -52,6 +53,34 @@ EXIT_DAMAGED = 3
 #: EPB header and trailer). Options and padding are not counted: the bar is an estimate.
 RECORD_OVERHEAD = {"pcap": 16, "pcapng": 32}
 PROGRESS_EVERY = 4096  # frames between two updates of the bar
+#: Frames longer than this (the capture's link MTU: the pcap formats do not record it) are candidates
+#: for GRO/TSO aggregates, see `unfilled_checksum`.
+DEFAULT_MTU = 1500
+
+
+def unfilled_checksum(ip: bytes) -> bool:
+    """Whether this TCP packet's checksum field holds only its pseudo-header sum: the checksum a host
+    with GRO or TSO never filled in (tcp4_gro_complete and tcp_v4_send_check write exactly that, for
+    the NIC or the segmentation to complete), which a capture on that host records as is.
+
+    Replay takes a frame longer than the MTU with such a checksum as an aggregate and does not check
+    its checksum (issue 21): it was never sent so; its segments, checked by GRO or filled by the NIC,
+    were. A frame that fits the MTU is still checked (a wire packet with an unfilled checksum is one the
+    receiver dropped), and so is any other bad checksum. Counted, and said in the summary."""
+    if ip[0] >> 4 == 4:
+        hl = (ip[0] & 0x0F) * 4
+        if len(ip) < hl + 20 or ip[9] != 6:
+            return False
+        total = sum16_mod(ip, 12, 20)
+    elif len(ip) >= 60 and ip[6] == 6:  # IPv6, TCP right after the fixed header
+        hl = 40
+        total = sum16_mod(ip, 8, 40)
+    else:
+        return False
+    total += 6 + len(ip) - hl
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return int.from_bytes(ip[hl + 16 : hl + 18], "big") == total
 
 
 def progress_bar(path: str, enabled: bool | None, desc: str) -> Any:
@@ -187,6 +216,8 @@ class ReplaySummary:
     #: The capture's damage (every whole record before it was replayed), or None for a clean file.
     damage: PcapError | None = None
     rule_errors: list[str] = field(default_factory=list)  # RuleErrors.lines()
+    unfilled: int = 0  # frames over the MTU with an unfilled checksum, not checked (`unfilled_checksum`)
+    mtu: int = DEFAULT_MTU
 
     def lines(self) -> list[str]:
         """The summary in words that say what happened to the packets.
@@ -226,6 +257,11 @@ class ReplaySummary:
             out.append(f"directions past their inspection depth {g('depth_reached')}")
         if g("limit_hits", 0):
             out.append(f"buffer limits hit {g('limit_hits')} times")
+        if self.unfilled:
+            out.append(
+                f"frames over the MTU ({self.mtu}) with their TCP checksum left to the NIC (GRO/TSO on the "
+                f"capturing host), not checked: {self.unfilled}"
+            )
         if g("bad_checksum", 0):
             out.append(
                 "note: packets with bad checksums were dropped; a capture taken on a sending host often has "
@@ -308,6 +344,7 @@ def replay(
     events: IO[str] | None = None,
     progress: bool | None = False,
     forged_log: list[tuple[int, bytes]] | None = None,
+    mtu: int = DEFAULT_MTU,
 ) -> ReplaySummary:
     """Replay `capture`; see the module docstring. `forged_log` collects (frame number, packet) for every
     forged packet, the frame being the one whose handling produced it. `progress`: True or False forces
@@ -316,7 +353,8 @@ def replay(
     A capture damaged after its header does not raise: every whole record before the damage is replayed,
     the connections are ended as at the end of a capture, and `ReplaySummary.damage` says where the file
     went wrong; check it. A file that is not a capture raises `PcapError` before `out` is touched, and
-    `out` is only replaced when the replay finishes (see `Replacing`)."""
+    `out` is only replaced when the replay finishes (see `Replacing`). A frame longer than `mtu` whose
+    checksum was left to the NIC is replayed without checking it (`unfilled_checksum`)."""
     summary = ReplaySummary()
     sink: Callable[[dict[str, Any]], None] | None = None
     alerts = 0
@@ -339,7 +377,7 @@ def replay(
     bar = None
     budget = None
     writer = None
-    frames = non_ip = 0
+    frames = non_ip = unfilled = 0
     try:
         writer = PcapWriter(target.part) if target is not None else None
         gw = _Gateway(writer, forged_log)
@@ -375,7 +413,11 @@ def replay(
             if ip is None:
                 non_ip += 1
                 continue
-            dec = handle(ip, ts, number)
+            if len(ip) > mtu and unfilled_checksum(ip):
+                unfilled += 1
+                dec = handle(ip, ts, number, checksum_trusted=True)
+            else:
+                dec = handle(ip, ts, number)
             verdict = dec.verdict
             if verdict is _ACCEPT:
                 emit(dec.packet if dec.packet is not None else ip, ts)
@@ -415,6 +457,7 @@ def replay(
             bar.close()
         reader.close()
         summary.frames, summary.non_ip = frames, non_ip
+        summary.unfilled, summary.mtu = unfilled, mtu
     summary.forwarded = gw.forwarded
     summary.forged = gw.forged
     summary.alerts = alerts
