@@ -6,6 +6,8 @@ import ssl
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tcpguard.core.decision import Verdict
 from tcpguard.core.settings import EngineSettings
@@ -283,3 +285,22 @@ def test_with_bypass_tls_off_a_tls_connection_is_scanned_to_the_end() -> None:
     assert all(not b for _, _, b in play(pb, exchange(V13)))
     assert flow(pb).wants(0)  # no_shellcode still reads the client's bytes
     assert pb.client("PA", b"\x17\x03\x03\x00\x07/bin/sh").verdict == DROP
+
+
+EXCHANGES = {V12: exchange(V12, request=HELLO_REQUEST), V13: exchange(V13, request=HELLO_REQUEST)}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(version=st.sampled_from([V12, V13]), mss=st.integers(1, 1448))
+def test_any_segment_size_bypasses_on_the_segment_with_the_deciding_byte(
+    version: ssl.TLSVersion, mss: int
+) -> None:
+    """Whatever the segment size, the connection is bypassed on the segment that carries the last byte
+    of the deciding record (the end of the deciding flight), never before, and nothing is reset."""
+    flights = EXCHANGES[version]
+    pb = tls_playbook()
+    got = play(pb, flights, mss)
+    assert all(v == ACCEPT for _, v, _ in got)
+    deciding = 2 if version == V13 else len(flights) - 1
+    at = sum(len(split(data, mss)) for _, data in flights[: deciding + 1]) - 1
+    assert [b for _, _, b in got].index(True) == at
