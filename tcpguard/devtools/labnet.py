@@ -26,10 +26,12 @@ Why it is built this way:
   interface names inside the namespaces cannot clash with the host's. All addresses (10.77.x.0/24,
   fd00:77:x::/64) exist only inside the namespaces; traffic cannot leave them.
 * IPv6 addresses use `nodad` so they are usable at once instead of after duplicate address detection.
-* Offloads: NFQUEUE hands user space GSO/GRO super-packets only when the listener asks for them
-  (NFQA_CFG_F_GSO, which tcpguard does not set); otherwise the kernel segments them and completes
-  checksums before queueing. So no ethtool tweaking is needed; `tests/io/test_nfqueue.py` checks the
-  largest queued packet against the MTU to keep this claim honest.
+* Offloads: the lab leaves veth's defaults (TSO/GSO on, GRO off), so TCP between the endpoints crosses
+  the gateway as TSO packets of up to 64 KB. NFQUEUE hands those to user space whole only when the
+  listener asks (NFQA_CFG_F_GSO, which the daemon does: tcpguard.io.nfqueue); otherwise the kernel
+  segments them and completes checksums before queueing. `tests/io/test_nfqueue.py`'s driver runs
+  without the flag and checks the largest queued packet against the MTU; `tests/io/test_gso_live.py`
+  turns GRO on too and checks the aggregates.
 * Exit (also on an exception, also when `__enter__` fails half-way) kills every process the lab started,
   then every process still inside its namespaces (by pid, from `ip netns pids`), then deletes the
   namespaces. Deleting a namespace removes its veths, addresses, routes and iptables rules; killing the
