@@ -203,7 +203,7 @@ class _LuaFile:
         )
         from tcpguard.lua.prelude import PRELUDE
 
-        self.api = self.runtime.execute(PRELUDE, py, str(path).encode(), str(path.parent).encode())
+        self.api = self.runtime.execute(PRELUDE, py, path.name.encode(), str(path.parent).encode())
 
     def _read_helper(self, directory: bytes, name: bytes) -> bytes | None:
         """The text of `_name.lua` beside the rule file, for `require('_name')` (name checked by Lua)."""
@@ -246,20 +246,31 @@ class _LuaFile:
         if sink is not None:
             sink(conn, _text(description), _text(severity), None, _plain(fields) or {})
 
-    def _flow_store(self, cid: int, create: bool) -> Any:
-        """The Lua table of fields this file's rules set on a flow, kept in the connection's store so
-        it lives exactly as long as the connection."""
-        store = self._current(cid).store
-        t = store.get(self.store_key)
-        if t is None and create:
-            t = store[self.store_key] = self.runtime.table()
+    def _flow_store(self, cid: int) -> Any:
+        """A new Lua table for the fields this file's rules set on a flow, kept in the connection's
+        store so that it lives exactly as long as the connection."""
+        t = self.runtime.table()
+        self._current(cid).store[self.store_key] = t
         return t
+
+    def fields_of(self, conn: Connection) -> Any:
+        """The connection's table of fields, None before a rule set one. Read from the store's packed
+        forms (`tcpguard.core.flowstore`: None, a (key, value) pair, or a dict) without making a dict
+        of it, which `Connection.store` would do on every connection."""
+        st = conn._store
+        if st is None:
+            return None
+        if isinstance(st, dict):
+            return st.get(self.store_key)
+        return st[1] if st[0] == self.store_key else None
 
 
 def _load_error(text: str, path: Path) -> RuleLoadError:
+    """Lua's `name.lua:12: message` as the error of that file of the rules directory (the rule file or
+    a helper it required)."""
     m = _ERROR.match(text)
-    if m:
-        return RuleLoadError(m["path"], int(m["line"]), m["msg"])
+    if m and "/" not in m["path"] and m["path"].endswith(".lua"):
+        return RuleLoadError(str(path.parent / m["path"]), int(m["line"]), m["msg"])
     return RuleLoadError(str(path), None, text)
 
 
@@ -333,13 +344,13 @@ def _listener(f: _LuaFile, i: int, event: EventName, streamed: bool, name: str, 
     """The Python listener the dispatch calls for Lua rule `i`: it hands Lua the connection's id,
     addresses and ports (plain values, cheap to pass), and keeps the connection itself on `f` for the
     actions the rule takes."""
-    call = f.api.call
+    call, fields = f.api.call, f.fields_of
     if event == EventName.NEW_CONNECTION:
 
         def new_connection(flow: Connection, tcp: Any) -> None:
             f.conn, f.pkt = flow, tcp
             try:
-                err = call(i, flow.id, flow.client, flow.server, flow.cport, flow.sport)
+                err = call(i, flow.id, flow.client, flow.server, flow.cport, flow.sport, fields(flow))
             finally:
                 f.conn = f.pkt = None
             _raise(err)
@@ -350,7 +361,7 @@ def _listener(f: _LuaFile, i: int, event: EventName, streamed: bool, name: str, 
         def end_connection(flow: Connection) -> None:
             f.conn = flow
             try:
-                err = call(i, flow.id, flow.client, flow.server, flow.cport, flow.sport)
+                err = call(i, flow.id, flow.client, flow.server, flow.cport, flow.sport, fields(flow))
             finally:
                 f.conn = None
             _raise(err)
@@ -366,7 +377,7 @@ def _listener(f: _LuaFile, i: int, event: EventName, streamed: bool, name: str, 
             f.conn = flow
             try:
                 err = call(
-                    i, flow.id, flow.client, flow.server, flow.cport, flow.sport,
+                    i, flow.id, flow.client, flow.server, flow.cport, flow.sport, fields(flow),
                     data, _DIRECTIONS[direction], len(data) - (stream.next - pos),
                 )  # fmt: skip
             finally:
@@ -381,7 +392,15 @@ def _listener(f: _LuaFile, i: int, event: EventName, streamed: bool, name: str, 
         # needs bytes that have not arrived; only then, with no Lua frame of it on any stack, does this
         # greenlet give way until the next segment.
         co = start(
-            i, flow.id, flow.client, flow.server, flow.cport, flow.sport, current, _DIRECTIONS[direction]
+            i,
+            flow.id,
+            flow.client,
+            flow.server,
+            flow.cport,
+            flow.sport,
+            fields(flow),
+            current,
+            _DIRECTIONS[direction],
         )
         while True:
             f.conn = flow

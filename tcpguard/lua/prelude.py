@@ -14,6 +14,8 @@ data rules, and so a reader finds it next to the Python that calls it.
 from __future__ import annotations
 
 PRELUDE = r"""
+-- FILE is the rule file's name without its directory: Lua cuts chunk names in messages to 60
+-- characters, and Python puts the directory back (tcpguard.lua._load_error).
 local PY, FILE, DIR = ...
 local LOAD_BUDGET, CALL_BUDGET, STEP = PY.load_budget, PY.call_budget, PY.step
 
@@ -255,8 +257,16 @@ local dissectors = strict({tcp_connection = tcp_connection, tcp = tcp, ipv4 = ip
 -- the rest of a call): the flow table holds the connection's id, addresses and ports, and its actions
 -- go to PY.act(id, what), which Python applies to the connection of the call running now (and refuses
 -- for any other: a flow table kept from an earlier call cannot act on a connection it is not).
-local ID, CLI, SRV, OBJ = {}, {}, {}, {}
-local stores = setmetatable({}, {__mode = "v"})  -- connection id -> its fields table (held by Python)
+local ID, CLI, SRV, OBJ, ST, SER = {}, {}, {}, {}, {}, {}
+-- Each rule call (and each streamed coroutine) has a serial number; the flow and packet tables made
+-- for it carry it, and act only while it is the current one.
+local serial, current_serial = 0, nil
+local function own(t)
+  if rawget(t, SER) ~= current_serial then
+    fail("this flow is not the connection of the rule call running now", 3)
+  end
+  return rawget(t, ID)
+end
 local Flow = {}
 function Flow.__index(f, k)
   local v = Flow[k]
@@ -264,13 +274,8 @@ function Flow.__index(f, k)
   if k == "srcip" then v = addr_of(rawget(f, CLI))
   elseif k == "dstip" then v = addr_of(rawget(f, SRV))
   else
-    local id = rawget(f, ID)
-    local st = stores[id]
-    if st == nil then
-      st = PY.flow_store(id, false)
-      if st == nil then return nil end
-      stores[id] = st
-    end
+    local st = rawget(f, ST)
+    if st == nil then return nil end
     return st[k]
   end
   rawset(f, k, v)
@@ -280,32 +285,32 @@ function Flow.__newindex(f, k, v)
   if k == "srcip" or k == "dstip" or Flow[k] ~= nil then
     fail(s_format("flow.%s is read-only", tostring(k)), 2)
   end
-  local id = rawget(f, ID)
-  local st = stores[id]
+  local st = rawget(f, ST)
   if st == nil then
-    st = PY.flow_store(id, true)
-    stores[id] = st
+    st = PY.flow_store(own(f))
+    rawset(f, ST, st)
   end
   st[k] = v
 end
 Flow.__tostring = function(f) return "tcp_connection " .. tostring(f.srcip) .. ":" .. f.srcport ..
   " -> " .. tostring(f.dstip) .. ":" .. f.dstport end
-function Flow:drop() PY.act(rawget(self, ID), "drop") end
-function Flow:reset() PY.act(rawget(self, ID), "reset") end
-function Flow:halfreset() PY.act(rawget(self, ID), "halfreset") end
+function Flow:drop() PY.act(own(self), "drop") end
+function Flow:reset() PY.act(own(self), "reset") end
+function Flow:halfreset() PY.act(own(self), "halfreset") end
 function Flow:send(direction)
   if direction ~= nil and direction ~= "up" and direction ~= "down" then
     fail("flow:send: direction is 'up', 'down' or nil", 2)
   end
-  PY.act(rawget(self, ID), "send", direction)
+  PY.act(own(self), "send", direction)
 end
-function Flow:can_continue() return not PY.blocked(rawget(self, ID)) end
+function Flow:can_continue() return not PY.blocked(own(self)) end
 function Flow:select_next_dissector()
   unsupported("flow:select_next_dissector (no dissector above TCP)", 2)
 end
 function Flow:streamed() unsupported("flow:streamed", 2) end
-local function flow_of(id, client, server, cport, sport)
-  return setmetatable({[ID] = id, [CLI] = client, [SRV] = server, srcport = cport, dstport = sport}, Flow)
+local function flow_of(id, client, server, cport, sport, st, ser)
+  return setmetatable({[ID] = id, [CLI] = client, [SRV] = server, [ST] = st, [SER] = ser,
+    srcport = cport, dstport = sport}, Flow)
 end
 
 -- The packet of new_connection: Haka's TcpDissector fields, read on demand from the packet of the
@@ -322,7 +327,7 @@ local PKT_FIELDS = {srcport = "sport", dstport = "dport", seq = "seq", ack_seq =
 function Packet.__index(p, k)
   local v = Packet[k]
   if v ~= nil then return v end
-  local id = rawget(p, ID)
+  local id = own(p)
   local field = PKT_FIELDS[k]
   if field then v = PY.pkt(id, field)
   elseif k == "flags" then local f = PY.pkt(id, "flags"); v = setmetatable({_v = f, all = f}, Flags)
@@ -333,11 +338,11 @@ function Packet.__index(p, k)
   rawset(p, k, v)
   return v
 end
-function Packet:drop() PY.act(rawget(self, ID), "drop") end
+function Packet:drop() PY.act(own(self), "drop") end
 function Packet:send() end
-function Packet:can_continue() return not PY.blocked(rawget(self, ID)) end
-local function packet_of(id)
-  return setmetatable({[ID] = id}, Packet)
+function Packet:can_continue() return not PY.blocked(own(self)) end
+local function packet_of(id, ser)
+  return setmetatable({[ID] = id, [SER] = ser}, Packet)
 end
 
 -- vbuffer_sub over bytes a rule may read: the new bytes of a plain receive_data, or what a streamed
@@ -472,7 +477,7 @@ local function plain(v, depth)
     for k, x in pairs(v) do
       n = n + 1
       if n > 64 then break end
-      out[tostring(k)] = plain(x, depth + 1)
+      out[mtype(k) == "integer" and k or tostring(k)] = plain(x, depth + 1)
     end
     return out
   end
@@ -675,7 +680,8 @@ function Policy:apply(p)
     local ok = true
     for _, c in ipairs(entry.criteria) do
       local v = values[c.name]
-      if type(c.value) == "table" then
+      local mt = type(c.value) == "table" and getmetatable_raw(c.value)
+      if mt and rawget(mt, "__call") then
         if not c.value(v) then ok = false; break end
       elseif v ~= c.value then ok = false; break end
     end
@@ -761,7 +767,7 @@ local function require_(name)
     if loading[name] then fail(s_format("require(%q): circular require", name), 2) end
     local src = PY.read_helper(DIR, name)
     if src == nil then fail(s_format("require(%q): no file %s.lua in the rules directory", name, name), 2) end
-    local chunk, err = rawload(src, "@" .. DIR .. "/" .. name .. ".lua", "t", env)
+    local chunk, err = rawload(src, "@" .. name .. ".lua", "t", env)
     if not chunk then error(err, 0) end
     loading[name] = true
     local ok, res = pcall(chunk, name)
@@ -805,6 +811,22 @@ env.utf8 = {}
 for k, v in pairs(utf8) do env.utf8[k] = v end
 env.coroutine = {}
 for k, v in pairs(coroutine) do env.coroutine[k] = v end
+-- A new coroutine inherits the C side of the count hook but not debug.sethook's Lua function (kept per
+-- thread): without this, a loop inside a coroutine would run unbudgeted.
+local function co_create_hooked(f)
+  local co = co_create(f)
+  sethook(co, hook, "", STEP)
+  return co
+end
+env.coroutine.create = co_create_hooked
+env.coroutine.wrap = function(f)
+  local co = co_create_hooked(f)
+  return function(...)
+    local r = table.pack(co_resume(co, ...))
+    if r[1] then return t_unpack(r, 2, r.n) end
+    error(r[2], 0)
+  end
+end
 env.os = {time = os.time, clock = os.clock, date = os.date, difftime = os.difftime}
 env.haka = haka
 env.ipv4 = ipv4
@@ -834,8 +856,8 @@ function api.load(src)
   local ok, res = pcall(chunk)
   local out_of_budget = exhausted
   disarm()
-  if out_of_budget then return FILE .. ": " .. BUDGET_MSG .. " at load" end
   if not ok then return errtext(res) or (FILE .. ": haka.abort() at load") end
+  if out_of_budget then return FILE .. ": " .. BUDGET_MSG .. " at load (the error was caught)" end
   return nil
 end
 spared[api.load] = true
@@ -851,10 +873,12 @@ function api.rules()
 end
 
 
-function api.call(i, id, client, server, cport, sport, a, b, k)
+function api.call(i, id, client, server, cport, sport, st, a, b, k)
   -- A plain listener: new_connection(flow, pkt), receive_data(flow, sub, direction), end_connection.
   local r = RULES[i]
-  local flow = flow_of(id, client, server, cport, sport)
+  serial = serial + 1
+  current_serial = serial
+  local flow = flow_of(id, client, server, cport, sport, st, serial)
   current_id = id
   arm(CALL_BUDGET)
   local ok, err
@@ -862,43 +886,45 @@ function api.call(i, id, client, server, cport, sport, a, b, k)
   if ev == "receive_data" then
     ok, err = pcall(r.eval, flow, PY.sub(a, k, #a - k), b)
   elseif ev == "new_connection" then
-    ok, err = pcall(r.eval, flow, packet_of(id))
+    ok, err = pcall(r.eval, flow, packet_of(id, serial))
   else
     ok, err = pcall(r.eval, flow)
   end
   local out_of_budget = exhausted
   disarm()
-  current_id = nil
-  if out_of_budget then return BUDGET_MSG .. " (the rule went on after the budget error)" end
+  current_id, current_serial = nil, nil
   if not ok then return errtext(err) end
+  if out_of_budget then return BUDGET_MSG .. " (the rule caught the budget error and returned)" end
   return nil
 end
 spared[api.call] = true
 
-function api.start(i, id, client, server, cport, sport, cur, direction)
+function api.start(i, id, client, server, cport, sport, st, cur, direction)
   -- A streamed listener: a coroutine per flow and direction, resumed by Python as bytes arrive.
   local r = RULES[i]
-  local flow = flow_of(id, client, server, cport, sport)
+  serial = serial + 1
+  local flow = flow_of(id, client, server, cport, sport, st, serial)
   local it = setmetatable({[OBJ] = cur}, Iter)
   -- Handed to Python inside a table: lupa gives a bare coroutine back as a Python iterator object.
-  return {co = co_create(function() return r.eval(flow, it, direction) end), id = id}
+  return {co = co_create(function() return r.eval(flow, it, direction) end), id = id, serial = serial}
 end
 
 function api.resume(h)
   -- Resume until the coroutine waits for bytes ("wait"), returns ("done") or fails ("error", text).
   local co = h.co
   current_id = h.id
+  current_serial = h.serial
   arm(CALL_BUDGET, co)
   local ok, res = co_resume(co)
   local out_of_budget = exhausted
   disarm()
-  current_id = nil
-  if out_of_budget then return "error", BUDGET_MSG .. " (the rule went on after the budget error)" end
+  current_id, current_serial = nil, nil
   if not ok then
     local e = errtext(res)
     if e == nil then return "done" end
     return "error", e
   end
+  if out_of_budget then return "error", BUDGET_MSG .. " (the rule caught the budget error and went on)" end
   if co_status(co) == "dead" then return "done" end
   if res ~= WAIT then
     return "error", "a streamed rule yielded (coroutine.yield outside a coroutine of its own)"

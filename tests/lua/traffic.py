@@ -31,8 +31,9 @@ def packets(conns: Iterable[Conn], start: float = 1_000_000.0) -> list[Any]:
     t = start
     for c in conns:
         ip = IPv6 if ":" in c.client else IP
-        up = Ether() / ip(src=c.client, dst=c.server)
-        down = Ether() / ip(src=c.server, dst=c.client)
+        # Explicit MACs: without them scapy looks the destination up (ARP, neighbour discovery) per packet.
+        up = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip(src=c.client, dst=c.server)
+        down = Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / ip(src=c.server, dst=c.client)
         cs, ss = 1000, 5000
 
         def add(p: Any) -> None:
@@ -80,7 +81,7 @@ def bench_capture(path: Path, n: int = 2000) -> Path:
                 client=f"10.1.{i // 250}.{i % 250 + 1}",
                 server=server,
                 cport=20000 + i,
-                sport=(80, 443, 8080, 22)[i % 4],
+                sport=(80, 443, 8080, 22, 23)[i % 5],
                 pieces=[body[:third], body[third : 2 * third], body[2 * third :]],
             )
         )

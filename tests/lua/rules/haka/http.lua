@@ -1,0 +1,2 @@
+-- Haka's http dissector is not part of tcpguard.
+local http = require('protocol/http')
