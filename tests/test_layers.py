@@ -106,6 +106,21 @@ def test_adapters_import_only_the_core_decision_types() -> None:
     assert offences("tcpguard/io", ("tcpguard.io", "tcpguard.core.decision"), {"netfilterqueue"}) == []
 
 
+def test_the_lua_front_end_imports_only_the_core_lupa_and_greenlet() -> None:
+    # A rule-language front end: it turns Lua rule files into the core's Rule objects, whose listeners
+    # the dispatch calls; the rule loader of the application is its one user.
+    assert offences("tcpguard/lua", ("tcpguard.lua", "tcpguard.core"), {"lupa", "greenlet"}) == []
+    users = [
+        f"{p.relative_to(ROOT)}:{line}: {mod}"
+        for folder in ("tcpguard", "tools", "rules")
+        for p in modules(folder)
+        if not p.is_relative_to(ROOT / "tcpguard/lua") and p != ROOT / "tcpguard/app/daemon/ruleload.py"
+        for line, mod in imports(p)
+        if mod == "tcpguard.lua" or mod.startswith("tcpguard.lua.")
+    ]
+    assert users == []
+
+
 def test_nothing_imports_the_command_line() -> None:
     found = [
         f"{p.relative_to(ROOT)}:{line}: {mod}"

@@ -156,6 +156,8 @@ def _alone(load: Loader, i: int) -> Loader:
 def listens(r: Rule) -> str:
     """What the engine calls `r` on, in the words of `@rule`'s arguments."""
     parts = [str(r.event) + (" streamed" if r.streamed else "")]
+    if r.module.endswith(".lua"):
+        parts.insert(0, "lua")  # a Haka rule file's rule (tcpguard.lua): the same events, via Lua
     if r.direction is not None:
         parts.append(r.direction)
     if r.ports is not None:
