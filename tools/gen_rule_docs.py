@@ -25,6 +25,8 @@ What comes from where:
   in their `__all__` (a constant's is the string literal below its assignment); a name without one is an
   error.
 * The sample rules section is each `rules/*.py` module's docstring.
+* The Lua rules part: `tcpguard.lua`'s module docstring (why Lua 5.4, the sandbox), the supported and
+  unsupported tables of `tcpguard.lua.api`, and the header comment of each twin in `rules/lua`.
 * The configuration table is read from `etc/tcpguard.yaml`: each key, its default and the comment above
   it; every key of the config schema (`tcpguard.app.daemon.config.schema_keys()`) must be in that file.
 
@@ -54,6 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 import tcpguard  # noqa: E402
 import tcpguard.http  # noqa: E402
+import tcpguard.lua  # noqa: E402
+import tcpguard.lua.api as lua_api  # noqa: E402
 import tcpguard.tls  # noqa: E402
 from tcpguard.app.daemon.config import schema_keys  # noqa: E402
 from tcpguard.app.daemon.ruleload import rule_files  # noqa: E402
@@ -429,6 +433,31 @@ def samples_section() -> str:
     return "\n\n".join(parts)
 
 
+def lua_samples() -> str:
+    """Each rules/lua/*.lua twin's header comment (its leading `--` lines)."""
+    parts = []
+    for path in sorted((ROOT / "rules" / "lua").glob("*.lua")):
+        lines = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("--"):
+                break
+            lines.append(line[2:].removeprefix(" "))
+        if not lines:
+            raise DocError(f"rules/lua/{path.name} has no header comment")
+        summary, _, rest = "\n".join(lines).partition("\n\n")
+        parts.append(f"#### `rules/lua/{path.name}`: {' '.join(summary.split())}\n\n{rest}".rstrip())
+    return "\n\n".join(parts)
+
+
+def lua_tables() -> tuple[str, str]:
+    supported = table(
+        ((f"`{name}`", what, differs) for name, what, differs in lua_api.SUPPORTED),
+        ("Haka", "in tcpguard", "differences"),
+    )
+    unsupported = table(((what, why) for what, why in lua_api.UNSUPPORTED), ("not supported", "why"))
+    return supported, unsupported
+
+
 def render_rules_md() -> str:
     policies = field_comments(settings.Policies)
     values = {
@@ -465,6 +494,11 @@ def render_rules_md() -> str:
         "loaderror_doc": docstring(RuleLoadError),
         "loader_doc": docstring(sys.modules["tcpguard.app.daemon.ruleload"]),
         "samples": samples_section(),
+        "lua_doc": docstring(tcpguard.lua).split("\n\n", 2)[0],
+        "lua_supported": lua_tables()[0],
+        "lua_unsupported": lua_tables()[1],
+        "lua_sandbox": "\n\n".join(docstring(tcpguard.lua).split("\n\n")[1:]),
+        "lua_samples": lua_samples(),
     }
     for key in ("rule_error_doc", "limit_doc", "midstream_doc", "budget_doc"):
         if not values[key]:
@@ -837,6 +871,65 @@ Each sample is covered by its own tests in `tests/rules/` (through the engine wi
 and as a set through a replayed capture) and runs in `tcpguard lab`.
 
 {{samples}}
+
+## Lua rules (Haka-compatible)
+
+{{lua_doc}}
+
+A Lua rule file sits in the rules directory beside the Python modules (`*.lua`, not starting with `_`)
+and loads with them, all or nothing: `tcpguard check`, start, reload (SIGHUP) and the offline tools treat
+it the same way, a broken file names its line, and a file's rules go through the same dispatch, policies
+(`rule_error`, the rule-time watchdog) and alerts as Python ones. Names are `file.name` (the rule's
+`name`), or `file.event@line` without one.
+
+An example, Haka's tcp_connection API as Haka documents it:
+
+```lua
+local tcp_connection = require('protocol/tcp_connection')
+
+haka.policy{
+  on = haka.dissectors.tcp_connection.policies.new_connection,
+  name = "web for the lan",
+  srcip = ipv4.network("10.0.0.0/8"),
+  dstport = haka.policy.set{80, 443},
+  action = haka.policy.accept,
+}
+
+haka.rule{
+  on = tcp_connection.events.receive_data,
+  options = {streamed = true},
+  eval = function (flow, iter, direction)
+    while iter:check_available(2) do          -- waits for the bytes, across segments
+      local len = iter:sub(2):asnumber()
+      if len > 4096 then
+        haka.alert{description = "oversized message", severity = "medium"}
+        flow:reset()
+        return
+      end
+      iter:advance(len)
+    end
+  end
+}
+```
+
+### What is supported
+
+{{lua_supported}}
+
+### What is not
+
+{{lua_unsupported}}
+
+### The sandbox
+
+{{lua_sandbox}}
+
+### The Lua twins of the samples
+
+`rules/lua` (a folder the loader does not read unless pointed at) holds Lua twins of two samples;
+tests/lua/test_twins.py holds them to the same verdicts, alerts and forwarded packets as the Python ones.
+
+{{lua_samples}}
 """
 
 
