@@ -308,6 +308,19 @@ def config_warnings(config: Config) -> list[str]:
     return out
 
 
+def kernel_bypass_mark(config: Config) -> int:
+    """The bypass bit tcpguard's chain and adapter use: `iptables.bypass_mark` with
+    `engine.inspection.bypass` on, 0 (no bypass rules) with it off.
+
+    Why not always install them: the connmark match makes the kernel track connections (nf_conntrack) in
+    the namespace, which it may not do otherwise. Conntrack then reassembles IP fragments before the
+    queue, costs every forwarded packet a lookup, and its table (nf_conntrack_max) can fill and drop new
+    connections: a gateway that never asked for bypass must not get that. The price: after a restart with
+    bypass turned off, connections an earlier run bypassed are queued again and picked up mid-stream
+    (engine.policies.midstream), which is what turning bypass off asks for."""
+    return config.iptables.bypass_mark if config.engine.inspection.bypass else 0
+
+
 def bypass_chain_rules(config: Config) -> list[str]:
     """The rules connection bypass needs in the chain that feeds the queues, as `iptables` command lines
     for an operator who writes that chain (`iptables.manage: false`): the same two rules tcpguard's own

@@ -50,6 +50,7 @@ from tcpguard.app.daemon.config import (
     Config,
     ConfigError,
     config_warnings,
+    kernel_bypass_mark,
     load_config,
     parse_address,
 )
@@ -127,7 +128,7 @@ def iptables_spec(cfg: Config) -> IptablesSpec:
         out_interface=ipt.out_interface,
         ports=tuple(ipt.ports) if ipt.ports else None,
         ipv6=ipt.ipv6,
-        bypass_mark=ipt.bypass_mark,
+        bypass_mark=kernel_bypass_mark(cfg),
         repeat=cfg.queue.repeat,
     )
 
@@ -151,7 +152,7 @@ def _serve_queue(
         fail_open=cfg.queue.bypass,
         sender=RawSender(mark=cfg.iptables.mark),
         repeat_mark=cfg.iptables.mark if cfg.queue.repeat else None,
-        bypass_mark=cfg.iptables.bypass_mark,
+        bypass_mark=kernel_bypass_mark(cfg),
     )
     worker.adapter_stats = adapter.stats
     adapter.open()
@@ -242,6 +243,8 @@ def start_services(
 
 def _kernel_bypass_note(cfg: Config) -> str | None:
     """Why the status cannot count what the kernel carried for bypassed connections, or None."""
+    if not cfg.engine.inspection.bypass:
+        return "no bypass rule: engine.inspection.bypass is off"
     if not cfg.iptables.bypass_mark:
         return "no bypass rule: iptables.bypass_mark is 0"
     if not cfg.iptables.manage:
@@ -280,7 +283,7 @@ class Daemon:
         # What the kernel carried for bypassed connections (issue 20): the connmark rule's counters.
         self.kernel_bypass = (
             KernelBypassReader(self.iptables.bypass_counters)
-            if self.iptables is not None and cfg.iptables.bypass_mark
+            if self.iptables is not None and kernel_bypass_mark(cfg)
             else None
         )
         self.flags = _Flags()

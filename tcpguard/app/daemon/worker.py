@@ -517,6 +517,9 @@ class Worker:
         restart = [
             k for k in ("queue", "iptables", "control", "metrics") if getattr(cfg, k) != getattr(self.cfg, k)
         ]
+        if cfg.engine.inspection.bypass != self.cfg.engine.inspection.bypass:
+            # The engine takes the new value now; the chain's bypass rules are installed at start only.
+            restart.append("engine.inspection.bypass (its iptables rules)")
         if restart:
             log.warning("reload: changes to %s take effect only after a restart", ", ".join(restart))
         if cfg.dumps != self.cfg.dumps:

@@ -25,16 +25,28 @@ def parse(text: str) -> Config:
     return parse_config(textwrap.dedent(text), CONF)
 
 
+ON = "engine: {inspection: {bypass: true}}\n"
+
+
 def test_the_default_bit_reaches_the_chain_and_follows_queue_repeat() -> None:
-    cfg = parse("")
+    cfg = parse(ON)
     assert cfg.iptables.bypass_mark == 0x40000000
     spec = iptables_spec(cfg)
     assert (spec.bypass_mark, spec.repeat) == (0x40000000, True)
     assert spec.bypass_rules()[1][-1] == "RETURN"
-    spec = iptables_spec(parse("queue: {repeat: false}\niptables: {bypass_mark: 0x100}\n"))
+    spec = iptables_spec(parse(ON + "queue: {repeat: false}\niptables: {bypass_mark: 0x100}\n"))
     assert (spec.bypass_mark, spec.repeat) == (0x100, False)
     assert spec.bypass_rules()[1][-1] == "ACCEPT"
-    assert iptables_spec(parse("iptables: {bypass_mark: 0}\n")).bypass_rules() == []
+    assert iptables_spec(parse(ON + "iptables: {bypass_mark: 0}\n")).bypass_rules() == []
+
+
+def test_no_bypass_rules_and_so_no_conntrack_while_bypass_is_off() -> None:
+    # The connmark match would make the kernel track (and defragment) every connection in the namespace,
+    # which a gateway without bypass never asked for: the rules come with engine.inspection.bypass only.
+    cfg = parse("")
+    assert cfg.iptables.bypass_mark == 0x40000000 and not cfg.engine.inspection.bypass
+    assert iptables_spec(cfg).bypass_mark == 0
+    assert iptables_spec(cfg).bypass_rules() == []
 
 
 @pytest.mark.parametrize(
