@@ -40,7 +40,20 @@ _TOTAL_PATHS = (
     ("connections", ("tracked", "opened", "midstream")),
     ("queue_drops", ("kernel_dropped", "kernel_user_dropped", "kernel_waiting", "enobufs")),
     ("memory", ("rss", "buffered")),
-    ("adapter", ("sent_in_place", "send_pending", "send_errors", "looped", "bypass_marked", "bypass_looped")),
+    (
+        "adapter",
+        (
+            "sent_in_place",
+            "send_pending",
+            "send_errors",
+            "looped",
+            "bypass_marked",
+            "bypass_looped",
+            "gso_packets",
+            "csum_partial",
+            "csum_trusted",
+        ),
+    ),
     ("bypass", ("connections", "remembered", "late_packets", "late_bytes", "depth_reached")),
 )
 
@@ -68,6 +81,10 @@ def totals(workers: list[dict[str, Any]]) -> dict[str, Any]:
             by_state[state] = by_state.get(state, 0) + int(n)
         for reason, n in (w.get("drops") or {}).items():
             drops[reason] = drops.get(reason, 0) + int(n)
+    # The largest packet of any worker (not a sum).
+    out["adapter"]["largest"] = max(
+        (int((w.get("adapter") or {}).get("largest") or 0) for w in workers if "error" not in w), default=0
+    )
     out["connections"]["by_state"] = dict(sorted(by_state.items()))
     out["drops"] = dict(sorted(drops.items()))
     return out
