@@ -25,6 +25,8 @@ local LABELS = {
   "b'/bin/sh'", "b'/bin/bash'", "b'cmd.exe'", "b'1\\xc0Ph//sh'", "b'" .. string.rep("\\x90", 32) .. "'",
 }
 
+local find, max = string.find, math.max   -- locals: a global lookup per pattern per segment adds up
+
 local LOOKBACK = 0
 for _, p in ipairs(PATTERNS) do LOOKBACK = math.max(LOOKBACK, #p - 1) end
 
@@ -38,7 +40,7 @@ haka.rule{
     local best, best_end, best_len
     for i = 1, #PATTERNS do
       local p = PATTERNS[i]
-      local s = string.find(data, p, math.max(1, before - #p + 2), true)
+      local s = find(data, p, max(1, before - #p + 2), true)
       if s then
         local e = s + #p
         if best == nil or e < best_end or (e == best_end and s < best_end - best_len) then

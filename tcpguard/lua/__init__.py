@@ -383,7 +383,8 @@ def _listener(f: _LuaFile, i: int, event: EventName, streamed: bool, name: str, 
             f.conn = flow
             try:
                 err = call(
-                    i, flow.id, flow.client, flow.server, flow.cport, flow.sport, fields(flow),
+                    i, flow.id, flow.client, flow.server, flow.cport, flow.sport,
+                    None if flow._store is None else fields(flow),
                     data, _DIRECTIONS[direction], len(data) - (stream.next - pos),
                 )  # fmt: skip
             finally:
