@@ -55,7 +55,7 @@ def test_an_empty_rules_directory_passes_with_a_warning(tmp_path: Path) -> None:
     r = run("check", "--rules", str(tmp_path))
     assert r.returncode == 0
     assert "0 rules ok" in r.stdout
-    assert f"{tmp_path}: warning: no rule modules" in r.stderr
+    assert f"{tmp_path}: warning: no rule files (*.py or *.lua" in r.stderr
 
 
 def test_repeat_without_managed_iptables_says_what_the_operators_rule_needs(tmp_path: Path) -> None:

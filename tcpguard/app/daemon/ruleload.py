@@ -1,7 +1,8 @@
 """Loading rule modules from a directory, all or nothing, and bounded in time.
 
 Every `*.py` file in the directory (not starting with `_`) is compiled and executed as its own module, in
-file-name order, while `tcpguard.core.rules.collecting()` gathers the rules it registers. Any failure
+file-name order, while `tcpguard.core.rules.collecting()` gathers the rules it registers; every `*.lua`
+file is a Haka rule file, run in its own sandboxed Lua state by `tcpguard.lua`. Any failure
 raises `RuleLoadError` naming the file and line, and nothing is returned, so a caller that already runs a
 rule set keeps it: a reload swaps in a complete new set or none.
 
