@@ -197,9 +197,15 @@ def test_dumps_rotate_on_a_busy_gateway(lab: Lab, tmp_path: Path) -> None:
     assert all(24 <= f.stat().st_size <= 4096 for f in files)
     numbers = [int(f.name[-11:-5]) for f in files]
     assert numbers == list(range(numbers[0], numbers[0] + 3)) and numbers[0] > 1
-    kept = [decode(fr.data) for f in files for fr in frames(f)]
+    kept = [fr for f in files for fr in frames(f)]
     assert 0 < len(kept) < st["packets"]["received"]
-    assert all(p.is_tcp and OPEN_PORT in (p.sport, p.dport) for p in kept)
+    # A packet longer than a file holds is cut to fit (its record keeps the original length): with GSO
+    # aggregates taken whole (issue 21) the bulk reply's packets are larger than these 4 KB files. Cut or
+    # not, each record is a TCP packet of the test's connection, and the uncut ones decode whole.
+    whole = [decode(fr.data) for fr in kept if len(fr.data) == fr.orig_len]
+    assert all(fr.orig_len >= len(fr.data) for fr in kept)
+    assert all(p.is_tcp and OPEN_PORT in (p.sport, p.dport) for p in whole)
+    assert all(fr.data[9] == 6 and OPEN_PORT in _ports(fr.data) for fr in kept if len(fr.data) < fr.orig_len)
 
 
 def test_dump_settings_in_the_config_and_applied_by_a_reload(tmp_path: Path) -> None:
@@ -219,3 +225,9 @@ def test_dump_settings_in_the_config_and_applied_by_a_reload(tmp_path: Path) -> 
     WorkerBook(w).client("S")
     w.shutdown(1.0)
     assert len(frames(tmp_path / "d" / "input-q3-000001.pcap")) == 1
+
+
+def _ports(ip4: bytes) -> tuple[int, int]:
+    """The TCP ports of an IPv4 packet whose tail may be cut."""
+    ihl = (ip4[0] & 15) * 4
+    return int.from_bytes(ip4[ihl : ihl + 2], "big"), int.from_bytes(ip4[ihl + 2 : ihl + 4], "big")
