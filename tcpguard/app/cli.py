@@ -39,8 +39,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"rules {rules_dir}: {len(rs)} rules ok")
     if not rule_files(rules_dir):
         print(
-            f"{rules_dir}: warning: no rule files (*.py or *.lua not starting with _): every connection would be "
-            "accepted uninspected",
+            f"{rules_dir}: warning: no rule files (*.py or *.lua not starting with _): every connection "
+            "would be accepted uninspected",
             file=sys.stderr,
         )
     for r in rs.rules:
