@@ -211,8 +211,8 @@ class Connection:
     def done(self, direction: str | None = None) -> None:
         """The listener calling this needs no more bytes of `direction` ('up', 'down', or both when None)
         of this connection: it is not called for them again. Once no listener wants either direction,
-        the engine may hand the connection to the kernel (bypass). Only inside a receive_data listener;
-        anywhere else the call is a rule error."""
+        the engine may hand the connection to the kernel (bypass). Only a receive_data listener can be
+        done; in new_connection and end_connection listeners the call does nothing."""
         if direction is None:
             self._send |= 12
         elif direction in DIRECTION_NAMES:

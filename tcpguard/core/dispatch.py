@@ -222,14 +222,11 @@ class RuleDispatch:
         finally:
             self.in_rule = None
         base = 1 << 2 * (len(self.rules.receive_data) + i)
-        if isinstance(result, _Done):
-            self._retire(conn, d, i)
-            conn._want &= ~(base << d)
-            if result.error is not None:
-                self._rule_error(conn, r, result.error)
-        elif conn._send & 12:
-            # The listener said `flow.done()` and waits for more bytes: it gets none. Its greenlets of the
-            # directions it is done with end now (GreenletExit), which frees their coroutine.
+        if conn._send & 12:
+            # The listener said `flow.done()` (and returned, or waits for more bytes it will not get).
+            # Taken here in either case: left in `_send`, the request would be read as the next streamed
+            # listener's and end it. Its greenlets of the directions it is done with end now
+            # (GreenletExit), which frees their coroutines.
             req = conn._send >> 2 & 3
             self._take_done(conn, base)
             gls = conn._greenlets
@@ -240,6 +237,11 @@ class RuleDispatch:
                         g2.throw(greenlet.GreenletExit)
                     self._retire(conn, gd, i)
                     gls = conn._greenlets
+        if isinstance(result, _Done):
+            self._retire(conn, d, i)
+            conn._want &= ~(base << d)
+            if result.error is not None:
+                self._rule_error(conn, r, result.error)
         if self._pending_alerts:
             self._flush_alerts()
 

@@ -201,9 +201,13 @@ class Engine:
         running keep their old code until their connection ends. Every connection is wanted again by the
         new rules' listeners (they never said they were done with it), except past a depth."""
         self.dispatch.replace(rules)
+        # A streamed listener that finished on a direction before the reload is not started again there
+        # (`_gdone`, as before): its want bit goes too, or the connection could never be bypassed.
+        plain = 2 * len(rules.receive_data)
         for conn in self.table:
             if not conn.ended and not conn.passthrough:
-                conn._want = self.dispatch.want_mask(conn) & ~self._past_depth(conn)
+                finished = conn._gdone << plain
+                conn._want = self.dispatch.want_mask(conn) & ~self._past_depth(conn) & ~finished
 
     def replace_settings(self, settings: EngineSettings) -> None:
         """Swap limits, timeouts and policies (reload). They apply from the next packet on; a connection's
@@ -388,9 +392,12 @@ class Engine:
             if flows:
                 b = flows.get(key)
                 if b is not None:
-                    if pkt.flags & (SYN | ACK) != SYN:
+                    if not pkt.flags & SYN:
                         return self._bypassed_packet(b, len(raw))
-                    del flows[key]  # a new connection on the same ports: tracked as usual
+                    # A SYN or SYN-ACK is a new connection on the same ports, never the bypassed one's:
+                    # tracked as usual (a SYN-ACK answered with the bypass request would hand the new
+                    # connection to the kernel uninspected).
+                    del flows[key]
             return self._untracked(pkt, token)
         direction = UP if pkt.sport == conn.cport and pkt.src == conn.client else DOWN
         return self._track(conn, pkt, direction, token)
@@ -870,6 +877,9 @@ class Engine:
             conn._want &= ~mask
             self.stats.depth_reached += 1
             self.dispatch.stream_ended_early(conn, d)
+            # No listener will look again, so none will lift a mark it set: the held packets go (after
+            # this segment's rules, with the usual release) instead of waiting for a buffer limit.
+            s.unmark()
 
     # ================================================================ verdict helpers
     def _take_output(self) -> Output | None:

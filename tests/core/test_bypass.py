@@ -350,3 +350,65 @@ def test_bypass_changes_no_verdict_before_it_and_accepts_everything_after(
     assert (on_run[cut][:2], on_run[cut][4]) == (off_run[cut][:2], off_run[cut][4])
     assert all(v[0] == ACCEPT and v[2] and v[3] == "bypassed" for v in on_run[cut + 1 :])
     assert len(seen_on) >= enough
+
+
+# ============================================================================================ review fixes
+def test_a_streamed_listener_that_says_done_and_returns_does_not_end_another() -> None:
+    seen: list[bytes] = []
+
+    @rule(on=tcp_connection.events.receive_data, streamed=True, direction="up")
+    def quick(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        current.read(1)
+        flow.done()  # and returns: its request must not be taken as the next listener's
+
+    @rule(on=tcp_connection.events.receive_data, streamed=True, direction="up")
+    def patient(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        while chunk := current.read(4):
+            seen.append(chunk)
+
+    pb = Playbook(RuleSet.of(quick, patient), settings())
+    pb.handshake()
+    assert not pb.client("PA", b"abcd").bypass  # patient still wants the client's bytes
+    assert not pb.client("PA", b"efgh").bypass
+    assert seen == [b"abcd", b"efgh"]
+    assert len(pb.engine.table) == 1
+
+
+def test_after_a_reload_a_finished_streamed_listener_does_not_hold_the_connection() -> None:
+    @rule(on=tcp_connection.events.receive_data, streamed=True, direction="up")
+    def hello(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        current.read(2)
+
+    @rule(on=tcp_connection.events.receive_data, direction="down")
+    def server(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        if current.read() == b"bye":
+            flow.done()
+
+    rules = RuleSet.of(hello, server)
+    pb = Playbook(rules, settings())
+    pb.handshake()
+    assert not pb.client("PA", b"hi").bypass  # hello finished; server still wants 'down'
+    pb.engine.replace_rules(rules)  # the same rules again (a SIGHUP)
+    assert pb.server("PA", b"bye").bypass  # nothing is left wanting
+
+
+def test_a_syn_ack_on_a_bypassed_connections_ports_is_not_bypassed() -> None:
+    pb = Playbook(allow_all(), settings())
+    pb.handshake()
+    assert len(pb.engine.bypassed) == 1
+    d = pb.server("SA", seq=999_000, ack=pb.cnext)  # a new connection's SYN-ACK on the same ports
+    assert not d.bypass and d.reason != "bypassed"
+    assert len(pb.engine.bypassed) == 0
+
+
+def test_reaching_the_depth_releases_what_a_mark_held() -> None:
+    @rule(on=tcp_connection.events.receive_data, direction="up")
+    def marker(flow: Any, stream: Any, current: Any, direction: str) -> None:
+        current.mark()  # holds everything from here, never unmarks
+
+    pb = Playbook(RuleSet.of(marker), settings(bypass=False, depth_up=4))
+    pb.handshake()
+    assert pb.client("PA", b"abcd", token=1).verdict == HOLD
+    d = pb.client("PA", b"efgh", token=2)  # past the depth: nobody will lift the mark
+    assert d.verdict == ACCEPT
+    assert [(r.token, r.verdict) for r in d.releases] == [(1, ACCEPT)]
