@@ -979,15 +979,7 @@ class NfqueueAdapter:
                 self.repeat_mark,
                 self.repeat_mark,
             )
-        if self._pending:
-            self._flush()
-        try:
-            pkt.accept()
-        except (RuntimeError, TypeError, OSError) as exc:
-            st.verdict_errors += 1
-            log.warning("verdict ACCEPT failed: %s", exc)
-        if pkt is self._current:
-            self._current_done = True
+        self._accept_unjudged(pkt)
 
     def _bypass(self, pkt: QueuedPacket, payload: bytes | None) -> None:
         """Accept the packet with the bypass bit added to its mark, as NF_REPEAT: the packet runs the hook
@@ -1031,12 +1023,17 @@ class NfqueueAdapter:
                 self.queue_num,
                 *([b] * 7),
             )
+        self._accept_unjudged(pkt)
+
+    def _accept_unjudged(self, pkt: QueuedPacket) -> None:
+        """Accept a packet the engine never saw (one that came back to the queue), after the accepts that
+        wait in the batch before it, so packets still leave in the order they were decided."""
         if self._pending:
             self._flush()
         try:
             pkt.accept()
         except (RuntimeError, TypeError, OSError) as exc:
-            st.verdict_errors += 1
+            self.stats.verdict_errors += 1
             log.warning("verdict ACCEPT failed: %s", exc)
         if pkt is self._current:
             self._current_done = True
